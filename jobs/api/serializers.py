@@ -1,0 +1,118 @@
+"""Request shapes (DRF serializers validate them) and response representations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.urls import reverse
+from rest_framework import serializers
+
+from jobs.events import event_payload
+from jobs.models import Event, Run, StepRun, WorkflowVersion
+from tenants.models import Lane
+
+
+class RunSubmitSerializer(serializers.Serializer):
+    workflow = serializers.CharField(max_length=100)
+    version = serializers.IntegerField(min_value=1, required=False)
+    input = serializers.JSONField(required=False, default=dict)
+    lane = serializers.ChoiceField(choices=Lane.values, required=False)
+    webhook_url = serializers.URLField(required=False, allow_blank=True, max_length=2000)
+
+
+class DocumentSerializer(serializers.Serializer):
+    title = serializers.CharField(max_length=300, required=False, allow_blank=True, default="")
+    text = serializers.CharField(max_length=1_000_000)
+    metadata = serializers.DictField(required=False, default=dict)
+
+
+class DocumentsAddSerializer(serializers.Serializer):
+    documents = DocumentSerializer(many=True, allow_empty=False, max_length=1000)
+
+
+class RunListQuerySerializer(serializers.Serializer):
+    status = serializers.ChoiceField(
+        choices=["accepted", "running", "waiting", "succeeded", "failed", "cancelled"],
+        required=False,
+    )
+    workflow = serializers.CharField(required=False, max_length=100)
+    lane = serializers.ChoiceField(choices=Lane.values, required=False)
+
+
+def version_repr(version: WorkflowVersion) -> dict[str, Any]:
+    return {
+        "name": version.workflow.name,
+        "version": version.version,
+        "definition": version.definition,
+        "created_at": version.created_at.isoformat(),
+    }
+
+
+def run_links(run: Run, request) -> dict[str, str]:
+    path = reverse("api:run-detail", kwargs={"run_id": run.public_id})
+    events = reverse("api:run-events", kwargs={"run_id": run.public_id})
+    return {
+        "self": request.build_absolute_uri(path),
+        "events": request.build_absolute_uri(events),
+        # The events URL streams (SSE) when asked with Accept: text/event-stream.
+        "stream": request.build_absolute_uri(events),
+    }
+
+
+def run_summary(run: Run, request) -> dict[str, Any]:
+    return {
+        "id": str(run.public_id),
+        "workflow": run.workflow_version.workflow.name,
+        "version": run.workflow_version.version,
+        "status": run.status,
+        "lane": run.lane,
+        "created_at": run.created_at.isoformat(),
+        "started_at": run.started_at.isoformat() if run.started_at else None,
+        "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+        "links": run_links(run, request),
+    }
+
+
+def _step_repr(step: StepRun) -> dict[str, Any]:
+    return {
+        "id": step.step_id,
+        "map_index": step.map_index,
+        "kind": step.kind,
+        "status": step.status,
+        "attempts": step.attempt,
+        "input": step.input,
+        "output": step.output,
+        "error": step.error or None,
+        "ready_at": step.ready_at.isoformat() if step.ready_at else None,
+        "started_at": step.started_at.isoformat() if step.started_at else None,
+        "finished_at": step.finished_at.isoformat() if step.finished_at else None,
+        "attempt_history": [
+            {
+                "number": attempt.number,
+                "outcome": attempt.outcome,
+                "error": attempt.error or None,
+                "worker": attempt.worker,
+                "duration_ms": attempt.duration_ms,
+            }
+            for attempt in step.attempts.all()
+        ],
+    }
+
+
+def run_detail(run: Run, request) -> dict[str, Any]:
+    body = run_summary(run, request)
+    body.update(
+        {
+            "input": run.input,
+            "output": run.output,
+            "error": run.error or None,
+            "steps": [_step_repr(step) for step in run.steps.all()],
+        }
+    )
+    if run.parent_step_id:
+        body["parent_run"] = str(run.parent_step.run.public_id)
+    return body
+
+
+def event_repr(event: Event, run: Run) -> dict[str, Any]:
+    return event_payload(event, run.public_id)

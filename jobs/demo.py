@@ -1,0 +1,99 @@
+"""The demo workflow and documents that `seed_demo` installs (also used by tests and bench).
+
+`support-triage` is shaped like a real support agent: it classifies a ticket (llm), searches
+the knowledge base (retrieval), looks the customer up (tool), summarises each found article
+in parallel (map of llm calls), flags refunds on a branch (tool, only when the ticket is
+classified as a refund), and drafts a reply from all of it (llm).
+"""
+
+SUPPORT_TRIAGE = {
+    "name": "support-triage",
+    "description": "Classify a support ticket, research it and draft a reply.",
+    "input_schema": {
+        "type": "object",
+        "required": ["ticket", "email"],
+        "properties": {
+            "ticket": {"type": "string", "minLength": 1},
+            "email": {"type": "string", "format": "email"},
+        },
+    },
+    "steps": [
+        {
+            "id": "classify",
+            "kind": "llm",
+            "provider": "simulated",
+            "prompt": "Label this ticket as refund or question: {{ input.ticket }}",
+            "simulated": {"latency_ms": 300, "jitter_ms": 100, "choices": ["refund", "question"]},
+            "retry": {"max_attempts": 4, "backoff_s": 1, "max_backoff_s": 30},
+            "timeout_s": 30,
+        },
+        {"id": "search", "kind": "retrieval", "query": "{{ input.ticket }}", "top_k": 3},
+        {
+            "id": "account",
+            "kind": "tool",
+            "tool": "echo",
+            "args": {"email": "{{ input.email }}", "plan": "pro", "delay_ms": 150},
+        },
+        {
+            "id": "per_doc",
+            "kind": "map",
+            "over": "{{ steps.search.output.documents }}",
+            "max_parallel": 4,
+            "step": {
+                "kind": "llm",
+                "provider": "simulated",
+                "prompt": "Summarise for an agent: {{ item.title }}: {{ item.text }}",
+                "simulated": {"latency_ms": 400, "jitter_ms": 150},
+            },
+        },
+        {
+            "id": "flag_refund",
+            "kind": "tool",
+            "tool": "echo",
+            "after": ["classify", "account"],
+            "when": "steps.classify.output.text == 'refund'",
+            "args": {"queue": "refunds", "email": "{{ steps.account.output.args.email }}"},
+        },
+        {
+            "id": "draft",
+            "kind": "llm",
+            "provider": "simulated",
+            "after": ["per_doc", "flag_refund"],
+            "prompt": (
+                "Write a reply to {{ input.email }} about: {{ input.ticket }}\n"
+                "Category: {{ steps.classify.output.text }}\n"
+                "{% for s in steps.per_doc.output %}- {{ s.text }}\n{% endfor %}"
+            ),
+            "simulated": {"latency_ms": 600, "jitter_ms": 200},
+        },
+    ],
+    "output": {
+        "category": "{{ steps.classify.output.text }}",
+        "refund_flagged": "{{ steps.flag_refund.output is not none }}",
+        "sources": "{{ steps.search.output.documents | map(attribute='title') | list }}",
+        "reply": "{{ steps.draft.output.text }}",
+    },
+}
+
+DEMO_DOCUMENTS = [
+    {
+        "title": "Refund policy",
+        "text": "Customers can ask for a refund within 30 days of purchase. Refunds go back "
+        "to the original payment method within 5 business days.",
+    },
+    {
+        "title": "Changing your plan",
+        "text": "Upgrade or downgrade your plan from the billing page; the price difference is "
+        "prorated and refunded or charged on the next invoice.",
+    },
+    {
+        "title": "Resetting a password",
+        "text": "Use the 'forgot password' link on the sign-in page. The reset email expires "
+        "after one hour.",
+    },
+    {
+        "title": "Exporting data",
+        "text": "Admins can export all workspace data as JSON from settings, export. Large "
+        "exports are emailed when ready.",
+    },
+]

@@ -1,0 +1,78 @@
+"""What a worker does with one step message: claim, run the kind's handler, report.
+
+The claim, the report and every transition they cause are transactions of
+`jobs.services.steps`; this module only runs the handler between them and turns its result
+or exception into the right report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from django.utils import timezone
+
+from jobs.services.steps import (
+    Claim,
+    step_claim,
+    step_complete,
+    step_fail,
+    step_start_child_run,
+)
+from jobs.steps import registry
+from jobs.steps.registry import StepContext, StepFailure
+
+log = logging.getLogger(__name__)
+
+
+def step_execute(*, step_run_id: int, dispatch_token: str, worker: str) -> None:
+    claim = step_claim(step_run_id=step_run_id, dispatch_token=dispatch_token, worker=worker)
+    if claim is None:
+        log.info("dropped stale message for step run %s", step_run_id)
+        return
+    if claim.kind == "workflow":
+        step_start_child_run(claim=claim)
+        return
+    try:
+        output = _run_handler(claim)
+    except StepFailure as failure:
+        step_fail(claim=claim, error=failure.message, code=failure.code,
+                  retryable=failure.retryable)
+        return
+    except Exception as exc:  # noqa: BLE001 - any handler bug is a failed, retryable attempt
+        log.exception("step %s attempt %s raised", claim.idempotency_key, claim.attempt)
+        step_fail(claim=claim, error=f"{type(exc).__name__}: {exc}", code="exception",
+                  retryable=True)
+        return
+    if timezone.now() > claim.deadline:
+        step_fail(claim=claim, error="the step finished after its timeout", code="timeout",
+                  retryable=True)
+        return
+    step_complete(claim=claim, output=output)
+
+
+def _run_handler(claim: Claim) -> Any:
+    spec = registry.kind(claim.kind)
+    handler = spec.load_handler()
+    context = StepContext(
+        run_id=str(claim.run_public_id),
+        tenant_id=claim.tenant_id,
+        step_id=claim.step_id,
+        map_index=claim.map_index,
+        kind=claim.kind,
+        attempt=claim.attempt,
+        input=claim.input,
+        idempotency_key=claim.idempotency_key,
+        deadline=claim.deadline,
+    )
+    output = handler(context)
+    try:
+        json.dumps(output)
+    except (TypeError, ValueError) as exc:
+        raise StepFailure(
+            f"the {claim.kind} handler returned a value that is not JSON: {exc}",
+            code="bad_output",
+            retryable=False,
+        ) from None
+    return output

@@ -1,0 +1,82 @@
+"""`python manage.py seed_demo`: idempotent demo data.
+
+Two tenants (acme, weight 3; globex, weight 1), an operator (staff) and a reviewer account,
+the `support-triage` workflow and a small knowledge base for each tenant, and a few runs. The
+demo API key of each tenant is rotated on every call (keys are stored hashed, so the only way
+to print one is to issue it) and printed.
+"""
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+from django.db import transaction
+
+from jobs.demo import DEMO_DOCUMENTS, SUPPORT_TRIAGE
+from jobs.models import Document, Run
+from jobs.selectors import workflow_version_for
+from jobs.services.documents import documents_add
+from jobs.services.runs import run_create
+from jobs.services.workflows import workflow_version_create
+from tenants.models import ApiKey, Membership, Role, Tenant
+from tenants.services import api_key_issue, api_key_revoke
+
+DEMO_TENANTS = [("acme", "Acme Support", 3), ("globex", "Globex Batch", 1)]
+OPERATOR = ("operator", "switchyard-operator")
+REVIEWER = ("reviewer", "switchyard-reviewer")
+
+
+class Command(BaseCommand):
+    help = "Seed demo tenants, accounts, workflows, documents and runs (idempotent)."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--runs", type=int, default=3, help="Runs to submit if none exist.")
+
+    @transaction.atomic
+    def handle(self, *args, runs: int = 3, **options):
+        users = get_user_model()
+        operator, _ = users.objects.get_or_create(username=OPERATOR[0])
+        operator.is_staff = operator.is_superuser = True
+        operator.set_password(OPERATOR[1])
+        operator.save()
+        reviewer, _ = users.objects.get_or_create(username=REVIEWER[0])
+        reviewer.set_password(REVIEWER[1])
+        reviewer.save()
+
+        keys = {}
+        for slug, name, weight in DEMO_TENANTS:
+            tenant, _ = Tenant.objects.get_or_create(
+                slug=slug, defaults={"name": name, "weight": weight}
+            )
+            Membership.objects.get_or_create(
+                user=reviewer, tenant=tenant, defaults={"role": Role.REVIEWER}
+            )
+            for old in ApiKey.objects.filter(tenant=tenant, name="demo", revoked_at=None):
+                api_key_revoke(api_key=old)
+            keys[slug] = api_key_issue(tenant=tenant, name="demo").raw_key
+            if not Document.objects.filter(tenant=tenant).exists():
+                documents_add(tenant=tenant, documents=DEMO_DOCUMENTS)
+            version = workflow_version_for(tenant=tenant, name=SUPPORT_TRIAGE["name"])
+            if version is None or version.definition != _normalised(tenant):
+                version = workflow_version_create(tenant=tenant, document=SUPPORT_TRIAGE)
+            if not Run.objects.filter(tenant=tenant).exists():
+                for index in range(runs):
+                    run_create(
+                        tenant=tenant,
+                        version=version,
+                        input={
+                            "ticket": ["I want a refund for my last invoice",
+                                       "How do I export my data?",
+                                       "My password reset email never came"][index % 3],
+                            "email": f"customer{index}@example.com",
+                        },
+                    )
+
+        self.stdout.write(f"Operator login: {OPERATOR[0]} / {OPERATOR[1]} (staff)")
+        self.stdout.write(f"Reviewer login: {REVIEWER[0]} / {REVIEWER[1]}")
+        for slug, raw_key in keys.items():
+            self.stdout.write(f"API key for {slug}: {raw_key}")
+
+
+def _normalised(tenant) -> dict:
+    from jobs.definitions import parse_definition
+
+    return parse_definition(SUPPORT_TRIAGE).document

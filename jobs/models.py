@@ -1,0 +1,261 @@
+"""Workflows, their immutable versions, runs, step runs, attempts, the event log, documents.
+
+PostgreSQL is the source of truth (DESIGN §3.1): the broker only ever carries a step run's id
+and its dispatch token. All writes go through `jobs.services`.
+"""
+
+import uuid
+
+from django.contrib.postgres.indexes import GinIndex
+from django.contrib.postgres.search import SearchVectorField
+from django.db import models
+from django.db.models import Q
+
+from tenants.models import Lane, Tenant
+
+
+class Workflow(models.Model):
+    public_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="workflows")
+    name = models.CharField(max_length=100)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["tenant", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "name"], name="workflow_unique_name")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant.slug}/{self.name}"
+
+
+class WorkflowVersion(models.Model):
+    """A validated definition (DESIGN §5). Never updated: a change is a new version."""
+
+    workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE, related_name="versions")
+    version = models.PositiveIntegerField()
+    definition = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["workflow", "-version"]
+        constraints = [
+            models.UniqueConstraint(fields=["workflow", "version"], name="version_unique_number")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.workflow} v{self.version}"
+
+
+class RunStatus(models.TextChoices):
+    ACCEPTED = "accepted"
+    RUNNING = "running"
+    WAITING = "waiting"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+RUN_FINAL = (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
+
+
+class Run(models.Model):
+    public_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="runs")
+    workflow_version = models.ForeignKey(
+        WorkflowVersion, on_delete=models.PROTECT, related_name="runs"
+    )
+    input = models.JSONField(default=dict)
+    lane = models.CharField(max_length=16, choices=Lane.choices, default=Lane.STANDARD)
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default="accepted")
+    output = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    idempotency_key = models.CharField(max_length=255, blank=True)
+    request_hash = models.CharField(max_length=64, blank=True)
+    webhook_url = models.URLField(max_length=2000, blank=True)
+    parent_step = models.OneToOneField(
+        "StepRun",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="child_run",
+    )
+    # The next event's sequence number; incremented under the run's row lock so that
+    # sequence numbers are gapless per run (DESIGN §3.3).
+    next_seq = models.PositiveIntegerField(default=1)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["tenant", "-created_at", "-id"], name="run_tenant_recent"),
+            models.Index(fields=["tenant", "status"], name="run_tenant_status"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "idempotency_key"],
+                condition=~Q(idempotency_key=""),
+                name="run_unique_idempotency_key",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return str(self.public_id)
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in RUN_FINAL
+
+
+class StepStatus(models.TextChoices):
+    PENDING = "pending"
+    READY = "ready"
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRY_WAIT = "retry_wait"
+    WAITING = "waiting"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+
+
+STEP_FINAL = (StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.CANCELLED)
+
+
+class StepRun(models.Model):
+    """One step of one run (or one item of a map step). Its `output` is the checkpoint."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps")
+    step_id = models.CharField(max_length=64)
+    map_index = models.IntegerField(null=True, blank=True)
+    kind = models.CharField(max_length=32)
+    queue = models.CharField(max_length=64)
+    status = models.CharField(max_length=16, choices=StepStatus.choices, default="pending")
+    # Denormalised from the run so that the scheduler's admission query needs no join.
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="step_runs")
+    lane = models.CharField(max_length=16, choices=Lane.choices, default=Lane.STANDARD)
+    attempt = models.PositiveIntegerField(default=0, help_text="Attempts started so far.")
+    max_attempts = models.PositiveIntegerField(default=3)
+    timeout_s = models.FloatField(default=300)
+    input = models.JSONField(null=True, blank=True)
+    output = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    error_code = models.CharField(max_length=64, blank=True)
+    dispatch_token = models.UUIDField(null=True, blank=True)
+    dispatched_at = models.DateTimeField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    retry_at = models.DateTimeField(null=True, blank=True)
+    ready_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["run", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["run", "step_id", "map_index"],
+                name="steprun_unique_key",
+                nulls_distinct=False,
+            )
+        ]
+        indexes = [
+            # The scheduler's scans: each is a partial index over the few rows in that state.
+            models.Index(
+                fields=["queue", "ready_at"],
+                condition=Q(status="ready"),
+                name="steprun_ready",
+            ),
+            models.Index(
+                fields=["retry_at"], condition=Q(status="retry_wait"), name="steprun_retry_due"
+            ),
+            models.Index(
+                fields=["lease_expires_at"],
+                condition=Q(status="running"),
+                name="steprun_lease",
+            ),
+            models.Index(
+                fields=["dispatched_at"], condition=Q(status="queued"), name="steprun_queued"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.run_id}:{self.key}"
+
+    @property
+    def key(self) -> str:
+        return self.step_id if self.map_index is None else f"{self.step_id}[{self.map_index}]"
+
+
+class AttemptOutcome(models.TextChoices):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    LOST = "lost"  # the worker died or its lease expired before it reported
+    REFUSED = "refused"  # it reported after its lease was taken over (fencing)
+
+
+class StepAttempt(models.Model):
+    step_run = models.ForeignKey(StepRun, on_delete=models.CASCADE, related_name="attempts")
+    number = models.PositiveIntegerField()
+    outcome = models.CharField(max_length=16, choices=AttemptOutcome.choices, default="running")
+    dispatch_token = models.UUIDField()
+    worker = models.CharField(max_length=200, blank=True)
+    error = models.TextField(blank=True)
+    error_code = models.CharField(max_length=64, blank=True)
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField(null=True, blank=True)
+    duration_ms = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["step_run", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["step_run", "number"], name="attempt_unique_number")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.step_run} #{self.number}"
+
+
+class Event(models.Model):
+    """The append-only run log. `seq` is gapless and increasing per run."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="events")
+    seq = models.PositiveIntegerField()
+    type = models.CharField(max_length=64)
+    step_id = models.CharField(max_length=64, blank=True)
+    map_index = models.IntegerField(null=True, blank=True)
+    data = models.JSONField(default=dict)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["run", "seq"]
+        constraints = [models.UniqueConstraint(fields=["run", "seq"], name="event_unique_seq")]
+
+    def __str__(self) -> str:
+        return f"{self.run_id}#{self.seq} {self.type}"
+
+
+class Document(models.Model):
+    """A tenant's retrievable text, searched by `retrieval` steps (PostgreSQL full text)."""
+
+    public_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="documents")
+    title = models.CharField(max_length=300, blank=True)
+    text = models.TextField()
+    metadata = models.JSONField(default=dict, blank=True)
+    search = SearchVectorField(null=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [GinIndex(fields=["search"], name="document_search")]
+
+    def __str__(self) -> str:
+        return self.title or str(self.public_id)

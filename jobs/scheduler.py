@@ -1,0 +1,189 @@
+"""The scheduler process (`python manage.py run_scheduler`).
+
+Each cycle: release retries that are due, expire leases (dead or hung workers, timeouts),
+re-dispatch stale dispatches (a crash between commit and publish, a purged queue), and admit
+ready steps by the admission policy. Dispatches are published after their transaction commits,
+with publisher confirms. Between cycles it sleeps on PostgreSQL LISTEN, woken by the NOTIFY
+that a transaction making a step ready sends, and polls as a fallback.
+
+Several schedulers may run at once: every transition is a compare-and-set under the run's
+row lock, so a step is admitted (and a token issued) once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import psycopg
+from django.conf import settings
+from django.db import connection, connections
+from django.utils import timezone
+
+from jobs import admission
+from orchestrator.queues import broker_queue
+from jobs.events import READY_CHANNEL
+from jobs.models import StepRun, StepStatus
+from jobs.services.steps import (
+    Dispatch,
+    step_admit,
+    step_expire_lease,
+    step_redispatch,
+    step_release_retry,
+)
+from tenants.models import LANE_PRIORITY
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CycleStats:
+    released: int = 0
+    expired: int = 0
+    redispatched: int = 0
+    admitted: int = 0
+    published: int = 0
+    publish_failures: int = 0
+    duration_s: float = 0.0
+    dispatches: list[Dispatch] = field(default_factory=list, repr=False)
+
+
+def publish(dispatches: list[Dispatch]) -> tuple[int, int]:
+    """Publish step messages (confirmed, persistent). Returns (published, failed).
+
+    A failed publish leaves the step `queued`; the stale-dispatch sweep re-publishes it.
+    """
+    from jobs.tasks import execute_step
+    from orchestrator.celery import app
+
+    if not dispatches:
+        return 0, 0
+    published = failed = 0
+    prefix = settings.SWITCHYARD_QUEUE_PREFIX
+    try:
+        with app.producer_or_acquire() as producer:
+            for dispatch in dispatches:
+                try:
+                    execute_step.apply_async(
+                        args=[dispatch.step_run_id, str(dispatch.dispatch_token)],
+                        queue=broker_queue(dispatch.queue, prefix),
+                        priority=LANE_PRIORITY[dispatch.lane],
+                        producer=producer,
+                    )
+                    published += 1
+                except Exception:  # noqa: BLE001 - recovered by the stale-dispatch sweep
+                    failed += 1
+                    log.warning("publish failed for step run %s", dispatch.step_run_id,
+                                exc_info=True)
+    except Exception:  # noqa: BLE001 - no connection to the broker at all
+        log.warning("broker unavailable; %d dispatches left for the stale sweep",
+                    len(dispatches) - published, exc_info=True)
+        failed = len(dispatches) - published
+    return published, failed
+
+
+def run_cycle() -> CycleStats:
+    """One scheduling cycle. Safe to run from several processes at once."""
+    started = time.monotonic()
+    stats = CycleStats()
+    batch = settings.SWITCHYARD_SCHEDULER_BATCH
+    now = timezone.now()
+
+    due = StepRun.objects.filter(status=StepStatus.RETRY_WAIT, retry_at__lte=now)
+    for step_run_id in due.order_by("retry_at").values_list("id", flat=True)[:batch]:
+        stats.released += step_release_retry(step_run_id=step_run_id)
+
+    expired = StepRun.objects.filter(status=StepStatus.RUNNING, lease_expires_at__lt=now)
+    for step_run_id in expired.values_list("id", flat=True)[:batch]:
+        stats.expired += step_expire_lease(step_run_id=step_run_id)
+
+    stale_before = now - timedelta(seconds=settings.SWITCHYARD_DISPATCH_STALE_S)
+    stale = StepRun.objects.filter(status=StepStatus.QUEUED, dispatched_at__lt=stale_before)
+    for step_run_id in stale.values_list("id", flat=True)[:batch]:
+        dispatch = step_redispatch(step_run_id=step_run_id, stale_before=stale_before)
+        if dispatch is not None:
+            stats.redispatched += 1
+            stats.dispatches.append(dispatch)
+
+    for step_run_id in admission.steps_to_admit():
+        dispatch = step_admit(step_run_id=step_run_id)
+        if dispatch is not None:
+            stats.admitted += 1
+            stats.dispatches.append(dispatch)
+
+    stats.published, stats.publish_failures = publish(stats.dispatches)
+    stats.duration_s = time.monotonic() - started
+    return stats
+
+
+def _listen_connection() -> psycopg.Connection:
+    params = connection.settings_dict
+    conn = psycopg.connect(
+        dbname=params["NAME"],
+        user=params.get("USER") or None,
+        password=params.get("PASSWORD") or None,
+        host=params.get("HOST") or None,
+        port=params.get("PORT") or None,
+        autocommit=True,
+        connect_timeout=5,
+    )
+    conn.execute(f"LISTEN {READY_CHANNEL}")
+    return conn
+
+
+class Scheduler:
+    def __init__(self, *, poll_s: float | None = None):
+        self.poll_s = poll_s if poll_s is not None else settings.SWITCHYARD_SCHEDULER_POLL_S
+        self.stopping = threading.Event()
+        self.last_cycle: CycleStats | None = None
+
+    def stop(self, *_args: object) -> None:
+        self.stopping.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def run_forever(self) -> None:
+        listener: psycopg.Connection | None = None
+        log.info("scheduler started (poll %.2fs)", self.poll_s)
+        while not self.stopping.is_set():
+            try:
+                if listener is None:
+                    listener = _listen_connection()
+                stats = run_cycle()
+                self.last_cycle = stats
+                if stats.admitted or stats.redispatched or stats.expired or stats.released:
+                    log.info(
+                        "cycle: admitted=%d redispatched=%d expired=%d released=%d "
+                        "publish_failures=%d in %.3fs",
+                        stats.admitted, stats.redispatched, stats.expired, stats.released,
+                        stats.publish_failures, stats.duration_s,
+                    )
+                if stats.admitted >= settings.SWITCHYARD_SCHEDULER_BATCH:
+                    continue  # more backlog: no sleep
+                self._wait(listener)
+            except (psycopg.Error, Exception) as exc:  # noqa: BLE001 - keep scheduling
+                log.warning("scheduler cycle failed: %s; retrying in 1s", exc, exc_info=True)
+                if listener is not None:
+                    try:
+                        listener.close()
+                    except Exception:  # noqa: BLE001
+                        pass
+                    listener = None
+                connections.close_all()
+                self.stopping.wait(1.0)
+        if listener is not None:
+            listener.close()
+        log.info("scheduler stopped")
+
+    def _wait(self, listener: psycopg.Connection) -> None:
+        # Wake on the first NOTIFY, then drain whatever else arrived with it.
+        for _ in listener.notifies(timeout=self.poll_s, stop_after=1):
+            pass
+        for _ in listener.notifies(timeout=0.0):
+            pass

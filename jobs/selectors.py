@@ -1,0 +1,86 @@
+"""Reads of the jobs app. Every function that serves a tenant takes the tenant and scopes by
+it: this is the one door to tenant data (DESIGN §3.6); callers never query by bare id."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db.models import QuerySet
+
+from jobs.models import Event, Run, Workflow, WorkflowVersion
+from tenants.models import Tenant
+
+
+def workflow_for(*, tenant: Tenant, name: str) -> Workflow | None:
+    return Workflow.objects.filter(tenant=tenant, name=name).first()
+
+
+def workflow_version_for(
+    *, tenant: Tenant, name: str, version: int | None = None
+) -> WorkflowVersion | None:
+    """The given version of the tenant's workflow `name`, or its latest."""
+    versions = WorkflowVersion.objects.select_related("workflow").filter(
+        workflow__tenant=tenant, workflow__name=name
+    )
+    if version is not None:
+        return versions.filter(version=version).first()
+    return versions.order_by("-version").first()
+
+
+def workflows_for(*, tenant: Tenant) -> QuerySet[Workflow]:
+    return Workflow.objects.filter(tenant=tenant).prefetch_related("versions").order_by("name")
+
+
+def _parse_uuid(value: str | uuid.UUID) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
+
+
+def run_for(*, tenant: Tenant, run_id: str | uuid.UUID) -> Run | None:
+    """The tenant's run with this public id; None for a malformed id or another tenant's."""
+    public_id = _parse_uuid(run_id)
+    if public_id is None:
+        return None
+    return (
+        Run.objects.select_related("workflow_version__workflow", "tenant")
+        .filter(tenant=tenant, public_id=public_id)
+        .first()
+    )
+
+
+def runs_for(
+    *,
+    tenant: Tenant,
+    status: str | None = None,
+    workflow: str | None = None,
+    lane: str | None = None,
+) -> QuerySet[Run]:
+    runs = Run.objects.select_related("workflow_version__workflow").filter(tenant=tenant)
+    if status:
+        runs = runs.filter(status=status)
+    if workflow:
+        runs = runs.filter(workflow_version__workflow__name=workflow)
+    if lane:
+        runs = runs.filter(lane=lane)
+    return runs
+
+
+def run_with_steps(run: Run) -> Run:
+    """`run` with its steps and their attempts prefetched (for the run detail)."""
+    return (
+        Run.objects.select_related("workflow_version__workflow")
+        .prefetch_related("steps__attempts")
+        .get(pk=run.pk)
+    )
+
+
+def events_for(*, run: Run, after: int = 0, limit: int = 1000) -> list[Event]:
+    return list(Event.objects.filter(run=run, seq__gt=after).order_by("seq")[:limit])
+
+
+def run_by_idempotency_key(*, tenant: Tenant, key: str) -> Run | None:
+    return Run.objects.select_related("workflow_version__workflow").filter(
+        tenant=tenant, idempotency_key=key
+    ).first()

@@ -1,0 +1,1 @@
+"""Every state change of the jobs app (HackSoft-style services): `<thing>_<verb>(*, ...)`."""

@@ -1,0 +1,397 @@
+"""Runs: submission, the graph advance after every step transition, cancel, retry.
+
+Concurrency rule: every transition of a run or of one of its steps happens inside
+`run_locked`, which holds the run's row lock for the transaction. Lock order is always the
+run first, then its step rows; a child run's completion locks the child, then the parent.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from jobs import engine
+from jobs.definitions import Definition, Fault, parse_definition, validate_input
+from jobs.events import RunLog
+from jobs.models import (
+    RUN_FINAL,
+    STEP_FINAL,
+    Run,
+    RunStatus,
+    StepRun,
+    StepStatus,
+    WorkflowVersion,
+)
+from tenants.models import LANE_RANK, Lane, Tenant
+
+log = logging.getLogger(__name__)
+
+
+class RunError(Exception):
+    """A refused request on a run; `code` maps to the API's error envelope."""
+
+    def __init__(self, message: str, *, code: str, faults: list[Fault] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.faults = faults or []
+
+
+@functools.lru_cache(maxsize=512)
+def _parsed(version_pk: int, definition_json: str) -> Definition:
+    return parse_definition(json.loads(definition_json))
+
+
+def definition_of(version: WorkflowVersion) -> Definition:
+    """The parsed definition of a version (versions are immutable, so parsing is cached)."""
+    return _parsed(version.pk, json.dumps(version.definition, sort_keys=True))
+
+
+@dataclass
+class RunTxn:
+    run: Run
+    log: RunLog
+
+
+_open = threading.local()
+
+
+@contextmanager
+def run_locked(run_pk: int) -> Iterator[RunTxn]:
+    """A transaction holding the run's row lock, with its event log flushed at the end.
+
+    Re-entrant: inside an open `run_locked` of the same run (a child run that ends at once
+    settles its parent's step, for instance) it yields the same RunTxn, so that one event log
+    numbers the events of one transaction.
+    """
+    open_txns: dict[int, RunTxn] = _open.__dict__.setdefault("txns", {})
+    if run_pk in open_txns:
+        yield open_txns[run_pk]
+        return
+    with transaction.atomic():
+        run = (
+            Run.objects.select_for_update(of=("self",))
+            .select_related("workflow_version", "tenant")
+            .get(pk=run_pk)
+        )
+        txn = RunTxn(run=run, log=RunLog(run))
+        open_txns[run_pk] = txn
+        try:
+            yield txn
+            txn.log.flush()
+        finally:
+            del open_txns[run_pk]
+
+
+def _states(steps: list[StepRun]) -> dict[engine.StepKey, engine.StepState]:
+    return {
+        (step.step_id, step.map_index): engine.StepState(
+            status=step.status, output=step.output, error=step.error or None
+        )
+        for step in steps
+    }
+
+
+def run_advance(txn: RunTxn) -> None:
+    """Apply what the engine decides after a transition. Call inside `run_locked`."""
+    run = txn.run
+    if run.status in RUN_FINAL:
+        return
+    definition = definition_of(run.workflow_version)
+    steps = list(run.steps.select_for_update().order_by("id"))
+    by_key = {(step.step_id, step.map_index): step for step in steps}
+    plan = engine.advance(definition, run.input, _states(steps))
+    now = timezone.now()
+
+    for map_id, items in plan.expanded:
+        map_step = by_key[(map_id, None)]
+        item_def = definition.step(map_id).item
+        map_step.status = StepStatus.RUNNING
+        map_step.started_at = now
+        map_step.save(update_fields=["status", "started_at"])
+        txn.log.add("step.expanded", step=map_step, items=len(items))
+        created = StepRun.objects.bulk_create(
+            [
+                _new_step_row(run, item_def, map_index=index, now=now)
+                for index in range(len(items))
+            ]
+        )
+        for row in created:
+            by_key[(row.step_id, row.map_index)] = row
+
+    for ready in plan.ready:
+        step = by_key[ready.key]
+        step.status = StepStatus.READY
+        step.input = ready.input
+        step.ready_at = now
+        step.save(update_fields=["status", "input", "ready_at"])
+        txn.log.add("step.ready", step=step)
+        txn.log.wake_scheduler()
+
+    for key in plan.skipped:
+        step = by_key[key]
+        _finish_step(step, StepStatus.SKIPPED, now)
+        txn.log.add("step.skipped", step=step)
+
+    for key, output in plan.completed:
+        step = by_key[key]
+        step.output = output
+        _finish_step(step, StepStatus.SUCCEEDED, now, "output")
+        txn.log.add("step.succeeded", step=step)
+
+    for key, error in plan.failed:
+        step = by_key[key]
+        step.error = error
+        _finish_step(step, StepStatus.FAILED, now, "error")
+        txn.log.add("step.failed", step=step, error=error)
+
+    for key in plan.cancelled:
+        step = by_key[key]
+        _finish_step(step, StepStatus.CANCELLED, now)
+        txn.log.add("step.cancelled", step=step)
+        if step.kind == "workflow":
+            _cancel_child_after_commit(step)
+
+    if plan.run_status == RunStatus.SUCCEEDED:
+        _run_finish(txn, RunStatus.SUCCEEDED, output=plan.run_output)
+    elif plan.run_status == RunStatus.FAILED:
+        _run_finish(txn, RunStatus.FAILED, error=plan.run_error or "failed")
+    else:
+        _run_refresh_activity(txn, list(by_key.values()))
+
+
+def _finish_step(step: StepRun, status: str, now, *extra_fields: str) -> None:
+    step.status = status
+    step.finished_at = now
+    step.lease_expires_at = None
+    step.save(update_fields=["status", "finished_at", "lease_expires_at", *extra_fields])
+
+
+def _run_refresh_activity(txn: RunTxn, steps: list[StepRun]) -> None:
+    """`running` ⇄ `waiting`: waiting when the only unfinished steps wait on people or runs."""
+    run = txn.run
+    if run.status == RunStatus.ACCEPTED:
+        return
+    unfinished = [s for s in steps if s.status not in STEP_FINAL and s.map_index is None]
+    busy = [s for s in unfinished if s.status != StepStatus.WAITING]
+    waiting = bool(unfinished) and not busy and not any(
+        s.status not in STEP_FINAL and s.status != StepStatus.WAITING
+        for s in steps
+        if s.map_index is not None
+    )
+    target = RunStatus.WAITING if waiting else RunStatus.RUNNING
+    if run.status != target:
+        run.status = target
+        run.save(update_fields=["status", "updated_at"])
+        txn.log.add(f"run.{target}")
+
+
+def run_mark_started(txn: RunTxn) -> None:
+    run = txn.run
+    if run.status == RunStatus.ACCEPTED:
+        run.status = RunStatus.RUNNING
+        run.started_at = timezone.now()
+        run.save(update_fields=["status", "started_at", "updated_at"])
+        txn.log.add("run.started")
+    elif run.status == RunStatus.WAITING:
+        run.status = RunStatus.RUNNING
+        run.save(update_fields=["status", "updated_at"])
+        txn.log.add("run.running")
+
+
+def _run_finish(txn: RunTxn, status: str, *, output: Any = None, error: str = "") -> None:
+    run = txn.run
+    now = timezone.now()
+    run.status = status
+    run.output = output
+    run.error = error
+    run.finished_at = now
+    if run.started_at is None:
+        run.started_at = now
+    run.save(update_fields=["status", "output", "error", "finished_at", "started_at", "updated_at"])
+    data: dict[str, Any] = {"status": status}
+    if error:
+        data["error"] = error
+    txn.log.add(f"run.{status}", **data)
+    if run.parent_step_id is not None:
+        _parent_step_settle(run)
+
+
+def _parent_step_settle(child: Run) -> None:
+    """A child run ended: complete or fail the parent's `workflow` step (lock: child, parent)."""
+    from jobs.services.steps import step_settle_from_child
+
+    step_settle_from_child(child=child)
+
+
+def _cancel_child_after_commit(step: StepRun) -> None:
+    def cancel() -> None:
+        child = Run.objects.filter(parent_step_id=step.pk).first()
+        if child is not None:
+            run_cancel(run=child, reason="parent step cancelled")
+
+    transaction.on_commit(cancel)
+
+
+def _new_step_row(run: Run, step_def, *, map_index: int | None, now) -> StepRun:
+    return StepRun(
+        run=run,
+        tenant_id=run.tenant_id,
+        lane=run.lane,
+        step_id=step_def.id,
+        map_index=map_index,
+        kind=step_def.kind,
+        queue=step_def.queue,
+        max_attempts=step_def.retry.max_attempts,
+        timeout_s=step_def.timeout_s or _default_timeout(),
+        status=StepStatus.PENDING,
+    )
+
+
+def _default_timeout() -> float:
+    from django.conf import settings
+
+    return settings.SWITCHYARD_STEP_DEFAULT_TIMEOUT_S
+
+
+def request_fingerprint(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def lane_for(tenant: Tenant, requested: str | None) -> str:
+    lane = requested or tenant.default_lane
+    if lane not in Lane.values:
+        raise RunError(
+            f"lane must be one of {', '.join(Lane.values)}, got {lane!r}", code="invalid_lane"
+        )
+    if LANE_RANK[lane] > LANE_RANK[tenant.max_lane]:
+        raise RunError(
+            f"lane {lane!r} is above this tenant's highest lane {tenant.max_lane!r}",
+            code="lane_not_allowed",
+        )
+    return lane
+
+
+def run_create(
+    *,
+    tenant: Tenant,
+    version: WorkflowVersion,
+    input: dict[str, Any],
+    lane: str | None = None,
+    webhook_url: str = "",
+    idempotency_key: str = "",
+    request_hash: str = "",
+    parent_step: StepRun | None = None,
+) -> Run:
+    """Create a run, its steps and its first events, and make its first steps ready.
+
+    Raises RunError(code="invalid_input") with the faults when `input` does not match the
+    definition's input schema; nothing is stored then. Runs in (or opens) a transaction.
+    """
+    definition = definition_of(version)
+    faults = validate_input(definition, input)
+    if faults:
+        raise RunError("input does not match the workflow's input_schema", code="invalid_input",
+                       faults=faults)
+    resolved_lane = lane_for(tenant, lane)
+    with transaction.atomic():
+        run = Run.objects.create(
+            tenant=tenant,
+            workflow_version=version,
+            input=input,
+            lane=resolved_lane,
+            webhook_url=webhook_url,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+            parent_step=parent_step,
+        )
+        now = timezone.now()
+        StepRun.objects.bulk_create(
+            [_new_step_row(run, step_def, map_index=None, now=now) for step_def in definition.steps]
+        )
+        with run_locked(run.pk) as txn:
+            txn.log.add(
+                "run.accepted",
+                workflow=version.workflow.name,
+                version=version.version,
+                lane=resolved_lane,
+            )
+            run_advance(txn)
+    return run
+
+
+def run_cancel(*, run: Run, reason: str = "cancelled", by: str = "") -> Run:
+    """Cancel a run and every unfinished step. Raises RunError(code="run_final") if it ended."""
+    with run_locked(run.pk) as txn:
+        locked = txn.run
+        if locked.status in RUN_FINAL:
+            raise RunError(f"run already {locked.status}", code="run_final")
+        now = timezone.now()
+        for step in locked.steps.select_for_update().exclude(status__in=STEP_FINAL):
+            _finish_step(step, StepStatus.CANCELLED, now)
+            txn.log.add("step.cancelled", step=step)
+            if step.kind == "workflow":
+                _cancel_child_after_commit(step)
+        locked.status = RunStatus.CANCELLED
+        locked.finished_at = now
+        locked.error = reason
+        locked.save(update_fields=["status", "finished_at", "error", "updated_at"])
+        data = {"reason": reason}
+        if by:
+            data["by"] = by
+        txn.log.add("run.cancelled", **data)
+        if locked.parent_step_id is not None:
+            _parent_step_settle(locked)
+        return locked
+
+
+def run_retry(*, run: Run, by: str = "") -> Run:
+    """Retry a failed run from its failed steps; succeeded checkpoints are kept.
+
+    Failed and cancelled steps (and map items) go back to pending with a fresh attempt budget;
+    a failed map goes back to running over its kept items. Raises RunError(code="not_failed").
+    """
+    with run_locked(run.pk) as txn:
+        locked = txn.run
+        if locked.status != RunStatus.FAILED:
+            raise RunError(f"only failed runs can be retried; this run is {locked.status}",
+                           code="not_failed")
+        definition = definition_of(locked.workflow_version)
+        reset = 0
+        for step in locked.steps.select_for_update().filter(
+            status__in=[StepStatus.FAILED, StepStatus.CANCELLED]
+        ):
+            step_def = definition.step(step.step_id)
+            expanded_map = step.kind == "map" and locked.steps.filter(
+                step_id=step.step_id, map_index__isnull=False
+            ).exists()
+            step.status = StepStatus.RUNNING if expanded_map else StepStatus.PENDING
+            policy = step_def.item.retry if step.map_index is not None else step_def.retry
+            step.max_attempts = step.attempt + policy.max_attempts
+            step.error = ""
+            step.error_code = ""
+            step.finished_at = None
+            step.dispatch_token = None
+            step.save(update_fields=["status", "max_attempts", "error", "error_code",
+                                     "finished_at", "dispatch_token"])
+            reset += 1
+        locked.status = RunStatus.RUNNING
+        locked.error = ""
+        locked.finished_at = None
+        locked.save(update_fields=["status", "error", "finished_at", "updated_at"])
+        data: dict[str, Any] = {"steps_reset": reset}
+        if by:
+            data["by"] = by
+        txn.log.add("run.retried", **data)
+        run_advance(txn)
+        return locked

@@ -1,0 +1,380 @@
+"""Step transitions: admission, claim, completion, failure, retries, leases, child runs.
+
+Every transition is a compare-and-set under the run's row lock (`run_locked`). A worker's
+claim and its report carry the step's dispatch token and attempt number, so a message that
+was re-dispatched, or a worker that was paused past its lease, cannot overwrite a newer
+attempt (DESIGN §3.8). Attempts are counted in the database, per step, so a step that kills
+its worker every time ends after its attempts instead of being redelivered forever (§3.9).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.utils import timezone
+
+from jobs.models import AttemptOutcome, Run, RunStatus, StepAttempt, StepRun, StepStatus
+from jobs.services.runs import (
+    RunError,
+    RunTxn,
+    definition_of,
+    run_advance,
+    run_create,
+    run_locked,
+    run_mark_started,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """A message to publish after commit: the step's id, token, queue and AMQP priority."""
+
+    step_run_id: int
+    dispatch_token: uuid.UUID
+    queue: str
+    lane: str
+
+
+@dataclass(frozen=True)
+class Claim:
+    step_run_id: int
+    run_public_id: uuid.UUID
+    tenant_id: int
+    step_id: str
+    map_index: int | None
+    kind: str
+    attempt: int
+    dispatch_token: uuid.UUID
+    input: dict[str, Any]
+    deadline: datetime
+
+    @property
+    def idempotency_key(self) -> str:
+        suffix = "" if self.map_index is None else f"[{self.map_index}]"
+        return f"{self.run_public_id}:{self.step_id}{suffix}"
+
+
+def _run_pk_of(step_run_id: int) -> int | None:
+    return StepRun.objects.filter(pk=step_run_id).values_list("run_id", flat=True).first()
+
+
+def _lock_step(txn: RunTxn, step_run_id: int) -> StepRun:
+    return StepRun.objects.select_for_update().get(pk=step_run_id, run_id=txn.run.pk)
+
+
+def _close_attempt(step: StepRun, outcome: str, *, error: str = "", code: str = "") -> None:
+    now = timezone.now()
+    attempt = StepAttempt.objects.filter(step_run=step, number=step.attempt).first()
+    if attempt is None:
+        return
+    attempt.outcome = outcome
+    attempt.error = error
+    attempt.error_code = code
+    attempt.finished_at = now
+    attempt.duration_ms = (now - attempt.started_at).total_seconds() * 1000
+    attempt.save(update_fields=["outcome", "error", "error_code", "finished_at", "duration_ms"])
+
+
+# --- admission (scheduler) ----------------------------------------------------------------
+
+
+def step_admit(*, step_run_id: int) -> Dispatch | None:
+    """ready → queued with a fresh dispatch token. None if another scheduler got there first."""
+    run_pk = _run_pk_of(step_run_id)
+    if run_pk is None:
+        return None
+    with run_locked(run_pk) as txn:
+        token = uuid.uuid4()
+        now = timezone.now()
+        updated = StepRun.objects.filter(pk=step_run_id, status=StepStatus.READY).update(
+            status=StepStatus.QUEUED, dispatch_token=token, dispatched_at=now
+        )
+        if not updated:
+            return None
+        step = StepRun.objects.get(pk=step_run_id)
+        txn.log.add("step.queued", step=step, queue=step.queue)
+        return Dispatch(step.pk, token, step.queue, step.lane)
+
+
+def step_redispatch(*, step_run_id: int, stale_before: datetime) -> Dispatch | None:
+    """A queued step whose message may be lost (crash before publish, purged queue) gets a
+    new token; a late delivery of the old message is then refused at claim."""
+    run_pk = _run_pk_of(step_run_id)
+    if run_pk is None:
+        return None
+    with run_locked(run_pk) as txn:
+        token = uuid.uuid4()
+        updated = StepRun.objects.filter(
+            pk=step_run_id, status=StepStatus.QUEUED, dispatched_at__lt=stale_before
+        ).update(dispatch_token=token, dispatched_at=timezone.now())
+        if not updated:
+            return None
+        step = StepRun.objects.get(pk=step_run_id)
+        txn.log.add("step.redispatched", step=step, queue=step.queue)
+        return Dispatch(step.pk, token, step.queue, step.lane)
+
+
+def step_release_retry(*, step_run_id: int) -> bool:
+    """retry_wait → ready once its retry time has come."""
+    run_pk = _run_pk_of(step_run_id)
+    if run_pk is None:
+        return False
+    with run_locked(run_pk) as txn:
+        now = timezone.now()
+        updated = StepRun.objects.filter(
+            pk=step_run_id, status=StepStatus.RETRY_WAIT, retry_at__lte=now
+        ).update(status=StepStatus.READY, ready_at=now, retry_at=None)
+        if updated:
+            txn.log.add("step.ready", step=StepRun.objects.get(pk=step_run_id), retry=True)
+            txn.log.wake_scheduler()
+        return bool(updated)
+
+
+def step_expire_lease(*, step_run_id: int) -> bool:
+    """A running step whose lease ran out (its worker died, hung or overran `timeout_s`):
+    the attempt is lost, and the step retries or fails by its policy."""
+    run_pk = _run_pk_of(step_run_id)
+    if run_pk is None:
+        return False
+    with run_locked(run_pk) as txn:
+        step = _lock_step(txn, step_run_id)
+        now = timezone.now()
+        if step.status != StepStatus.RUNNING or step.lease_expires_at is None:
+            return False
+        if step.lease_expires_at >= now:
+            return False
+        error = (
+            f"attempt {step.attempt} did not finish within its lease "
+            f"(timeout {step.timeout_s:g}s): the worker died, hung or the step timed out"
+        )
+        _close_attempt(step, AttemptOutcome.LOST, error=error, code="timeout")
+        _after_failed_attempt(txn, step, error=error, code="timeout", retryable=True)
+        return True
+
+
+# --- execution (workers) ------------------------------------------------------------------
+
+
+def step_claim(*, step_run_id: int, dispatch_token: str, worker: str) -> Claim | None:
+    """queued → running for the holder of the current dispatch token; None to drop the message.
+
+    A redelivered message whose step is still `running` under the same token means the worker
+    that had it died (SIGKILL, OOM): that attempt is recorded as lost and counts against the
+    step's attempts, so a poison step ends instead of looping.
+    """
+    run_pk = _run_pk_of(step_run_id)
+    if run_pk is None:
+        return None
+    token = uuid.UUID(str(dispatch_token))
+    with run_locked(run_pk) as txn:
+        step = _lock_step(txn, step_run_id)
+        if step.dispatch_token != token:
+            return None
+        now = timezone.now()
+        if step.status == StepStatus.RUNNING:
+            error = f"worker {step.worker or '?'} was lost while running attempt {step.attempt}"
+            _close_attempt(step, AttemptOutcome.LOST, error=error, code="worker_lost")
+            txn.log.add("step.attempt_lost", step=step, attempt=step.attempt, error=error)
+            if step.attempt >= step.max_attempts:
+                message = (
+                    f"the worker running this step was lost on each of its "
+                    f"{step.attempt} attempts (the step may crash its worker)"
+                )
+                _step_fail_final(txn, step, error=message, code="worker_lost")
+                return None
+        elif step.status != StepStatus.QUEUED:
+            return None
+        step.attempt += 1
+        step.status = StepStatus.RUNNING
+        step.started_at = now
+        step.worker = worker
+        step.lease_expires_at = now + timedelta(
+            seconds=step.timeout_s + settings.SWITCHYARD_LEASE_GRACE_S
+        )
+        step.save(update_fields=["attempt", "status", "started_at", "worker", "lease_expires_at"])
+        StepAttempt.objects.create(
+            step_run=step, number=step.attempt, dispatch_token=token, worker=worker, started_at=now
+        )
+        run_mark_started(txn)
+        txn.log.add("step.started", step=step, attempt=step.attempt, worker=worker)
+        return Claim(
+            step_run_id=step.pk,
+            run_public_id=txn.run.public_id,
+            tenant_id=txn.run.tenant_id,
+            step_id=step.step_id,
+            map_index=step.map_index,
+            kind=step.kind,
+            attempt=step.attempt,
+            dispatch_token=token,
+            input=step.input or {},
+            deadline=now + timedelta(seconds=step.timeout_s),
+        )
+
+
+def _fenced(txn: RunTxn, claim: Claim, *, reported: str) -> StepRun | None:
+    """The step if `claim` still holds it; else record the refusal and return None."""
+    step = _lock_step(txn, claim.step_run_id)
+    if (
+        step.status == StepStatus.RUNNING
+        and step.dispatch_token == claim.dispatch_token
+        and step.attempt == claim.attempt
+    ):
+        return step
+    StepAttempt.objects.filter(
+        step_run=step, number=claim.attempt, outcome=AttemptOutcome.LOST
+    ).update(outcome=AttemptOutcome.REFUSED)
+    txn.log.add(
+        "step.result_refused",
+        step=step,
+        attempt=claim.attempt,
+        reported=reported,
+        reason=f"the step is now {step.status} at attempt {step.attempt}",
+    )
+    log.warning("refused late %s of %s attempt %s", reported, step, claim.attempt)
+    return None
+
+
+def step_complete(*, claim: Claim, output: Any) -> bool:
+    """Checkpoint a step's output and advance the graph, in one transaction."""
+    with run_locked(_run_pk_of(claim.step_run_id)) as txn:
+        step = _fenced(txn, claim, reported="success")
+        if step is None:
+            return False
+        _close_attempt(step, AttemptOutcome.SUCCEEDED)
+        now = timezone.now()
+        step.status = StepStatus.SUCCEEDED
+        step.output = output
+        step.error = ""
+        step.error_code = ""
+        step.finished_at = now
+        step.lease_expires_at = None
+        step.save(update_fields=["status", "output", "error", "error_code", "finished_at",
+                                 "lease_expires_at"])
+        txn.log.add("step.succeeded", step=step, attempt=step.attempt,
+                    duration_ms=round((now - step.started_at).total_seconds() * 1000, 1))
+        run_advance(txn)
+        return True
+
+
+def step_fail(*, claim: Claim, error: str, code: str, retryable: bool) -> bool:
+    """Record a failed attempt; retry later (in the database) or fail the step."""
+    with run_locked(_run_pk_of(claim.step_run_id)) as txn:
+        step = _fenced(txn, claim, reported="failure")
+        if step is None:
+            return False
+        _close_attempt(step, AttemptOutcome.FAILED, error=error, code=code)
+        _after_failed_attempt(txn, step, error=error, code=code, retryable=retryable)
+        return True
+
+
+def _after_failed_attempt(txn: RunTxn, step: StepRun, *, error: str, code: str,
+                          retryable: bool) -> None:
+    definition = definition_of(txn.run.workflow_version)
+    step_def = definition.step(step.step_id)
+    policy = step_def.item.retry if step.map_index is not None else step_def.retry
+    if retryable and code not in policy.non_retryable and step.attempt < step.max_attempts:
+        delay = policy.delay_before_retry(step.attempt, random.random())
+        step.status = StepStatus.RETRY_WAIT
+        step.retry_at = timezone.now() + timedelta(seconds=delay)
+        step.error = error
+        step.error_code = code
+        step.lease_expires_at = None
+        step.save(update_fields=["status", "retry_at", "error", "error_code", "lease_expires_at"])
+        txn.log.add("step.retrying", step=step, attempt=step.attempt, error=error, code=code,
+                    retry_at=step.retry_at.isoformat(), delay_s=round(delay, 3))
+        return
+    if not retryable or code in policy.non_retryable:
+        message = error
+    else:
+        message = f"{error} (after {step.attempt} attempts)"
+    _step_fail_final(txn, step, error=message, code=code)
+
+
+def _step_fail_final(txn: RunTxn, step: StepRun, *, error: str, code: str) -> None:
+    step.status = StepStatus.FAILED
+    step.error = error
+    step.error_code = code
+    step.finished_at = timezone.now()
+    step.lease_expires_at = None
+    step.save(update_fields=["status", "error", "error_code", "finished_at", "lease_expires_at"])
+    txn.log.add("step.failed", step=step, attempt=step.attempt, error=error, code=code)
+    run_advance(txn)
+
+
+# --- child runs (`workflow` steps) --------------------------------------------------------
+
+
+def step_start_child_run(*, claim: Claim) -> bool:
+    """Start the child run of a `workflow` step and park the step in `waiting`, atomically."""
+    from jobs.selectors import workflow_version_for
+
+    with run_locked(_run_pk_of(claim.step_run_id)) as txn:
+        step = _fenced(txn, claim, reported="child start")
+        if step is None:
+            return False
+        config = claim.input
+        version = workflow_version_for(
+            tenant=txn.run.tenant, name=config["workflow"], version=config.get("version")
+        )
+        if version is None:
+            _close_attempt(step, AttemptOutcome.FAILED, error="unknown workflow")
+            _step_fail_final(txn, step, error=f"unknown workflow {config['workflow']!r}",
+                             code="unknown_workflow")
+            return True
+        try:
+            child = run_create(tenant=txn.run.tenant, version=version,
+                               input=config.get("input") or {}, lane=txn.run.lane,
+                               parent_step=step)
+        except RunError as exc:
+            detail = "; ".join(str(fault) for fault in exc.faults) or exc.message
+            _close_attempt(step, AttemptOutcome.FAILED, error=detail, code=exc.code)
+            _step_fail_final(txn, step, error=f"child run refused: {detail}", code=exc.code)
+            return True
+        _close_attempt(step, AttemptOutcome.SUCCEEDED)
+        step.status = StepStatus.WAITING
+        step.lease_expires_at = None
+        step.save(update_fields=["status", "lease_expires_at"])
+        txn.log.add("step.waiting", step=step, child_run=str(child.public_id))
+        child.refresh_from_db()
+        if child.is_final:  # e.g. every step of the child was skipped
+            step_settle_from_child(child=child)
+        else:
+            run_advance(txn)
+        return True
+
+
+def step_settle_from_child(*, child: Run) -> None:
+    """The child of a waiting `workflow` step ended: the step succeeds or fails with it.
+
+    Called inside the child's `run_locked`; takes the parent run's lock next.
+    """
+    parent_step_id = child.parent_step_id
+    run_pk = _run_pk_of(parent_step_id)
+    if run_pk is None:
+        return
+    with run_locked(run_pk) as txn:
+        step = _lock_step(txn, parent_step_id)
+        if step.status != StepStatus.WAITING:
+            return
+        if child.status == RunStatus.SUCCEEDED:
+            now = timezone.now()
+            step.status = StepStatus.SUCCEEDED
+            step.output = child.output
+            step.finished_at = now
+            step.save(update_fields=["status", "output", "finished_at"])
+            txn.log.add("step.succeeded", step=step, child_run=str(child.public_id))
+            run_advance(txn)
+        else:
+            _step_fail_final(
+                txn, step, error=f"child run {child.public_id} {child.status}: {child.error}",
+                code=f"child_{child.status}",
+            )
+

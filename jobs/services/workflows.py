@@ -1,0 +1,47 @@
+"""Workflows and their immutable versions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.db.models import Max
+
+from jobs.definitions import DefinitionError, Fault, parse_definition
+from jobs.models import Workflow, WorkflowVersion
+from jobs.selectors import workflow_for
+from tenants.models import Tenant
+
+
+def workflow_version_create(*, tenant: Tenant, document: dict[str, Any] | str) -> WorkflowVersion:
+    """Validate a definition and store it as the next version of the tenant's workflow.
+
+    Raises DefinitionError with every fault; nothing is stored then. Sub-workflow steps must
+    name a workflow the tenant already has (or this one, for a later version to call).
+    """
+    definition = parse_definition(document)
+    faults = []
+    for index, step in enumerate(definition.document["steps"]):
+        if step.get("kind") != "workflow":
+            continue
+        name = step.get("workflow")
+        if name == definition.name:
+            faults.append(Fault(f"steps[{index}].workflow", "a workflow cannot call itself"))
+        elif workflow_for(tenant=tenant, name=name) is None:
+            faults.append(Fault(f"steps[{index}].workflow", f"unknown workflow {name!r}"))
+    if faults:
+        raise DefinitionError(faults)
+    for _ in range(3):  # two uploads of the same name at once: retry on the unique version
+        try:
+            with transaction.atomic():
+                workflow, _created = Workflow.objects.get_or_create(
+                    tenant=tenant, name=definition.name
+                )
+                workflow = Workflow.objects.select_for_update().get(pk=workflow.pk)
+                latest = workflow.versions.aggregate(n=Max("version"))["n"] or 0
+                return WorkflowVersion.objects.create(
+                    workflow=workflow, version=latest + 1, definition=definition.document
+                )
+        except IntegrityError:
+            continue
+    raise RuntimeError("could not allocate a workflow version after 3 tries")

@@ -1,0 +1,171 @@
+"""The guard on outbound URLs: requests a tenant can aim (the `http` tool, webhooks) must not
+reach the platform's own network (loopback, private ranges, cloud metadata at 169.254.169.254).
+
+Three layers, so that each caller gets the shape it needs:
+
+- `is_public_url(url) -> (ok, reason)`: the plain question, no settings, never raises.
+- `check_outbound_url(url)`: the policy. Honours `SWITCHYARD_ALLOW_PRIVATE_URLS` and raises
+  `ForbiddenURL` (a `ValueError`, free of step concepts) so that webhook delivery can record
+  the refusal its own way.
+- `check_public_url(url)`: the same policy for step handlers, raising
+  `StepFailure(code="forbidden_address", retryable=False)`.
+
+A host that cannot be resolved is not a policy refusal (DNS fails transiently), so
+`check_outbound_url` lets `socket.gaierror` through and `check_public_url` turns it into a
+retryable `http_error`.
+
+Known limit: the host is resolved here and again by the HTTP client, so a DNS server that
+answers differently the second time (DNS rebinding) could slip past. Closing that needs the
+client to connect to the address checked here; redirects are not followed for the same reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from urllib.parse import urlsplit
+
+from django.conf import settings
+
+from jobs.steps.registry import StepFailure
+
+ALLOWED_SCHEMES = ("http", "https")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Checked in this order; the first that applies names the reason.
+_REFUSED_KINDS = (
+    ("is_loopback", "a loopback address"),
+    ("is_link_local", "a link-local address"),
+    ("is_unspecified", "an unspecified address"),
+    ("is_multicast", "a multicast address"),
+    ("is_reserved", "a reserved address"),
+    ("is_private", "a private address"),
+)
+
+
+class ForbiddenURL(ValueError):
+    """The URL may not be requested: wrong scheme, or it resolves to a non-public address."""
+
+
+def non_public_kind(address: IPAddress) -> str | None:
+    """What kind of non-public address `address` is ("a loopback address"), or None if public.
+
+    An IPv4-mapped IPv6 address (::ffff:127.0.0.1) is judged by the IPv4 address it embeds,
+    which is what a connection to it reaches; a 6to4 address (2002::/16) must pass both ways.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            # Judged explicitly: before Python 3.13 every mapped address counts as private.
+            address = address.ipv4_mapped
+        elif address.sixtofour is not None and non_public_kind(address.sixtofour):
+            return f"a 6to4 address of {non_public_kind(address.sixtofour)}"
+    for attribute, description in _REFUSED_KINDS:
+        if getattr(address, attribute):
+            return description
+    # Ranges that are none of the above yet not routable on the internet either, such as
+    # carrier-grade NAT (100.64.0.0/10), which cloud providers use internally.
+    if not address.is_global:
+        return "not a public address"
+    return None
+
+
+def _shown(address: IPAddress) -> str:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return f"::ffff:{address.ipv4_mapped}"
+    return str(address)
+
+
+def _split(url: str) -> tuple[str, int]:
+    """The host and port of `url`; raises ForbiddenURL for a scheme or shape we do not request."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ForbiddenURL(f"invalid URL {url!r}: {exc}") from None
+    if parts.scheme.lower() not in ALLOWED_SCHEMES:
+        raise ForbiddenURL(f"URL scheme must be http or https, not {parts.scheme!r}")
+    if not parts.hostname:
+        raise ForbiddenURL(f"URL has no host: {url!r}")
+    if port is None:
+        port = 443 if parts.scheme.lower() == "https" else 80
+    return parts.hostname, port
+
+
+def _literal(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None  # a name, not an address
+
+
+def _resolve(host: str, port: int) -> list[IPAddress]:
+    """Every address `host` resolves to. Raises socket.gaierror (an OSError)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except UnicodeError:  # a name IDNA cannot encode (an empty or over-long label)
+        raise ForbiddenURL(f"invalid host name {host!r}") from None
+    # IPv6 link-local answers carry a zone ("fe80::1%eth0") that ipaddress does not parse.
+    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+
+
+def _refusal(url: str) -> str | None:
+    """Why `url` is refused (scheme, shape or addresses), or None. Raises socket.gaierror."""
+    try:
+        host, port = _split(url)
+        literal = _literal(host)
+        addresses = [literal] if literal is not None else _resolve(host, port)
+    except ForbiddenURL as exc:
+        return str(exc)
+    for address in addresses:
+        kind = non_public_kind(address)
+        if kind is None:
+            continue
+        if literal is not None:
+            return f"{_shown(address)} is {kind}"
+        return f"{host} resolves to {_shown(address)}, {kind}"
+    return None
+
+
+def is_public_url(url: str) -> tuple[bool, str]:
+    """(True, "") if `url` is http(s) and every address its host resolves to is public.
+
+    Otherwise (False, reason). Ignores `SWITCHYARD_ALLOW_PRIVATE_URLS`: it answers the question
+    its name asks. A host that does not resolve is (False, "cannot resolve ...").
+    """
+    try:
+        reason = _refusal(url)
+    except OSError as exc:
+        return False, f"cannot resolve the host of {url!r}: {exc}"
+    return (False, reason) if reason else (True, "")
+
+
+def private_urls_allowed() -> bool:
+    return bool(getattr(settings, "SWITCHYARD_ALLOW_PRIVATE_URLS", False))
+
+
+def check_outbound_url(url: str) -> None:
+    """Raise ForbiddenURL unless `url` may be requested on a tenant's behalf.
+
+    The scheme must be http or https even when `SWITCHYARD_ALLOW_PRIVATE_URLS` is on; the
+    setting only lifts the address check (for local development and tests). A host that does
+    not resolve raises `socket.gaierror` (an OSError): that is worth retrying, not a refusal.
+    """
+    if private_urls_allowed():
+        _split(url)
+        return
+    reason = _refusal(url)
+    if reason:
+        raise ForbiddenURL(f"refusing {url}: {reason}")
+
+
+def check_public_url(url: str) -> None:
+    """`check_outbound_url` for step handlers: refusals fail the step without retrying."""
+    try:
+        check_outbound_url(url)
+    except ForbiddenURL as exc:
+        raise StepFailure(str(exc), code="forbidden_address", retryable=False) from None
+    except OSError as exc:
+        raise StepFailure(
+            f"cannot resolve the host of {url}: {exc}", code="http_error", retryable=True
+        ) from None

@@ -1,0 +1,223 @@
+"""The registry of step kinds and tools.
+
+A step kind is a name (used in definitions), the broker queue its steps run on, the JSON
+Schema of the fields a step of that kind may carry besides the common ones (id, kind, after,
+when, retry, timeout_s, optional), and a handler. Built-in kinds are declared here; a project
+adds kinds with `register_kind` and tools with `register_tool` in a module listed in the
+`SWITCHYARD_PLUGINS` setting (imported when the `jobs` app is ready).
+
+Handlers are referenced by dotted path and imported lazily, so the definition language can
+validate against the registry without importing HTTP clients or the ORM.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+# Queues. The scheduler's own work (child runs) runs on `steps.control`.
+QUEUE_LLM = "steps.llm"
+QUEUE_TOOL = "steps.tool"
+QUEUE_RETRIEVAL = "steps.retrieval"
+QUEUE_CONTROL = "steps.control"
+QUEUES = (QUEUE_LLM, QUEUE_TOOL, QUEUE_RETRIEVAL, QUEUE_CONTROL)
+
+
+class StepFailure(Exception):
+    """Raised by a handler when an attempt fails.
+
+    `code` is a short machine-readable name (`timeout`, `http_error`, `provider_error`, ...)
+    that a step's `retry.non_retryable` list can name; `retryable=False` fails the step at once
+    whatever its retry policy says (bad arguments, a 4xx from a provider, ...).
+    """
+
+    def __init__(self, message: str, *, code: str = "error", retryable: bool = True):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a handler gets for one attempt of one step.
+
+    `input` is the step's configuration with every template already rendered (native types).
+    `idempotency_key` (`<run id>:<step id>[<map index>]`) is stable across attempts: pass it to
+    external systems so that a retried attempt does not repeat a side effect.
+    `deadline` is when the attempt's lease ends; a handler must give up before it.
+    `emit_delta` sends ephemeral progress (LLM token deltas); it never raises.
+    """
+
+    run_id: str
+    tenant_id: int
+    step_id: str
+    map_index: int | None
+    kind: str
+    attempt: int
+    input: dict[str, Any]
+    idempotency_key: str
+    deadline: datetime
+    emit_delta: Callable[[str], None] = field(default=lambda text: None)
+
+    def seconds_left(self) -> float:
+        from django.utils import timezone
+
+        return max(0.0, (self.deadline - timezone.now()).total_seconds())
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    name: str
+    queue: str
+    # JSON Schema (object) of the kind-specific fields of a step; `required` is honoured and
+    # unknown fields are refused.
+    config_schema: dict[str, Any]
+    # Dotted path of `handler(ctx: StepContext) -> Any`; None for kinds the engine runs itself
+    # (`map`) or that have a dedicated service (`workflow`).
+    handler: str | None
+    # Fields whose string values are templates rendered at readiness ("args" renders
+    # recursively). Fields not listed are passed through as written.
+    template_fields: tuple[str, ...] = ()
+
+    def load_handler(self) -> Callable[[StepContext], Any]:
+        if self.handler is None:
+            raise LookupError(f"kind {self.name!r} has no handler")
+        module_name, _, attr = self.handler.rpartition(".")
+        return getattr(importlib.import_module(module_name), attr)
+
+
+_SIMULATED_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "latency_ms": {"type": "number", "minimum": 0, "maximum": 3_600_000},
+        "jitter_ms": {"type": "number", "minimum": 0, "maximum": 3_600_000},
+        "distribution": {"enum": ["uniform", "normal", "lognormal"]},
+        "fail_rate": {"type": "number", "minimum": 0, "maximum": 1},
+        "response": {"type": "string"},
+        "choices": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "tokens_per_second": {"type": "number", "exclusiveMinimum": 0},
+    },
+}
+
+_BUILTIN_KINDS: dict[str, KindSpec] = {
+    "llm": KindSpec(
+        name="llm",
+        queue=QUEUE_LLM,
+        handler="jobs.steps.llm.handle",
+        template_fields=("prompt", "system"),
+        config_schema={
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["prompt"],
+            "properties": {
+                "prompt": {"type": "string", "minLength": 1},
+                "system": {"type": "string"},
+                "provider": {"enum": ["simulated", "openai"]},
+                "model": {"type": "string", "minLength": 1},
+                "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+                "max_tokens": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+                "simulated": _SIMULATED_SCHEMA,
+            },
+        },
+    ),
+    "tool": KindSpec(
+        name="tool",
+        queue=QUEUE_TOOL,
+        handler="jobs.steps.tools.handle",
+        template_fields=("args",),
+        config_schema={
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["tool"],
+            "properties": {
+                "tool": {"type": "string", "minLength": 1},
+                "args": {"type": "object"},
+            },
+        },
+    ),
+    "retrieval": KindSpec(
+        name="retrieval",
+        queue=QUEUE_RETRIEVAL,
+        handler="jobs.steps.retrieval.handle",
+        template_fields=("query",),
+        config_schema={
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["query"],
+            "properties": {
+                "query": {"type": "string", "minLength": 1},
+                "top_k": {"type": "integer", "minimum": 1, "maximum": 100},
+            },
+        },
+    ),
+    "workflow": KindSpec(
+        name="workflow",
+        queue=QUEUE_CONTROL,
+        handler=None,
+        template_fields=("input",),
+        config_schema={
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["workflow"],
+            "properties": {
+                "workflow": {"type": "string", "minLength": 1},
+                "version": {"type": "integer", "minimum": 1},
+                "input": {"type": "object"},
+            },
+        },
+    ),
+    "map": KindSpec(
+        name="map",
+        queue=QUEUE_CONTROL,
+        handler=None,
+        template_fields=("over",),
+        config_schema={
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["over", "step"],
+            "properties": {
+                "over": {"type": "string", "minLength": 1},
+                "step": {"type": "object"},
+                "max_parallel": {"type": "integer", "minimum": 1, "maximum": 1000},
+            },
+        },
+    ),
+}
+
+_kinds: dict[str, KindSpec] = dict(_BUILTIN_KINDS)
+_tools: dict[str, Callable[..., Any]] = {}
+
+
+def register_kind(spec: KindSpec) -> None:
+    _kinds[spec.name] = spec
+
+
+def kinds() -> dict[str, KindSpec]:
+    return dict(_kinds)
+
+
+def kind(name: str) -> KindSpec:
+    return _kinds[name]
+
+
+def register_tool(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: `@register_tool("crm.lookup")` on `def lookup(ctx: StepContext, **args)`."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        _tools[name] = func
+        return func
+
+    return decorate
+
+
+def tools() -> dict[str, Callable[..., Any]]:
+    return dict(_tools)
+
+
+def tool(name: str) -> Callable[..., Any]:
+    return _tools[name]

@@ -1,0 +1,25 @@
+"""Celery tasks: thin wrappers that take ids and call one service.
+
+Step tasks store no result (DESIGN §3: result tables bloat) and rely on the broker settings
+in `orchestrator.settings`: acks late, reject on worker lost, prefetch 1. No task is ever
+published with an ETA or countdown: retry delays live in the database.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import shared_task
+
+from jobs.execution import step_execute
+
+
+@shared_task(
+    name="jobs.execute_step",
+    ignore_result=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+)
+def execute_step(step_run_id: int, dispatch_token: str) -> None:
+    worker = f"{execute_step.request.hostname}/{os.getpid()}"
+    step_execute(step_run_id=step_run_id, dispatch_token=dispatch_token, worker=worker)

@@ -1,0 +1,185 @@
+"""Switchyard settings, read from the environment (12-factor) with defaults for local services.
+
+Every variable is listed in `.env.example`. Readers in `orchestrator.env` fail loudly on bad
+values. App code reads `django.conf.settings` at call time, never at import time.
+"""
+
+from pathlib import Path
+
+import dj_database_url
+
+from orchestrator.queues import MAX_PRIORITY, broker_queue
+from orchestrator.env import env_bool, env_float, env_int, env_list, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+SECRET_KEY = env_str("SECRET_KEY", "dev-only-insecure-key-change-me-in-production-0123456789")
+DEBUG = env_bool("DEBUG", True)
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.postgres",
+    "rest_framework",
+    "drf_spectacular",
+    "django_celery_results",
+    "channels",
+    "tenants",
+    "jobs",
+    "dashboard",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "orchestrator.urls"
+ASGI_APPLICATION = "orchestrator.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        env_str("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/switchyard"),
+        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60, minimum=0),
+        conn_health_checks=True,
+    )
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = BASE_DIR / ".staticfiles"
+
+LOGIN_URL = "/admin/login/"
+
+# --- Redis channel layer (live streams and dashboards) --------------------------------------
+REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {
+            "hosts": [REDIS_URL],
+            "prefix": env_str("CHANNEL_LAYER_PREFIX", "switchyard"),
+            "capacity": 1000,
+            "expiry": 30,
+        },
+    }
+}
+
+# --- Celery on RabbitMQ -----------------------------------------------------------------------
+# The traps these settings avoid are listed in DESIGN §3 and docs/decisions.md.
+SWITCHYARD_QUEUE_PREFIX = env_str("SWITCHYARD_QUEUE_PREFIX", "")
+_STEP_QUEUES = ["steps.llm", "steps.tool", "steps.retrieval", "steps.control"]
+
+CELERY_BROKER_URL = env_str("BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+# Confirmed publishes: a publish returns only once RabbitMQ has taken the message (kombu#59).
+CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True, "max_retries": 3}
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_CONNECTION_TIMEOUT = env_float("BROKER_CONNECTION_TIMEOUT", 4.0, minimum=0.1)
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_DEFAULT_DELIVERY_MODE = "persistent"
+CELERY_TASK_QUEUE_MAX_PRIORITY = MAX_PRIORITY
+CELERY_TASK_DEFAULT_PRIORITY = 5
+CELERY_TASK_DEFAULT_QUEUE = SWITCHYARD_QUEUE_PREFIX + "maintenance"
+CELERY_TASK_QUEUES = [
+    broker_queue(name, SWITCHYARD_QUEUE_PREFIX) for name in [*_STEP_QUEUES, "maintenance"]
+]
+# Results only for the engine's own maintenance tasks; step tasks set ignore_result.
+CELERY_RESULT_BACKEND = "django-db"
+CELERY_RESULT_EXTENDED = True
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_WORKER_SEND_TASK_EVENTS = True
+CELERY_TASK_SEND_SENT_EVENT = False
+
+# --- Switchyard engine ----------------------------------------------------------------------
+SWITCHYARD_PLUGINS = env_list("SWITCHYARD_PLUGINS", [])
+SWITCHYARD_SCHEDULER_POLL_S = env_float("SWITCHYARD_SCHEDULER_POLL_S", 1.0, minimum=0.01)
+SWITCHYARD_SCHEDULER_BATCH = env_int("SWITCHYARD_SCHEDULER_BATCH", 200, minimum=1)
+SWITCHYARD_DISPATCH_STALE_S = env_float("SWITCHYARD_DISPATCH_STALE_S", 30.0, minimum=0.1)
+SWITCHYARD_LEASE_GRACE_S = env_float("SWITCHYARD_LEASE_GRACE_S", 10.0, minimum=0.0)
+SWITCHYARD_STEP_DEFAULT_TIMEOUT_S = env_float("SWITCHYARD_STEP_DEFAULT_TIMEOUT_S", 300.0, minimum=1)
+SWITCHYARD_QUEUE_MAX_QUEUED = env_int("SWITCHYARD_QUEUE_MAX_QUEUED", 64, minimum=1)
+SWITCHYARD_API_MAX_WAIT_S = env_int("SWITCHYARD_API_MAX_WAIT_S", 60, minimum=0)
+SWITCHYARD_PUBLIC_URL = env_str("SWITCHYARD_PUBLIC_URL", "http://127.0.0.1:8000")
+
+# Step kinds
+SWITCHYARD_LLM_DEFAULT_PROVIDER = env_str("SWITCHYARD_LLM_DEFAULT_PROVIDER", "simulated")
+SWITCHYARD_OPENAI_BASE_URL = env_str("SWITCHYARD_OPENAI_BASE_URL", "https://api.openai.com/v1")
+SWITCHYARD_OPENAI_API_KEY = env_str("SWITCHYARD_OPENAI_API_KEY", "")
+SWITCHYARD_OPENAI_MODEL = env_str("SWITCHYARD_OPENAI_MODEL", "gpt-4o-mini")
+SWITCHYARD_OPENAI_TIMEOUT_S = env_float("SWITCHYARD_OPENAI_TIMEOUT_S", 120.0, minimum=1)
+SWITCHYARD_ALLOW_PRIVATE_URLS = env_bool("SWITCHYARD_ALLOW_PRIVATE_URLS", False)
+SWITCHYARD_HTTP_TOOL_MAX_BYTES = env_int("SWITCHYARD_HTTP_TOOL_MAX_BYTES", 1_048_576, minimum=1)
+
+# --- API ------------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["tenants.auth.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "EXCEPTION_HANDLER": "jobs.api.errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Switchyard API",
+    "DESCRIPTION": "Run AI-agent workflows asynchronously for many tenants.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+        "celery": {"level": "INFO"},
+    },
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Start web, scheduler and one worker pool per queue (Procfile, via honcho); print how to use it.
+set -euo pipefail
+HOST=${HOST:-127.0.0.1}
+PORT=${PORT:-8000}
+URL="http://$HOST:$PORT"
+KEY=$(grep '^API key for acme:' .demo-credentials | awk '{print $NF}')
+
+.venv/bin/honcho start -f Procfile &
+HONCHO=$!
+trap 'kill $HONCHO 2>/dev/null; wait $HONCHO 2>/dev/null' INT TERM EXIT
+
+for _ in $(seq 1 60); do
+  curl -fsS "$URL/healthz" >/dev/null 2>&1 && break
+  sleep 1
+done
+
+cat <<MSG
+
+==========================================================================================
+ Switchyard is running at $URL
+   admin:      $URL/admin/   (operator / switchyard-operator)
+   reviewer:   reviewer / switchyard-reviewer
+   API key (tenant acme): $KEY
+
+ Submit a run:
+   curl -sS -X POST $URL/api/v1/runs/ \\
+     -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" \\
+     -d '{"workflow": "support-triage", "input": {"ticket": "I want a refund", "email": "ann@example.com"}}'
+ Then follow it:  curl -sS $URL/api/v1/runs/<id>/ -H "Authorization: Bearer $KEY"
+ Stop with Ctrl-C.
+==========================================================================================
+
+MSG
+wait $HONCHO

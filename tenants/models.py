@@ -1,0 +1,95 @@
+"""Tenants, their API keys and their members.
+
+A tenant's quotas live on the tenant row so that an admin's edit takes effect at the
+scheduler's next cycle without a restart (the scheduler reads them every cycle).
+"""
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+
+class Lane(models.TextChoices):
+    INTERACTIVE = "interactive", "interactive"
+    STANDARD = "standard", "standard"
+    BATCH = "batch", "batch"
+
+
+# Higher number = more urgent. AMQP priorities of the step queues (DESIGN §7).
+LANE_PRIORITY = {Lane.INTERACTIVE: 9, Lane.STANDARD: 5, Lane.BATCH: 1}
+LANE_RANK = {Lane.BATCH: 0, Lane.STANDARD: 1, Lane.INTERACTIVE: 2}
+
+
+class Tenant(models.Model):
+    public_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    name = models.CharField(max_length=200)
+    slug = models.SlugField(max_length=64, unique=True)
+    weight = models.PositiveIntegerField(default=1, help_text="Fair share relative to others.")
+    default_lane = models.CharField(max_length=16, choices=Lane.choices, default=Lane.STANDARD)
+    max_lane = models.CharField(
+        max_length=16,
+        choices=Lane.choices,
+        default=Lane.INTERACTIVE,
+        help_text="The most urgent lane this tenant's runs may ask for.",
+    )
+    max_concurrent_steps = models.PositiveIntegerField(default=50)
+    max_active_runs = models.PositiveIntegerField(default=500)
+    max_queued_runs = models.PositiveIntegerField(default=10_000)
+    steps_per_minute = models.PositiveIntegerField(default=6_000)
+    llm_tokens_per_day = models.PositiveBigIntegerField(default=10_000_000)
+    is_active = models.BooleanField(default=True, help_text="Paused tenants' steps stay ready.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class ApiKey(models.Model):
+    """An API key: `sy_<prefix>_<secret>`. Only a SHA-256 of the whole key is stored.
+
+    SHA-256 (not a slow password hash) is right here: the secret is 32 random bytes, so there
+    is nothing to brute-force, and the lookup runs on every request.
+    """
+
+    public_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, unique=True, editable=False)
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    scopes = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.name} (sy_{self.prefix}_…)"
+
+
+class Role(models.TextChoices):
+    REVIEWER = "reviewer", "reviewer"
+    VIEWER = "viewer", "viewer"
+
+
+class Membership(models.Model):
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
+    )
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.VIEWER)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "tenant"], name="membership_unique_user")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} @ {self.tenant} ({self.role})"

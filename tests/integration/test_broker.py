@@ -1,0 +1,59 @@
+"""The RabbitMQ settings that DESIGN §3's traps call for, checked against the real broker."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from amqp.exceptions import PreconditionFailed
+from django.conf import settings
+from django_celery_results.models import TaskResult
+from kombu import Connection
+
+from jobs.scheduler import publish
+from jobs.services.steps import Dispatch
+from orchestrator.celery import app
+from tests.support.workflows import submit, tool_step
+
+pytestmark = pytest.mark.cluster
+
+
+def test_step_queues_are_durable_priority_queues(cluster):
+    cluster.start_worker("steps.tool", pool="threads", concurrency=1)
+    with Connection(settings.CELERY_BROKER_URL) as conn:
+        # Redeclaring with other properties is refused by RabbitMQ: the real queue is durable
+        # and has x-max-priority 10.
+        with pytest.raises(PreconditionFailed):
+            conn.channel().queue_declare(cluster.prefix + "steps.tool", durable=False,
+                                         arguments={"x-max-priority": 10})
+        with pytest.raises(PreconditionFailed):
+            conn.channel().queue_declare(cluster.prefix + "steps.tool", durable=True)
+        ok = conn.channel().queue_declare(cluster.prefix + "steps.tool", durable=True,
+                                          arguments={"x-max-priority": 10})
+        assert ok.consumer_count == 1
+
+
+def test_step_messages_are_persistent_confirmed_and_carry_only_ids(cluster, monkeypatch):
+    monkeypatch.setattr(settings, "SWITCHYARD_QUEUE_PREFIX", cluster.prefix)
+    token = uuid.uuid4()
+    published, failed = publish([Dispatch(123, token, "steps.llm", "interactive")])
+    assert (published, failed) == (1, 0)
+    with app.producer_or_acquire() as producer:
+        assert producer.channel._confirm_selected  # publisher confirms are on
+    with Connection(settings.CELERY_BROKER_URL) as conn:
+        message = conn.channel().basic_get(cluster.prefix + "steps.llm", no_ack=True)
+    assert message is not None
+    assert message.properties["delivery_mode"] == 2  # persistent
+    assert message.properties["priority"] == 9  # interactive lane
+    assert message.headers["task"] == "jobs.execute_step"
+    assert b"123" in message.body and str(token).encode() in message.body
+    assert settings.CELERY_TASK_ACKS_LATE and settings.CELERY_TASK_REJECT_ON_WORKER_LOST
+    assert settings.CELERY_WORKER_PREFETCH_MULTIPLIER == 1
+
+
+def test_step_tasks_store_no_celery_result(owner, running):
+    run = submit(owner.tenant, {
+        "name": "noresult", "steps": [tool_step("a", "test.count", args={"key": "a"})],
+    })
+    assert running.wait_run(run).status == "succeeded"
+    assert TaskResult.objects.count() == 0

@@ -1,0 +1,205 @@
+"""Real scheduler and Celery worker processes for integration tests.
+
+Every process gets the test database, a queue prefix of its own (so tests never consume the
+queues of a `make run` on the same machine) and the test tools. Processes run in their own
+session so that a test can SIGKILL, SIGSTOP or stop them, and `stop_all` always cleans up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+from django.db import connection
+from kombu import Connection
+
+ROOT = Path(__file__).resolve().parents[2]
+STEP_QUEUES = ("steps.llm", "steps.tool", "steps.retrieval", "steps.control")
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class Cluster:
+    def __init__(self, workdir: Path, ledger: Path, **env_overrides: str):
+        self.workdir = workdir
+        self.ledger = ledger
+        self.prefix = f"t{uuid.uuid4().hex[:8]}."
+        self.procs: list[Proc] = []
+        db = connection.settings_dict
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": (
+                f"postgres://{db['USER'] or ''}@{db['HOST'] or '127.0.0.1'}:"
+                f"{db['PORT'] or 5432}/{db['NAME']}"
+            ),
+            "SWITCHYARD_QUEUE_PREFIX": self.prefix,
+            "SWITCHYARD_PLUGINS": "tests.support.tools",
+            "SWITCHYARD_TEST_LEDGER": str(ledger),
+            "SWITCHYARD_SCHEDULER_POLL_S": "0.2",
+            "SWITCHYARD_DISPATCH_STALE_S": "3",
+            "SWITCHYARD_LEASE_GRACE_S": "1",
+            "CHANNEL_LAYER_PREFIX": f"{self.prefix}chan",
+            "DATABASE_CONN_MAX_AGE": "0",
+            "PYTHONUNBUFFERED": "1",
+            **env_overrides,
+        }
+        if db.get("PASSWORD"):
+            self.env["DATABASE_URL"] = self.env["DATABASE_URL"].replace(
+                f"{db['USER']}@", f"{db['USER']}:{db['PASSWORD']}@"
+            )
+
+    # --- processes ----------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str]) -> Proc:
+        log_path = self.workdir / f"{name}-{len(self.procs)}.log"
+        log_file = open(log_path, "wb")  # noqa: SIM115 - owned by the process
+        popen = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=self.env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def start_scheduler(self, name: str = "scheduler") -> Proc:
+        return self._spawn(name, [sys.executable, "manage.py", "run_scheduler"])
+
+    def start_worker(
+        self, queue: str, *, pool: str = "threads", concurrency: int = 4, name: str | None = None
+    ) -> Proc:
+        name = name or f"{queue.split('.')[-1]}-{uuid.uuid4().hex[:6]}"
+        before = self.consumers(queue)
+        proc = self._spawn(
+            name,
+            [
+                sys.executable, "-m", "celery", "-A", "orchestrator", "worker",
+                "-Q", self.prefix + queue, "-P", pool, "-c", str(concurrency),
+                "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-l", "info",
+            ],
+        )
+        self.wait_until(lambda: self.consumers(queue) > before, 30,
+                        f"worker {name} never consumed {queue}", proc)
+        return proc
+
+    def start_all_pools(self) -> None:
+        self.start_worker("steps.llm", pool="threads", concurrency=8)
+        self.start_worker("steps.tool", pool="prefork", concurrency=2)
+        self.start_worker("steps.retrieval", pool="threads", concurrency=2)
+        self.start_worker("steps.control", pool="threads", concurrency=2)
+
+    def kill(self, proc: Proc, sig: int = signal.SIGKILL) -> None:
+        if proc.alive():
+            os.killpg(proc.pid, sig)
+            if sig in (signal.SIGKILL, signal.SIGTERM):
+                proc.popen.wait(timeout=30)
+
+    def stop(self, proc: Proc) -> None:
+        if not proc.alive():
+            return
+        os.killpg(proc.pid, signal.SIGCONT)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.popen.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.popen.wait(timeout=15)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            try:
+                self.stop(proc)
+            except ProcessLookupError:
+                pass
+        self.delete_queues()
+
+    # --- broker -------------------------------------------------------------------------
+
+    def _broker(self) -> Connection:
+        return Connection(settings.CELERY_BROKER_URL, connect_timeout=5)
+
+    def _declare(self, queue: str, passive: bool = True):
+        with self._broker() as conn:
+            channel = conn.channel()
+            try:
+                return channel.queue_declare(
+                    self.prefix + queue, passive=passive, durable=True,
+                    arguments={"x-max-priority": 10},
+                )
+            except Exception:
+                return None
+
+    def consumers(self, queue: str) -> int:
+        declared = self._declare(queue)
+        return declared.consumer_count if declared else 0
+
+    def depth(self, queue: str) -> int:
+        declared = self._declare(queue)
+        return declared.message_count if declared else 0
+
+    def purge(self, queue: str) -> int:
+        with self._broker() as conn:
+            try:
+                return conn.channel().queue_purge(self.prefix + queue) or 0
+            except Exception:
+                return 0
+
+    def delete_queues(self) -> None:
+        with self._broker() as conn:
+            for queue in (*STEP_QUEUES, "maintenance"):
+                channel = conn.channel()
+                try:
+                    channel.queue_delete(self.prefix + queue)
+                    channel.exchange_delete(self.prefix + queue)
+                except Exception:
+                    pass
+
+    # --- waiting ------------------------------------------------------------------------
+
+    def wait_until(self, predicate, timeout: float, message: str, proc: Proc | None = None):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            if proc is not None and not proc.alive():
+                raise AssertionError(f"{message}: {proc.name} exited\n{proc.log()[-3000:]}")
+            time.sleep(0.1)
+        logs = "\n".join(f"--- {p.name}\n{p.log()[-2000:]}" for p in self.procs)
+        raise AssertionError(f"{message} (after {timeout}s)\n{logs}")
+
+    def wait_run(self, run, timeout: float = 60):
+        """Wait until `run` is final; returns it refreshed."""
+        from jobs.models import RUN_FINAL
+
+        def final():
+            run.refresh_from_db()
+            return run.status in RUN_FINAL
+
+        self.wait_until(final, timeout, f"run {run.public_id} did not finish (is {run.status})")
+        return run
