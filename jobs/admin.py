@@ -24,8 +24,9 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 
 def pretty(value) -> str:
-    return format_html("<pre style='white-space:pre-wrap'>{}</pre>",
-                       json.dumps(value, indent=2, sort_keys=True))
+    return format_html(
+        "<pre style='white-space:pre-wrap'>{}</pre>", json.dumps(value, indent=2, sort_keys=True)
+    )
 
 
 class VersionInline(admin.TabularInline):
@@ -64,8 +65,17 @@ class WorkflowVersionAdmin(ReadOnlyAdmin):
 
 class StepRunInline(admin.TabularInline):
     model = StepRun
-    fields = ("step_id", "map_index", "kind", "status", "attempt", "worker", "started_at",
-              "finished_at", "error")
+    fields = (
+        "step_id",
+        "map_index",
+        "kind",
+        "status",
+        "attempt",
+        "worker",
+        "started_at",
+        "finished_at",
+        "error",
+    )
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -88,15 +98,35 @@ class EventInline(admin.TabularInline):
 
 @admin.register(Run)
 class RunAdmin(ReadOnlyAdmin):
-    list_display = ("public_id", "tenant", "workflow_version", "status", "lane", "created_at",
-                    "finished_at")
+    list_display = (
+        "public_id",
+        "tenant",
+        "workflow_version",
+        "status",
+        "lane",
+        "created_at",
+        "finished_at",
+    )
     list_filter = ("status", "lane", "tenant", "created_at")
     search_fields = ("public_id", "idempotency_key", "error")
     date_hierarchy = "created_at"
     list_select_related = ("tenant", "workflow_version__workflow")
-    readonly_fields = ("public_id", "tenant", "workflow_version", "status", "lane", "input_pretty",
-                       "output_pretty", "error", "idempotency_key", "webhook_url", "parent_step",
-                       "created_at", "started_at", "finished_at")
+    readonly_fields = (
+        "public_id",
+        "tenant",
+        "workflow_version",
+        "status",
+        "lane",
+        "input_pretty",
+        "output_pretty",
+        "error",
+        "idempotency_key",
+        "webhook_url",
+        "parent_step",
+        "created_at",
+        "started_at",
+        "finished_at",
+    )
     exclude = ("input", "output", "request_hash", "next_seq")
     inlines = [StepRunInline, EventInline]
 
@@ -122,8 +152,18 @@ class AttemptInline(admin.TabularInline):
 
 @admin.register(StepRun)
 class StepRunAdmin(ReadOnlyAdmin):
-    list_display = ("run", "step_id", "map_index", "kind", "status", "attempt", "queue",
-                    "tenant", "lane", "worker")
+    list_display = (
+        "run",
+        "step_id",
+        "map_index",
+        "kind",
+        "status",
+        "attempt",
+        "queue",
+        "tenant",
+        "lane",
+        "worker",
+    )
     list_filter = ("status", "kind", "queue", "lane", "tenant")
     search_fields = ("step_id", "run__public_id", "error")
     list_select_related = ("run", "tenant")

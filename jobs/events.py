@@ -94,5 +94,5 @@ def publish_live(run_public_id: Any, payloads: list[dict[str, Any]]) -> None:
         async_to_sync(layer.group_send)(
             run_group(run_public_id), {"type": "run.events", "events": payloads}
         )
-    except Exception:  # noqa: BLE001 - a live view resyncs from the database
+    except Exception:
         log.warning("live publish failed for run %s", run_public_id, exc_info=True)

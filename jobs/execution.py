@@ -37,17 +37,20 @@ def step_execute(*, step_run_id: int, dispatch_token: str, worker: str) -> None:
     try:
         output = _run_handler(claim)
     except StepFailure as failure:
-        step_fail(claim=claim, error=failure.message, code=failure.code,
-                  retryable=failure.retryable)
+        step_fail(
+            claim=claim, error=failure.message, code=failure.code, retryable=failure.retryable
+        )
         return
-    except Exception as exc:  # noqa: BLE001 - any handler bug is a failed, retryable attempt
+    except Exception as exc:
         log.exception("step %s attempt %s raised", claim.idempotency_key, claim.attempt)
-        step_fail(claim=claim, error=f"{type(exc).__name__}: {exc}", code="exception",
-                  retryable=True)
+        step_fail(
+            claim=claim, error=f"{type(exc).__name__}: {exc}", code="exception", retryable=True
+        )
         return
     if timezone.now() > claim.deadline:
-        step_fail(claim=claim, error="the step finished after its timeout", code="timeout",
-                  retryable=True)
+        step_fail(
+            claim=claim, error="the step finished after its timeout", code="timeout", retryable=True
+        )
         return
     step_complete(claim=claim, output=output)
 

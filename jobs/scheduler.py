@@ -25,7 +25,6 @@ from django.db import connection, connections
 from django.utils import timezone
 
 from jobs import admission
-from orchestrator.queues import broker_queue
 from jobs.events import READY_CHANNEL
 from jobs.models import StepRun, StepStatus
 from jobs.services.steps import (
@@ -35,6 +34,7 @@ from jobs.services.steps import (
     step_redispatch,
     step_release_retry,
 )
+from orchestrator.queues import broker_queue
 from tenants.models import LANE_PRIORITY
 
 log = logging.getLogger(__name__)
@@ -75,13 +75,17 @@ def publish(dispatches: list[Dispatch]) -> tuple[int, int]:
                         producer=producer,
                     )
                     published += 1
-                except Exception:  # noqa: BLE001 - recovered by the stale-dispatch sweep
+                except Exception:
                     failed += 1
-                    log.warning("publish failed for step run %s", dispatch.step_run_id,
-                                exc_info=True)
-    except Exception:  # noqa: BLE001 - no connection to the broker at all
-        log.warning("broker unavailable; %d dispatches left for the stale sweep",
-                    len(dispatches) - published, exc_info=True)
+                    log.warning(
+                        "publish failed for step run %s", dispatch.step_run_id, exc_info=True
+                    )
+    except Exception:
+        log.warning(
+            "broker unavailable; %d dispatches left for the stale sweep",
+            len(dispatches) - published,
+            exc_info=True,
+        )
         failed = len(dispatches) - published
     return published, failed
 
@@ -161,13 +165,17 @@ class Scheduler:
                     log.info(
                         "cycle: admitted=%d redispatched=%d expired=%d released=%d "
                         "publish_failures=%d in %.3fs",
-                        stats.admitted, stats.redispatched, stats.expired, stats.released,
-                        stats.publish_failures, stats.duration_s,
+                        stats.admitted,
+                        stats.redispatched,
+                        stats.expired,
+                        stats.released,
+                        stats.publish_failures,
+                        stats.duration_s,
                     )
                 if stats.admitted >= settings.SWITCHYARD_SCHEDULER_BATCH:
                     continue  # more backlog: no sleep
                 self._wait(listener)
-            except (psycopg.Error, Exception) as exc:  # noqa: BLE001 - keep scheduling
+            except Exception as exc:
                 log.warning("scheduler cycle failed: %s; retrying in 1s", exc, exc_info=True)
                 if listener is not None:
                     try:

@@ -81,6 +81,8 @@ def events_for(*, run: Run, after: int = 0, limit: int = 1000) -> list[Event]:
 
 
 def run_by_idempotency_key(*, tenant: Tenant, key: str) -> Run | None:
-    return Run.objects.select_related("workflow_version__workflow").filter(
-        tenant=tenant, idempotency_key=key
-    ).first()
+    return (
+        Run.objects.select_related("workflow_version__workflow")
+        .filter(tenant=tenant, idempotency_key=key)
+        .first()
+    )

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import dj_database_url
 
-from orchestrator.queues import MAX_PRIORITY, broker_queue
 from orchestrator.env import env_bool, env_float, env_int, env_list, env_str
+from orchestrator.queues import MAX_PRIORITY, broker_queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 

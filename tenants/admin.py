@@ -25,8 +25,16 @@ class MembershipInline(admin.TabularInline):
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
     list_display = (
-        "slug", "name", "weight", "default_lane", "max_lane", "max_concurrent_steps",
-        "max_active_runs", "max_queued_runs", "steps_per_minute", "llm_tokens_per_day",
+        "slug",
+        "name",
+        "weight",
+        "default_lane",
+        "max_lane",
+        "max_concurrent_steps",
+        "max_active_runs",
+        "max_queued_runs",
+        "steps_per_minute",
+        "llm_tokens_per_day",
         "is_active",
     )
     list_filter = ("is_active", "default_lane", "max_lane")
@@ -36,8 +44,18 @@ class TenantAdmin(admin.ModelAdmin):
     fieldsets = (
         (None, {"fields": ("name", "slug", "is_active", "public_id", "created_at")}),
         ("Scheduling", {"fields": ("weight", "default_lane", "max_lane")}),
-        ("Quotas", {"fields": ("max_concurrent_steps", "max_active_runs", "max_queued_runs",
-                               "steps_per_minute", "llm_tokens_per_day")}),
+        (
+            "Quotas",
+            {
+                "fields": (
+                    "max_concurrent_steps",
+                    "max_active_runs",
+                    "max_queued_runs",
+                    "steps_per_minute",
+                    "llm_tokens_per_day",
+                )
+            },
+        ),
     )
 
 

@@ -10,8 +10,15 @@ from rest_framework.views import exception_handler as drf_exception_handler
 
 
 class ApiError(exceptions.APIException):
-    def __init__(self, *, status_code: int, code: str, message: str, details: Any = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        *,
+        status_code: int,
+        code: str,
+        message: str,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(detail=message, code=code)
         self.status_code = status_code
         self.error_code = code
@@ -60,8 +67,13 @@ def _flatten(detail: Any, prefix: str = "") -> list[dict[str, str]]:
     return [{"path": prefix or "$", "message": str(detail)}]
 
 
-def error_response(status_code: int, code: str, message: str, details: Any = None,
-                   headers: dict[str, str] | None = None) -> Response:
+def error_response(
+    status_code: int,
+    code: str,
+    message: str,
+    details: Any = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
     body: dict[str, Any] = {"code": code, "message": message}
     if details is not None:
         body["details"] = details
@@ -70,8 +82,9 @@ def error_response(status_code: int, code: str, message: str, details: Any = Non
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, ApiError):
-        return error_response(exc.status_code, exc.error_code, exc.message, exc.details,
-                              exc.headers)
+        return error_response(
+            exc.status_code, exc.error_code, exc.message, exc.details, exc.headers
+        )
     response = drf_exception_handler(exc, context)
     if response is None:
         return None
@@ -83,6 +96,13 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if isinstance(exc, exceptions.ParseError):
         return error_response(400, "malformed_request", str(exc.detail))
     detail = response.data.get("detail") if isinstance(response.data, dict) else response.data
-    return error_response(response.status_code, code, str(detail),
-                          headers={k: v for k, v in response.headers.items()
-                                   if k in ("WWW-Authenticate", "Retry-After", "Allow")})
+    return error_response(
+        response.status_code,
+        code,
+        str(detail),
+        headers={
+            k: v
+            for k, v in response.headers.items()
+            if k in ("WWW-Authenticate", "Retry-After", "Allow")
+        },
+    )

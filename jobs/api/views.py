@@ -60,8 +60,9 @@ def _run_error(exc: RunError) -> ApiError:
     message = exc.message
     if exc.faults:
         message = "; ".join(str(fault) for fault in exc.faults[:5])
-    return ApiError(status_code=status_code, code=exc.code, message=message,
-                    details=_faults(exc.faults) or None)
+    return ApiError(
+        status_code=status_code, code=exc.code, message=message, details=_faults(exc.faults) or None
+    )
 
 
 class WorkflowListView(APIView):
@@ -69,14 +70,20 @@ class WorkflowListView(APIView):
 
     def get(self, request: Request) -> Response:
         workflows = selectors.workflows_for(tenant=_tenant(request))
-        return Response({"workflows": [
+        return Response(
             {
-                "name": workflow.name,
-                "latest_version": max((v.version for v in workflow.versions.all()), default=0),
-                "created_at": workflow.created_at.isoformat(),
+                "workflows": [
+                    {
+                        "name": workflow.name,
+                        "latest_version": max(
+                            (v.version for v in workflow.versions.all()), default=0
+                        ),
+                        "created_at": workflow.created_at.isoformat(),
+                    }
+                    for workflow in workflows
+                ]
             }
-            for workflow in workflows
-        ]})
+        )
 
     def post(self, request: Request) -> Response:
         document = request.data
@@ -84,8 +91,9 @@ class WorkflowListView(APIView):
             try:
                 document = yaml.safe_load(document)
             except yaml.YAMLError as exc:
-                raise ApiError(status_code=400, code="malformed_request",
-                               message=f"not valid YAML: {exc}") from None
+                raise ApiError(
+                    status_code=400, code="malformed_request", message=f"not valid YAML: {exc}"
+                ) from None
         try:
             version = workflow_version_create(tenant=_tenant(request), document=document)
         except DefinitionError as exc:
@@ -103,8 +111,11 @@ class WorkflowDetailView(APIView):
     def get(self, request: Request, name: str) -> Response:
         number = request.query_params.get("version")
         if number is not None and not number.isdigit():
-            raise ApiError(status_code=400, code="invalid_request",
-                           message="version must be a positive integer")
+            raise ApiError(
+                status_code=400,
+                code="invalid_request",
+                message="version must be a positive integer",
+            )
         version = selectors.workflow_version_for(
             tenant=_tenant(request), name=name, version=int(number) if number else None
         )
@@ -127,11 +138,13 @@ class RunListView(APIView):
         runs = selectors.runs_for(tenant=_tenant(request), **query.validated_data)
         paginator = RunCursorPagination()
         page = paginator.paginate_queryset(runs, request, view=self)
-        return Response({
-            "runs": [run_summary(run, request) for run in page],
-            "next": paginator.get_next_link(),
-            "previous": paginator.get_previous_link(),
-        })
+        return Response(
+            {
+                "runs": [run_summary(run, request) for run in page],
+                "next": paginator.get_next_link(),
+                "previous": paginator.get_previous_link(),
+            }
+        )
 
     def post(self, request: Request) -> Response:
         tenant = _tenant(request)
@@ -140,8 +153,11 @@ class RunListView(APIView):
         data = body.validated_data
         idempotency_key = request.headers.get("Idempotency-Key", "").strip()
         if len(idempotency_key) > 255:
-            raise ApiError(status_code=400, code="invalid_request",
-                           message="Idempotency-Key must be at most 255 characters")
+            raise ApiError(
+                status_code=400,
+                code="invalid_request",
+                message="Idempotency-Key must be at most 255 characters",
+            )
         fingerprint = request_fingerprint(request.data) if idempotency_key else ""
         if idempotency_key:
             existing = selectors.run_by_idempotency_key(tenant=tenant, key=idempotency_key)
@@ -152,8 +168,11 @@ class RunListView(APIView):
         )
         if version is None:
             suffix = f" version {data['version']}" if data.get("version") else ""
-            raise ApiError(status_code=404, code="not_found",
-                           message=f"workflow {data['workflow']!r}{suffix} not found")
+            raise ApiError(
+                status_code=404,
+                code="not_found",
+                message=f"workflow {data['workflow']!r}{suffix} not found",
+            )
         try:
             with transaction.atomic():
                 run = run_create(
@@ -213,22 +232,26 @@ class RunEventsView(APIView):
         run = _run_or_404(request, run_id)
         after = request.query_params.get("after", "0")
         if not after.isdigit():
-            raise ApiError(status_code=400, code="invalid_request",
-                           message="after must be a non-negative integer (an event seq)")
+            raise ApiError(
+                status_code=400,
+                code="invalid_request",
+                message="after must be a non-negative integer (an event seq)",
+            )
         events = selectors.events_for(run=run, after=int(after))
-        return Response({
-            "events": [event_repr(event, run) for event in events],
-            "last_seq": events[-1].seq if events else int(after),
-            "run_status": run.status,
-        })
+        return Response(
+            {
+                "events": [event_repr(event, run) for event in events],
+                "last_seq": events[-1].seq if events else int(after),
+                "run_status": run.status,
+            }
+        )
 
 
 class RunCancelView(APIView):
     def post(self, request: Request, run_id: str) -> Response:
         run = _run_or_404(request, run_id)
         try:
-            run = run_cancel(run=run, reason="cancelled by the client",
-                             by=str(request.user))
+            run = run_cancel(run=run, reason="cancelled by the client", by=str(request.user))
         except RunError as exc:
             raise _run_error(exc) from None
         return Response(run_summary(run, request))
@@ -248,8 +271,9 @@ class DocumentsView(APIView):
     def post(self, request: Request) -> Response:
         body = DocumentsAddSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        documents = documents_add(tenant=_tenant(request),
-                                  documents=body.validated_data["documents"])
+        documents = documents_add(
+            tenant=_tenant(request), documents=body.validated_data["documents"]
+        )
         return Response(
             {"documents": [{"id": str(d.public_id), "title": d.title} for d in documents]},
             status=status.HTTP_201_CREATED,

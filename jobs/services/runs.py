@@ -121,10 +121,7 @@ def run_advance(txn: RunTxn) -> None:
         map_step.save(update_fields=["status", "started_at"])
         txn.log.add("step.expanded", step=map_step, items=len(items))
         created = StepRun.objects.bulk_create(
-            [
-                _new_step_row(run, item_def, map_index=index, now=now)
-                for index in range(len(items))
-            ]
+            [_new_step_row(run, item_def, map_index=index, now=now) for index in range(len(items))]
         )
         for row in created:
             by_key[(row.step_id, row.map_index)] = row
@@ -184,10 +181,14 @@ def _run_refresh_activity(txn: RunTxn, steps: list[StepRun]) -> None:
         return
     unfinished = [s for s in steps if s.status not in STEP_FINAL and s.map_index is None]
     busy = [s for s in unfinished if s.status != StepStatus.WAITING]
-    waiting = bool(unfinished) and not busy and not any(
-        s.status not in STEP_FINAL and s.status != StepStatus.WAITING
-        for s in steps
-        if s.map_index is not None
+    waiting = (
+        bool(unfinished)
+        and not busy
+        and not any(
+            s.status not in STEP_FINAL and s.status != StepStatus.WAITING
+            for s in steps
+            if s.map_index is not None
+        )
     )
     target = RunStatus.WAITING if waiting else RunStatus.RUNNING
     if run.status != target:
@@ -301,8 +302,9 @@ def run_create(
     definition = definition_of(version)
     faults = validate_input(definition, input)
     if faults:
-        raise RunError("input does not match the workflow's input_schema", code="invalid_input",
-                       faults=faults)
+        raise RunError(
+            "input does not match the workflow's input_schema", code="invalid_input", faults=faults
+        )
     resolved_lane = lane_for(tenant, lane)
     with transaction.atomic():
         run = Run.objects.create(
@@ -364,17 +366,19 @@ def run_retry(*, run: Run, by: str = "") -> Run:
     with run_locked(run.pk) as txn:
         locked = txn.run
         if locked.status != RunStatus.FAILED:
-            raise RunError(f"only failed runs can be retried; this run is {locked.status}",
-                           code="not_failed")
+            raise RunError(
+                f"only failed runs can be retried; this run is {locked.status}", code="not_failed"
+            )
         definition = definition_of(locked.workflow_version)
         reset = 0
         for step in locked.steps.select_for_update().filter(
             status__in=[StepStatus.FAILED, StepStatus.CANCELLED]
         ):
             step_def = definition.step(step.step_id)
-            expanded_map = step.kind == "map" and locked.steps.filter(
-                step_id=step.step_id, map_index__isnull=False
-            ).exists()
+            expanded_map = (
+                step.kind == "map"
+                and locked.steps.filter(step_id=step.step_id, map_index__isnull=False).exists()
+            )
             step.status = StepStatus.RUNNING if expanded_map else StepStatus.PENDING
             policy = step_def.item.retry if step.map_index is not None else step_def.retry
             step.max_attempts = step.attempt + policy.max_attempts
@@ -382,8 +386,16 @@ def run_retry(*, run: Run, by: str = "") -> Run:
             step.error_code = ""
             step.finished_at = None
             step.dispatch_token = None
-            step.save(update_fields=["status", "max_attempts", "error", "error_code",
-                                     "finished_at", "dispatch_token"])
+            step.save(
+                update_fields=[
+                    "status",
+                    "max_attempts",
+                    "error",
+                    "error_code",
+                    "finished_at",
+                    "dispatch_token",
+                ]
+            )
             reset += 1
         locked.status = RunStatus.RUNNING
         locked.error = ""

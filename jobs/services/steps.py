@@ -256,10 +256,22 @@ def step_complete(*, claim: Claim, output: Any) -> bool:
         step.error_code = ""
         step.finished_at = now
         step.lease_expires_at = None
-        step.save(update_fields=["status", "output", "error", "error_code", "finished_at",
-                                 "lease_expires_at"])
-        txn.log.add("step.succeeded", step=step, attempt=step.attempt,
-                    duration_ms=round((now - step.started_at).total_seconds() * 1000, 1))
+        step.save(
+            update_fields=[
+                "status",
+                "output",
+                "error",
+                "error_code",
+                "finished_at",
+                "lease_expires_at",
+            ]
+        )
+        txn.log.add(
+            "step.succeeded",
+            step=step,
+            attempt=step.attempt,
+            duration_ms=round((now - step.started_at).total_seconds() * 1000, 1),
+        )
         run_advance(txn)
         return True
 
@@ -275,8 +287,9 @@ def step_fail(*, claim: Claim, error: str, code: str, retryable: bool) -> bool:
         return True
 
 
-def _after_failed_attempt(txn: RunTxn, step: StepRun, *, error: str, code: str,
-                          retryable: bool) -> None:
+def _after_failed_attempt(
+    txn: RunTxn, step: StepRun, *, error: str, code: str, retryable: bool
+) -> None:
     definition = definition_of(txn.run.workflow_version)
     step_def = definition.step(step.step_id)
     policy = step_def.item.retry if step.map_index is not None else step_def.retry
@@ -288,8 +301,15 @@ def _after_failed_attempt(txn: RunTxn, step: StepRun, *, error: str, code: str,
         step.error_code = code
         step.lease_expires_at = None
         step.save(update_fields=["status", "retry_at", "error", "error_code", "lease_expires_at"])
-        txn.log.add("step.retrying", step=step, attempt=step.attempt, error=error, code=code,
-                    retry_at=step.retry_at.isoformat(), delay_s=round(delay, 3))
+        txn.log.add(
+            "step.retrying",
+            step=step,
+            attempt=step.attempt,
+            error=error,
+            code=code,
+            retry_at=step.retry_at.isoformat(),
+            delay_s=round(delay, 3),
+        )
         return
     if not retryable or code in policy.non_retryable:
         message = error
@@ -326,13 +346,18 @@ def step_start_child_run(*, claim: Claim) -> bool:
         )
         if version is None:
             _close_attempt(step, AttemptOutcome.FAILED, error="unknown workflow")
-            _step_fail_final(txn, step, error=f"unknown workflow {config['workflow']!r}",
-                             code="unknown_workflow")
+            _step_fail_final(
+                txn, step, error=f"unknown workflow {config['workflow']!r}", code="unknown_workflow"
+            )
             return True
         try:
-            child = run_create(tenant=txn.run.tenant, version=version,
-                               input=config.get("input") or {}, lane=txn.run.lane,
-                               parent_step=step)
+            child = run_create(
+                tenant=txn.run.tenant,
+                version=version,
+                input=config.get("input") or {},
+                lane=txn.run.lane,
+                parent_step=step,
+            )
         except RunError as exc:
             detail = "; ".join(str(fault) for fault in exc.faults) or exc.message
             _close_attempt(step, AttemptOutcome.FAILED, error=detail, code=exc.code)
@@ -374,7 +399,8 @@ def step_settle_from_child(*, child: Run) -> None:
             run_advance(txn)
         else:
             _step_fail_final(
-                txn, step, error=f"child run {child.public_id} {child.status}: {child.error}",
+                txn,
+                step,
+                error=f"child run {child.public_id} {child.status}: {child.error}",
                 code=f"child_{child.status}",
             )
-

@@ -152,6 +152,7 @@ _BUILTIN_KINDS: dict[str, KindSpec] = {
             "properties": {
                 "query": {"type": "string", "minLength": 1},
                 "top_k": {"type": "integer", "minimum": 1, "maximum": 100},
+                "match": {"enum": ["any", "all"]},
             },
         },
     ),

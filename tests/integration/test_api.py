@@ -18,8 +18,13 @@ ECHO = {
     },
     "steps": [
         {"id": "hello", "kind": "tool", "tool": "echo", "args": {"text": "hi {{ input.who }}"}},
-        {"id": "bye", "kind": "tool", "tool": "echo", "after": ["hello"],
-         "args": {"text": "bye {{ input.who }}"}},
+        {
+            "id": "bye",
+            "kind": "tool",
+            "tool": "echo",
+            "after": ["hello"],
+            "args": {"text": "bye {{ input.who }}"},
+        },
     ],
     "output": "{{ steps.bye.output.args.text }}",
 }
@@ -76,16 +81,13 @@ def test_a_bad_definition_is_refused_with_the_path_of_every_fault(owner):
 
 def test_a_yaml_definition_is_accepted(owner):
     yaml_text = "name: yam\nsteps:\n  - id: one\n    kind: tool\n    tool: echo\n"
-    response = owner.api.post("/api/v1/workflows/", yaml_text,
-                              content_type="application/yaml")
+    response = owner.api.post("/api/v1/workflows/", yaml_text, content_type="application/yaml")
     assert response.status_code == 201, response.content
     assert response.json()["name"] == "yam"
 
 
 def test_workflows_are_listed_per_tenant(owner, outsider, greet):
-    assert [w["name"] for w in owner.api.get("/api/v1/workflows/").json()["workflows"]] == [
-        "greet"
-    ]
+    assert [w["name"] for w in owner.api.get("/api/v1/workflows/").json()["workflows"]] == ["greet"]
     assert outsider.api.get("/api/v1/workflows/").json()["workflows"] == []
     assert outsider.api.get("/api/v1/workflows/greet/").status_code == 404
 
@@ -131,8 +133,7 @@ def test_a_missing_required_field_and_a_malformed_body_are_400s(owner, greet):
 def test_an_unknown_workflow_is_a_404(owner, greet):
     response = submit(owner, {"workflow": "nope", "input": {}})
     assert response.status_code == 404
-    assert response.json()["error"] == {"code": "not_found",
-                                        "message": "workflow 'nope' not found"}
+    assert response.json()["error"] == {"code": "not_found", "message": "workflow 'nope' not found"}
 
 
 def test_another_tenants_workflow_cannot_be_run(outsider, greet):
@@ -177,8 +178,9 @@ def test_cancel_stops_a_run_once(owner, greet):
 def _fail_first_step(run_id: str) -> None:
     step = StepRun.objects.get(run__public_id=run_id, step_id="hello")
     dispatch = step_admit(step_run_id=step.pk)
-    claim = step_claim(step_run_id=step.pk, dispatch_token=str(dispatch.dispatch_token),
-                       worker="test")
+    claim = step_claim(
+        step_run_id=step.pk, dispatch_token=str(dispatch.dispatch_token), worker="test"
+    )
     step_fail(claim=claim, error="boom", code="boom", retryable=False)
 
 
@@ -190,8 +192,7 @@ def test_retry_puts_the_failed_steps_back_and_keeps_the_rest(owner, greet):
     assert detail["status"] == "failed" and "step 'hello' failed: boom" in detail["error"]
     response = owner.api.post(f"/api/v1/runs/{run_id}/retry/")
     assert response.status_code == 202
-    statuses = dict(StepRun.objects.filter(run__public_id=run_id)
-                    .values_list("step_id", "status"))
+    statuses = dict(StepRun.objects.filter(run__public_id=run_id).values_list("step_id", "status"))
     assert statuses == {"hello": "ready", "bye": "pending"}
     assert owner.api.get(f"/api/v1/runs/{run_id}/").json()["status"] == "running"
 
@@ -231,8 +232,9 @@ def test_the_same_idempotency_key_returns_the_same_run(owner, greet):
     again = submit(owner, HTTP_IDEMPOTENCY_KEY="order-1")
     assert first.status_code == again.status_code == 202
     assert first.json()["id"] == again.json()["id"]
-    other = submit(owner, {"workflow": "greet", "input": {"who": "bob"}},
-                   HTTP_IDEMPOTENCY_KEY="order-1")
+    other = submit(
+        owner, {"workflow": "greet", "input": {"who": "bob"}}, HTTP_IDEMPOTENCY_KEY="order-1"
+    )
     assert other.status_code == 409
     assert other.json()["error"]["code"] == "idempotency_key_reused"
     assert Run.objects.count() == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -24,12 +25,22 @@ def test_step_queues_are_durable_priority_queues(cluster):
         # Redeclaring with other properties is refused by RabbitMQ: the real queue is durable
         # and has x-max-priority 10.
         with pytest.raises(PreconditionFailed):
-            conn.channel().queue_declare(cluster.prefix + "steps.tool", durable=False,
-                                         arguments={"x-max-priority": 10})
+            conn.channel().queue_declare(
+                cluster.prefix + "steps.tool",
+                durable=False,
+                auto_delete=False,
+                arguments={"x-max-priority": 10},
+            )
         with pytest.raises(PreconditionFailed):
-            conn.channel().queue_declare(cluster.prefix + "steps.tool", durable=True)
-        ok = conn.channel().queue_declare(cluster.prefix + "steps.tool", durable=True,
-                                          arguments={"x-max-priority": 10})
+            conn.channel().queue_declare(
+                cluster.prefix + "steps.tool", durable=True, auto_delete=False
+            )
+        ok = conn.channel().queue_declare(
+            cluster.prefix + "steps.tool",
+            durable=True,
+            auto_delete=False,
+            arguments={"x-max-priority": 10},
+        )
         assert ok.consumer_count == 1
 
 
@@ -46,14 +57,19 @@ def test_step_messages_are_persistent_confirmed_and_carry_only_ids(cluster, monk
     assert message.properties["delivery_mode"] == 2  # persistent
     assert message.properties["priority"] == 9  # interactive lane
     assert message.headers["task"] == "jobs.execute_step"
-    assert b"123" in message.body and str(token).encode() in message.body
+    args, kwargs, _embed = json.loads(message.body)
+    assert (args, kwargs) == ([123, str(token)], {})  # ids only, never state
     assert settings.CELERY_TASK_ACKS_LATE and settings.CELERY_TASK_REJECT_ON_WORKER_LOST
     assert settings.CELERY_WORKER_PREFETCH_MULTIPLIER == 1
 
 
 def test_step_tasks_store_no_celery_result(owner, running):
-    run = submit(owner.tenant, {
-        "name": "noresult", "steps": [tool_step("a", "test.count", args={"key": "a"})],
-    })
+    run = submit(
+        owner.tenant,
+        {
+            "name": "noresult",
+            "steps": [tool_step("a", "test.count", args={"key": "a"})],
+        },
+    )
     assert running.wait_run(run).status == "succeeded"
     assert TaskResult.objects.count() == 0

@@ -25,8 +25,11 @@ def _steps(run) -> dict[str, StepRun]:
 
 def test_the_demo_workflow_succeeds_with_a_gapless_log_and_the_rendered_output(owner, running):
     documents_add(tenant=owner.tenant, documents=DEMO_DOCUMENTS)
-    run = submit(owner.tenant, SUPPORT_TRIAGE,
-                 {"ticket": "I want a refund for my invoice", "email": "ann@example.com"})
+    run = submit(
+        owner.tenant,
+        SUPPORT_TRIAGE,
+        {"ticket": "I want a refund for my invoice", "email": "ann@example.com"},
+    )
 
     run = running.wait_run(run, timeout=60)
 
@@ -46,8 +49,11 @@ def test_the_demo_workflow_succeeds_with_a_gapless_log_and_the_rendered_output(o
     assert len(steps["per_doc"].output) == len(found)
     context = {
         "input": run.input,
-        "steps": {s.step_id: {"output": s.output if s.status == "succeeded" else None}
-                  for s in steps.values() if s.map_index is None},
+        "steps": {
+            s.step_id: {"output": s.output if s.status == "succeeded" else None}
+            for s in steps.values()
+            if s.map_index is None
+        },
     }
     expected = templating.render(parse_definition(SUPPORT_TRIAGE).output, context)
     assert run.output == expected
@@ -58,13 +64,16 @@ def test_the_demo_workflow_succeeds_with_a_gapless_log_and_the_rendered_output(o
 
 def test_independent_steps_run_in_parallel(owner, running):
     slow = {"provider": "simulated", "simulated": {"latency_ms": 1000}}
-    run = submit(owner.tenant, {
-        "name": "parallel",
-        "steps": [
-            {"id": "a", "kind": "llm", "prompt": "one", **slow},
-            {"id": "b", "kind": "llm", "prompt": "two", **slow},
-        ],
-    })
+    run = submit(
+        owner.tenant,
+        {
+            "name": "parallel",
+            "steps": [
+                {"id": "a", "kind": "llm", "prompt": "one", **slow},
+                {"id": "b", "kind": "llm", "prompt": "two", **slow},
+            ],
+        },
+    )
     run = running.wait_run(run, timeout=30)
     assert run.status == "succeeded"
     a, b = _steps(run)["a"], _steps(run)["b"]
@@ -74,16 +83,23 @@ def test_independent_steps_run_in_parallel(owner, running):
 
 
 def test_a_step_that_fails_twice_then_succeeds_is_retried_alone(owner, running):
-    run = submit(owner.tenant, {
-        "name": "flaky",
-        "steps": [
-            tool_step("before", "test.count", args={"key": "before"}),
-            tool_step("flaky", "test.flaky", after=["before"],
-                      args={"key": "flaky", "fail_times": 2},
-                      retry={"max_attempts": 4, "backoff_s": 0.1}),
-            tool_step("after", "test.count", after=["flaky"], args={"key": "after"}),
-        ],
-    })
+    run = submit(
+        owner.tenant,
+        {
+            "name": "flaky",
+            "steps": [
+                tool_step("before", "test.count", args={"key": "before"}),
+                tool_step(
+                    "flaky",
+                    "test.flaky",
+                    after=["before"],
+                    args={"key": "flaky", "fail_times": 2},
+                    retry={"max_attempts": 4, "backoff_s": 0.1},
+                ),
+                tool_step("after", "test.count", after=["flaky"], args={"key": "after"}),
+            ],
+        },
+    )
     run = running.wait_run(run, timeout=60)
     assert run.status == "succeeded", run.error
     flaky = _steps(run)["flaky"]
@@ -96,15 +112,22 @@ def test_a_step_that_fails_twice_then_succeeds_is_retried_alone(owner, running):
 
 
 def test_a_killed_worker_loses_no_step(owner, running, ledger):
-    run = submit(owner.tenant, {
-        "name": "killed",
-        "steps": [
-            tool_step("first", "test.count", args={"key": "first"}),
-            tool_step("victim", "test.block_first", after=["first"],
-                      args={"key": "victim", "block_s": 120}),
-            tool_step("last", "test.count", after=["victim"], args={"key": "last"}),
-        ],
-    })
+    run = submit(
+        owner.tenant,
+        {
+            "name": "killed",
+            "steps": [
+                tool_step("first", "test.count", args={"key": "first"}),
+                tool_step(
+                    "victim",
+                    "test.block_first",
+                    after=["first"],
+                    args={"key": "victim", "block_s": 120},
+                ),
+                tool_step("last", "test.count", after=["victim"], args={"key": "last"}),
+            ],
+        },
+    )
     pid_file = ledger / "victim.pid"
     running.wait_until(pid_file.exists, 30, "the victim step never started")
     victim_pid = int(pid_file.read_text())
@@ -120,9 +143,7 @@ def test_a_killed_worker_loses_no_step(owner, running, ledger):
     assert len(tools.calls("last")) == 1
 
 
-def test_a_stopped_scheduler_resumes_the_backlog_and_purged_queues_are_redispatched(
-    owner, cluster
-):
+def test_a_stopped_scheduler_resumes_the_backlog_and_purged_queues_are_redispatched(owner, cluster):
     cluster.start_all_pools()
     definition = {
         "name": "resume",
@@ -132,7 +153,8 @@ def test_a_stopped_scheduler_resumes_the_backlog_and_purged_queues_are_redispatc
     run = submit(owner.tenant, definition)
     time.sleep(1)  # no scheduler: nothing may run
     assert set(StepRun.objects.filter(run=run).values_list("status", flat=True)) == {
-        "ready", "pending"
+        "ready",
+        "pending",
     }
     cluster.start_scheduler()
     run = cluster.wait_run(run, timeout=60)
@@ -157,11 +179,15 @@ def test_two_schedulers_never_dispatch_a_step_twice(owner, cluster):
     cluster.start_scheduler("scheduler-b")
     cluster.start_worker("steps.tool", pool="prefork", concurrency=2)
     runs = [
-        submit(owner.tenant, {
-            "name": f"race{n}",
-            "steps": [tool_step(f"s{i}", "test.count", args={"key": f"r{n}s{i}"})
-                      for i in range(5)],
-        })
+        submit(
+            owner.tenant,
+            {
+                "name": f"race{n}",
+                "steps": [
+                    tool_step(f"s{i}", "test.count", args={"key": f"r{n}s{i}"}) for i in range(5)
+                ],
+            },
+        )
         for n in range(8)
     ]
     for run in runs:
@@ -175,13 +201,21 @@ def test_two_schedulers_never_dispatch_a_step_twice(owner, cluster):
 def test_a_worker_paused_past_its_lease_has_its_late_result_refused(owner, cluster, ledger):
     cluster.start_scheduler()
     cluster.start_worker("steps.tool", pool="prefork", concurrency=2)
-    run = submit(owner.tenant, {
-        "name": "paused",
-        "steps": [
-            tool_step("slow", "test.block_first", args={"key": "slow", "block_s": 4},
-                      timeout_s=2, retry={"max_attempts": 3, "backoff_s": 0.1}),
-        ],
-    })
+    run = submit(
+        owner.tenant,
+        {
+            "name": "paused",
+            "steps": [
+                tool_step(
+                    "slow",
+                    "test.block_first",
+                    args={"key": "slow", "block_s": 4},
+                    timeout_s=2,
+                    retry={"max_attempts": 3, "backoff_s": 0.1},
+                ),
+            ],
+        },
+    )
     pid_file = ledger / "slow.pid"
     cluster.wait_until(pid_file.exists, 30, "the step never started")
     paused_pid = int(pid_file.read_text())
@@ -196,7 +230,8 @@ def test_a_worker_paused_past_its_lease_has_its_late_result_refused(owner, clust
     assert slow.output["call"] == 2 and slow.output["pid"] != paused_pid
     cluster.wait_until(
         lambda: Event.objects.filter(run=run, type="step.result_refused").exists(),
-        30, "the late result was never reported (or was accepted)",
+        30,
+        "the late result was never reported (or was accepted)",
     )
     slow.refresh_from_db()
     assert slow.output["call"] == 2
@@ -204,17 +239,25 @@ def test_a_worker_paused_past_its_lease_has_its_late_result_refused(owner, clust
 
 
 def test_a_poison_step_fails_after_its_attempts_and_the_pool_keeps_serving(owner, running):
-    poison = submit(owner.tenant, {
-        "name": "poison",
-        "steps": [tool_step("pill", "test.kill_self", args={"key": "pill"},
-                            retry={"max_attempts": 2})],
-    })
+    poison = submit(
+        owner.tenant,
+        {
+            "name": "poison",
+            "steps": [
+                tool_step("pill", "test.kill_self", args={"key": "pill"}, retry={"max_attempts": 2})
+            ],
+        },
+    )
     poison = running.wait_run(poison, timeout=90)
     assert poison.status == "failed"
     assert "lost on each of its 2 attempts" in poison.error
     assert len(tools.calls("pill")) == 2
 
-    healthy = submit(owner.tenant, {
-        "name": "healthy", "steps": [tool_step("ok", "test.count", args={"key": "ok"})],
-    })
+    healthy = submit(
+        owner.tenant,
+        {
+            "name": "healthy",
+            "steps": [tool_step("ok", "test.count", args={"key": "ok"})],
+        },
+    )
     assert running.wait_run(healthy, timeout=60).status == "succeeded"

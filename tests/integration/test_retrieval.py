@@ -68,9 +68,15 @@ def test_the_best_matching_document_comes_first(owner, library):
     assert best["score"] == round(best["score"], 4)
 
 
-def test_websearch_syntax_is_understood(owner, library):
-    assert titles(search(owner.tenant, "refund -card")) == ["Shipping times"]
-    either = search(owner.tenant, '"login page" or shipping')
+def test_any_word_matches_by_default_and_the_best_match_ranks_first(owner, library):
+    found = titles(search(owner.tenant, "I want a refund for my order"))
+    assert found[0] == "Refund policy"
+    assert titles(search(owner.tenant, "I want a refund for my order", match="all")) == []
+
+
+def test_websearch_syntax_is_understood_with_match_all(owner, library):
+    assert titles(search(owner.tenant, "refund -card", match="all")) == ["Shipping times"]
+    either = search(owner.tenant, '"login page" or shipping', match="all")
     assert sorted(titles(either)) == ["Password reset", "Shipping times"]
 
 

@@ -98,13 +98,32 @@ class Cluster:
         proc = self._spawn(
             name,
             [
-                sys.executable, "-m", "celery", "-A", "orchestrator", "worker",
-                "-Q", self.prefix + queue, "-P", pool, "-c", str(concurrency),
-                "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-l", "info",
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "orchestrator",
+                "worker",
+                "-Q",
+                self.prefix + queue,
+                "-P",
+                pool,
+                "-c",
+                str(concurrency),
+                "-n",
+                f"{name}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "-l",
+                "info",
             ],
         )
-        self.wait_until(lambda: self.consumers(queue) > before, 30,
-                        f"worker {name} never consumed {queue}", proc)
+        self.wait_until(
+            lambda: self.consumers(queue) > before,
+            30,
+            f"worker {name} never consumed {queue}",
+            proc,
+        )
         return proc
 
     def start_all_pools(self) -> None:
@@ -148,7 +167,9 @@ class Cluster:
             channel = conn.channel()
             try:
                 return channel.queue_declare(
-                    self.prefix + queue, passive=passive, durable=True,
+                    self.prefix + queue,
+                    passive=passive,
+                    durable=True,
                     arguments={"x-max-priority": 10},
                 )
             except Exception:

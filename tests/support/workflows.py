@@ -9,8 +9,9 @@ from jobs.services.runs import run_create
 from jobs.services.workflows import workflow_version_create
 
 
-def submit(tenant, definition: dict[str, Any], input: dict[str, Any] | None = None,
-           **kwargs) -> Run:
+def submit(
+    tenant, definition: dict[str, Any], input: dict[str, Any] | None = None, **kwargs
+) -> Run:
     version = workflow_version_create(tenant=tenant, document=definition)
     return run_create(tenant=tenant, version=version, input=input or {}, **kwargs)
 

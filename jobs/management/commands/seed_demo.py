@@ -63,9 +63,11 @@ class Command(BaseCommand):
                         tenant=tenant,
                         version=version,
                         input={
-                            "ticket": ["I want a refund for my last invoice",
-                                       "How do I export my data?",
-                                       "My password reset email never came"][index % 3],
+                            "ticket": [
+                                "I want a refund for my last invoice",
+                                "How do I export my data?",
+                                "My password reset email never came",
+                            ][index % 3],
                             "email": f"customer{index}@example.com",
                         },
                     )
