@@ -31,18 +31,22 @@ def queue_room() -> dict[str, int]:
 
 def steps_to_admit() -> list[int]:
     """Ids of ready steps to admit this cycle, in admission order."""
+    room = {queue: free for queue, free in queue_room().items() if free > 0}
+    if not room:
+        return []
     lane_rank = Case(
         *[When(lane=lane, then=Value(rank)) for lane, rank in LANE_RANK.items()],
         output_field=IntegerField(),
     )
+    candidates = (
+        StepRun.objects.filter(status=StepStatus.READY, queue__in=room, tenant__is_active=True)
+        .annotate(lane_rank=lane_rank)
+        .order_by("-lane_rank", "ready_at", "id")
+        .values_list("id", "queue")[: min(sum(room.values()), settings.SWITCHYARD_SCHEDULER_BATCH)]
+    )
     chosen: list[int] = []
-    for queue, room in queue_room().items():
-        if room <= 0:
-            continue
-        chosen.extend(
-            StepRun.objects.filter(status=StepStatus.READY, queue=queue, tenant__is_active=True)
-            .annotate(lane_rank=lane_rank)
-            .order_by("-lane_rank", "ready_at", "id")
-            .values_list("id", flat=True)[: min(room, settings.SWITCHYARD_SCHEDULER_BATCH)]
-        )
+    for step_run_id, queue in candidates:
+        if room[queue] > 0:
+            room[queue] -= 1
+            chosen.append(step_run_id)
     return chosen

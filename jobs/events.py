@@ -9,10 +9,12 @@ nothing but latency. Only this module knows the group names.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import threading
 from typing import Any
 
-from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import connection, transaction
 
@@ -86,13 +88,59 @@ class RunLog:
 
 
 def publish_live(run_public_id: Any, payloads: list[dict[str, Any]]) -> None:
-    """Send committed events to live subscribers. Never raises: the log is the truth."""
-    layer = get_channel_layer()
-    if layer is None:
-        return
-    try:
-        async_to_sync(layer.group_send)(
-            run_group(run_public_id), {"type": "run.events", "events": payloads}
+    """Send committed events to live subscribers, without waiting. Never raises.
+
+    The send happens on this process's publisher thread: `async_to_sync` from a worker thread
+    would build an event loop and a Redis connection per call, several milliseconds on every
+    step transition. The log in PostgreSQL is the truth; a dropped live message costs a
+    subscriber only a resync.
+    """
+    _publisher().send(run_group(run_public_id), {"type": "run.events", "events": payloads})
+
+
+class _LivePublisher:
+    """One daemon thread per process with an asyncio loop that owns the channel layer."""
+
+    MAX_PENDING = 10_000
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.pending = 0
+        self.lock = threading.Lock()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="live-publisher", daemon=True
         )
-    except Exception:
-        log.warning("live publish failed for run %s", run_public_id, exc_info=True)
+        self.thread.start()
+
+    def send(self, group: str, message: dict[str, Any]) -> None:
+        with self.lock:
+            if self.pending >= self.MAX_PENDING:
+                log.warning("live publisher backlog full; dropping a message for %s", group)
+                return
+            self.pending += 1
+        asyncio.run_coroutine_threadsafe(self._send(group, message), self.loop)
+
+    async def _send(self, group: str, message: dict[str, Any]) -> None:
+        try:
+            layer = get_channel_layer()
+            if layer is not None:
+                await layer.group_send(group, message)
+        except Exception:  # noqa: BLE001 - a live view resyncs from the database
+            log.warning("live publish to %s failed", group, exc_info=True)
+        finally:
+            with self.lock:
+                self.pending -= 1
+
+
+_live: _LivePublisher | None = None
+_live_lock = threading.Lock()
+
+
+def _publisher() -> _LivePublisher:
+    global _live
+    with _live_lock:
+        # A forked child (prefork pool) inherits the object but not the thread: start anew.
+        if _live is None or _live.pid != os.getpid():
+            _live = _LivePublisher()
+        return _live
