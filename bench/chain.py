@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orchestrator.settings")
 
-import django  # noqa: E402
+import django
 
 django.setup()
 
@@ -69,8 +69,10 @@ def main() -> None:
             cluster.stop_all()
     median = statistics.median(walls)
     print(f"{args.steps}-step chain, zero-latency simulated llm steps, {args.runs} runs:")
-    print(f"  wall time median {median * 1000:.0f} ms (min {min(walls) * 1000:.0f}, "
-          f"max {max(walls) * 1000:.0f}); {median / args.steps * 1000:.1f} ms per step")
+    print(
+        f"  wall time median {median * 1000:.0f} ms (min {min(walls) * 1000:.0f}, "
+        f"max {max(walls) * 1000:.0f}); {median / args.steps * 1000:.1f} ms per step"
+    )
 
 
 if __name__ == "__main__":

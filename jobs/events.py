@@ -126,7 +126,7 @@ class _LivePublisher:
             layer = get_channel_layer()
             if layer is not None:
                 await layer.group_send(group, message)
-        except Exception:  # noqa: BLE001 - a live view resyncs from the database
+        except Exception:
             log.warning("live publish to %s failed", group, exc_info=True)
         finally:
             with self.lock:

@@ -93,3 +93,34 @@ class Membership(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} @ {self.tenant} ({self.role})"
+
+
+class TenantUsageDay(models.Model):
+    """LLM tokens a tenant used on one UTC day (the `llm_tokens_per_day` quota)."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="usage_days")
+    day = models.DateField()
+    llm_tokens = models.PositiveBigIntegerField(default=0)
+    steps_completed = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-day"]
+        constraints = [models.UniqueConstraint(fields=["tenant", "day"], name="usage_unique_day")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant} {self.day}"
+
+
+class TenantThrottle(models.Model):
+    """The runtime state of a tenant's steps-per-minute token bucket.
+
+    Kept apart from `Tenant` so that an admin saving the tenant's quotas never overwrites the
+    scheduler's bucket (and the other way round).
+    """
+
+    tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, related_name="throttle")
+    step_tokens = models.FloatField(default=0)
+    refilled_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.tenant}: {self.step_tokens:.1f} tokens"

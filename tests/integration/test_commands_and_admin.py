@@ -60,12 +60,20 @@ def test_every_admin_list_and_detail_page_renders_for_staff(client):
     client.login(username="operator", password="switchyard-operator")
     run = Run.objects.first()
     pages = [
-        "/admin/tenants/tenant/", "/admin/tenants/apikey/", "/admin/tenants/membership/",
-        "/admin/jobs/workflow/", "/admin/jobs/workflowversion/", "/admin/jobs/run/",
-        "/admin/jobs/steprun/", "/admin/jobs/stepattempt/", "/admin/jobs/event/",
-        "/admin/jobs/document/", f"/admin/jobs/run/{run.pk}/change/",
+        "/admin/tenants/tenant/",
+        "/admin/tenants/apikey/",
+        "/admin/tenants/membership/",
+        "/admin/jobs/workflow/",
+        "/admin/jobs/workflowversion/",
+        "/admin/jobs/run/",
+        "/admin/jobs/steprun/",
+        "/admin/jobs/stepattempt/",
+        "/admin/jobs/event/",
+        "/admin/jobs/document/",
+        f"/admin/jobs/run/{run.pk}/change/",
         f"/admin/tenants/tenant/{run.tenant_id}/change/",
-        "/admin/jobs/run/?status__exact=accepted", "/admin/tenants/apikey/add/",
+        "/admin/jobs/run/?status__exact=accepted",
+        "/admin/tenants/apikey/add/",
     ]
     for page in pages:
         response = client.get(page)
