@@ -72,6 +72,9 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+# Several test sessions on one machine (CI beside a developer) each need a database of their own.
+if env_str("TEST_DATABASE_NAME", ""):
+    DATABASES["default"]["TEST"] = {"NAME": env_str("TEST_DATABASE_NAME", "")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
