@@ -9,7 +9,18 @@ import json
 from django.contrib import admin
 from django.utils.html import format_html
 
-from jobs.models import Document, Event, Run, StepAttempt, StepRun, Workflow, WorkflowVersion
+from jobs.models import (
+    Document,
+    Event,
+    Run,
+    StepAttempt,
+    StepRun,
+    WebhookAttempt,
+    WebhookDelivery,
+    Workflow,
+    WorkflowVersion,
+)
+from jobs.services.webhooks import webhook_delivery_redeliver
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -96,6 +107,28 @@ class EventInline(admin.TabularInline):
         return False
 
 
+class WebhookDeliveryInline(admin.TabularInline):
+    model = WebhookDelivery
+    fields = (
+        "event_type",
+        "event_id",
+        "url",
+        "status",
+        "attempts",
+        "last_status_code",
+        "last_error",
+        "next_attempt_at",
+        "created_at",
+    )
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
 @admin.register(Run)
 class RunAdmin(ReadOnlyAdmin):
     list_display = (
@@ -128,7 +161,7 @@ class RunAdmin(ReadOnlyAdmin):
         "finished_at",
     )
     exclude = ("input", "output", "request_hash", "next_seq")
-    inlines = [StepRunInline, EventInline]
+    inlines = [StepRunInline, WebhookDeliveryInline, EventInline]
 
     @admin.display(description="input")
     def input_pretty(self, obj):
@@ -184,9 +217,73 @@ class EventAdmin(ReadOnlyAdmin):
     search_fields = ("run__public_id", "type", "step_id")
 
 
+class WebhookAttemptInline(admin.TabularInline):
+    model = WebhookAttempt
+    fields = ("number", "at", "status_code", "latency_ms", "error", "worker")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(ReadOnlyAdmin):
+    list_display = (
+        "event_type",
+        "run",
+        "tenant",
+        "url",
+        "status",
+        "attempts",
+        "last_status_code",
+        "next_attempt_at",
+        "created_at",
+    )
+    list_filter = ("status", "event_type", "tenant", "created_at")
+    search_fields = ("event_id", "url", "run__public_id", "last_error")
+    date_hierarchy = "created_at"
+    list_select_related = ("run", "tenant")
+    readonly_fields = (
+        "event_id",
+        "run",
+        "tenant",
+        "event_type",
+        "url",
+        "status",
+        "attempts",
+        "next_attempt_at",
+        "first_attempt_at",
+        "last_attempt_at",
+        "last_status_code",
+        "last_error",
+        "created_at",
+        "finished_at",
+        "payload_pretty",
+    )
+    exclude = ("payload", "dispatch_token", "dispatched_at", "claimed_at")
+    inlines = [WebhookAttemptInline]
+    actions = ["deliver_again"]
+
+    @admin.display(description="payload")
+    def payload_pretty(self, obj):
+        return pretty(json.loads(obj.payload))
+
+    @admin.action(description="Deliver again now (same event id, fresh retry window)")
+    def deliver_again(self, request, queryset):
+        for delivery in queryset:
+            webhook_delivery_redeliver(delivery=delivery)
+        self.message_user(request, f"{queryset.count()} deliveries will be attempted again.")
+
+
 @admin.register(Document)
 class DocumentAdmin(admin.ModelAdmin):
     list_display = ("title", "tenant", "created_at")
     list_filter = ("tenant",)
     search_fields = ("title", "text")
     readonly_fields = ("public_id", "created_at")
+
+
+# Approvals and votes (read-only): registered by their own module.
+from jobs import admin_approvals  # noqa: E402, F401

@@ -1,52 +1,300 @@
-"""Which ready steps the scheduler admits to the broker next (the admission policy).
+"""Which ready steps the scheduler admits to the broker next: fairness, lanes and quotas.
 
-The broker is kept shallow: per queue, at most `SWITCHYARD_QUEUE_MAX_QUEUED` admitted steps
-wait in RabbitMQ, so the backlog stays in PostgreSQL where it can be ordered. Within that
-room, this policy orders by lane, then by how long a step has been ready. Paused tenants'
-steps stay ready and are not admitted.
+The broker is kept shallow: per queue, at most `max_queued(queue)` admitted-but-unstarted steps
+wait in RabbitMQ (a share of that queue's pool capacity), so the backlog stays in PostgreSQL
+where the whole of it is visible, and AMQP priorities only order the little that was admitted.
+
+Each free slot of a queue goes, in order:
+1. to a lower lane (standard, batch) whose share of the queue's in-flight steps is below its
+   reserved minimum (`SWITCHYARD_LANE_MIN_SHARE`), so that no lane starves;
+2. otherwise to the eligible tenant with the fewest in-flight steps per unit of weight
+   (weighted fair share of worker slots). The state is the current occupancy, read from
+   PostgreSQL every cycle: a tenant that was idle has nothing in flight and gets the next
+   slots until it holds its share, with no credit hoarded while it was idle;
+3. within the chosen tenant, to its most urgent lane, then its oldest ready step.
+
+A tenant is eligible while it is active (not paused), below `max_concurrent_steps` in flight,
+has a steps-per-minute token left, and, for llm steps, has LLM tokens left today. Steps of runs
+that have not started wait while the tenant has `max_active_runs` active runs. A held step
+gets one `step.held` event saying why.
+
+With `SWITCHYARD_ADMISSION_POLICY=fifo` the scheduler admits by readiness time alone (quotas
+still hold): the baseline the benchmark compares fairness against.
 """
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+
 from django.conf import settings
-from django.db.models import Case, Count, IntegerField, Value, When
+from django.db.models import Count, Q
+from django.utils import timezone
 
-from jobs.models import StepRun, StepStatus
+from jobs.models import RunStatus, StepRun, StepStatus
 from jobs.steps import registry
-from tenants.models import LANE_RANK
+from tenants.models import LANE_RANK, Lane, Tenant
+from tenants.quotas import TenantQuotaState, quota_states
+
+LANES_BY_URGENCY = sorted(LANE_RANK, key=LANE_RANK.get, reverse=True)
+LOWER_LANES = [Lane.STANDARD, Lane.BATCH]
 
 
-def queue_room() -> dict[str, int]:
-    """Per queue, how many more steps may be admitted now."""
-    queued = dict(
+def pool_capacity() -> dict[str, int]:
+    """Per queue, the concurrency of its worker pool(s), from `SWITCHYARD_POOL_CAPACITY`."""
+    return dict(settings.SWITCHYARD_POOL_CAPACITY)
+
+
+def max_queued(queue: str) -> int:
+    capacity = pool_capacity().get(queue, settings.SWITCHYARD_QUEUE_MAX_QUEUED)
+    bound = max(2, math.ceil(capacity * settings.SWITCHYARD_QUEUE_DEPTH_FACTOR))
+    return min(bound, settings.SWITCHYARD_QUEUE_MAX_QUEUED)
+
+
+def step_queues() -> list[str]:
+    return sorted({spec.queue for spec in registry.kinds().values()})
+
+
+@dataclass
+class Hold:
+    step_run_id: int
+    reason: str
+
+
+@dataclass
+class Decision:
+    admit: list[int] = field(default_factory=list)
+    holds: list[Hold] = field(default_factory=list)
+    # (tenant id) → steps-per-minute tokens this decision consumes
+    spent: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+
+
+@dataclass
+class _Backlog:
+    """Ready steps of one (queue, tenant, lane), split by whether their run has started."""
+
+    started: int = 0
+    not_started: int = 0
+
+
+def _in_flight() -> tuple[dict[tuple[str, int], int], dict[int, int], dict[tuple[str, str], int]]:
+    rows = (
+        StepRun.objects.filter(status__in=[StepStatus.QUEUED, StepStatus.RUNNING])
+        .values_list("queue", "tenant_id", "lane", "status")
+        .annotate(n=Count("id"))
+    )
+    by_queue_tenant: dict[tuple[str, int], int] = defaultdict(int)
+    by_tenant: dict[int, int] = defaultdict(int)
+    by_queue_lane: dict[tuple[str, str], int] = defaultdict(int)
+    for queue, tenant_id, lane, _status, n in rows:
+        by_queue_tenant[(queue, tenant_id)] += n
+        by_tenant[tenant_id] += n
+        by_queue_lane[(queue, lane)] += n
+    return by_queue_tenant, by_tenant, by_queue_lane
+
+
+def _queued_by_queue() -> dict[str, int]:
+    return dict(
         StepRun.objects.filter(status=StepStatus.QUEUED)
         .values_list("queue")
         .annotate(n=Count("id"))
         .values_list("queue", "n")
     )
-    limit = settings.SWITCHYARD_QUEUE_MAX_QUEUED
-    queues = sorted({spec.queue for spec in registry.kinds().values()})
-    return {queue: max(0, limit - queued.get(queue, 0)) for queue in queues}
 
 
-def steps_to_admit() -> list[int]:
-    """Ids of ready steps to admit this cycle, in admission order."""
-    room = {queue: free for queue, free in queue_room().items() if free > 0}
+def _backlog(queues: list[str]) -> dict[tuple[str, int, str], _Backlog]:
+    rows = (
+        StepRun.objects.filter(status=StepStatus.READY, queue__in=queues, tenant__is_active=True)
+        .values_list("queue", "tenant_id", "lane")
+        .annotate(
+            started=Count("id", filter=~Q(run__status=RunStatus.ACCEPTED)),
+            not_started=Count("id", filter=Q(run__status=RunStatus.ACCEPTED)),
+        )
+    )
+    return {
+        (queue, tenant_id, lane): _Backlog(started, not_started)
+        for queue, tenant_id, lane, started, not_started in rows
+    }
+
+
+def decide(now: datetime | None = None) -> Decision:
+    """Choose the steps to admit now. Call with the admission lock held (`scheduler`)."""
+    now = now or timezone.now()
+    decision = Decision()
+    queued = _queued_by_queue()
+    room = {q: max_queued(q) - queued.get(q, 0) for q in step_queues()}
+    room = {q: free for q, free in room.items() if free > 0}
     if not room:
-        return []
-    lane_rank = Case(
-        *[When(lane=lane, then=Value(rank)) for lane, rank in LANE_RANK.items()],
-        output_field=IntegerField(),
+        return decision
+    backlog = _backlog(list(room))
+    if not backlog:
+        return decision
+    tenants = {t.pk: t for t in Tenant.objects.filter(pk__in={k[1] for k in backlog})}
+    quotas = quota_states(list(tenants.values()), now=now)
+    in_flight_qt, in_flight_t, in_flight_ql = _in_flight()
+    fifo = settings.SWITCHYARD_ADMISSION_POLICY == "fifo"
+    # (queue, tenant, lane, started) → how many steps to take from that bucket
+    picks: dict[tuple[str, int, str, bool], int] = defaultdict(int)
+    held: dict[tuple[str, int, str, bool], str] = {}
+
+    for queue, free in sorted(room.items()):
+        queue_backlog = {k: v for k, v in backlog.items() if k[0] == queue}
+        if fifo:
+            _pick_fifo(
+                queue, free, queue_backlog, tenants, quotas, in_flight_t, picks, held, decision
+            )
+            continue
+        for _slot in range(free):
+            choice = _next_fair(
+                queue, queue_backlog, tenants, quotas, in_flight_qt, in_flight_t, in_flight_ql, held
+            )
+            if choice is None:
+                break
+            tenant_id, lane, started = choice
+            bucket = queue_backlog[(queue, tenant_id, lane)]
+            if started:
+                bucket.started -= 1
+            else:
+                bucket.not_started -= 1
+                quotas[tenant_id].active_runs += 1  # a run starting takes an active slot
+            picks[(queue, tenant_id, lane, started)] += 1
+            in_flight_qt[(queue, tenant_id)] += 1
+            in_flight_t[tenant_id] += 1
+            in_flight_ql[(queue, lane)] += 1
+            quotas[tenant_id].step_tokens -= 1
+            decision.spent[tenant_id] += 1
+
+    decision.admit = _concrete_steps(picks)
+    decision.holds = _concrete_holds(held, backlog)
+    return decision
+
+
+def _blocked_reason(
+    tenant: Tenant, quota: TenantQuotaState, queue: str, in_flight: int, started: bool
+) -> tuple[str, bool] | None:
+    """Why a tenant's bucket cannot be admitted now, and whether its runs should be told.
+
+    Waiting for a concurrency slot or a rate token is ordinary queueing; an exhausted daily
+    LLM token budget can hold steps for hours, so the run's log says so.
+    """
+    if in_flight >= tenant.max_concurrent_steps:
+        return "max_concurrent_steps", False
+    if quota.step_tokens < 1:
+        return "steps_per_minute", False
+    if queue == registry.QUEUE_LLM and quota.llm_tokens_today >= tenant.llm_tokens_per_day:
+        return (
+            f"tenant {tenant.slug!r} used {quota.llm_tokens_today} of its "
+            f"{tenant.llm_tokens_per_day} LLM tokens for today (UTC); this llm step waits "
+            "for the budget to renew",
+            True,
+        )
+    if not started and quota.active_runs >= tenant.max_active_runs:
+        return "max_active_runs", False
+    return None
+
+
+def _eligible_buckets(queue, queue_backlog, tenants, quotas, in_flight_t, held):
+    """(tenant, lane, started) buckets with steps that may be admitted now."""
+    for (_q, tenant_id, lane), bucket in queue_backlog.items():
+        for started, count in ((True, bucket.started), (False, bucket.not_started)):
+            if count <= 0:
+                continue
+            blocked = _blocked_reason(
+                tenants[tenant_id], quotas[tenant_id], queue, in_flight_t[tenant_id], started
+            )
+            if blocked is not None:
+                reason, tell = blocked
+                if tell:
+                    held.setdefault((queue, tenant_id, lane, started), reason)
+                continue
+            yield tenant_id, lane, started
+
+
+def _next_fair(
+    queue, queue_backlog, tenants, quotas, in_flight_qt, in_flight_t, in_flight_ql, held
+) -> tuple[int, str, bool] | None:
+    eligible = list(_eligible_buckets(queue, queue_backlog, tenants, quotas, in_flight_t, held))
+    if not eligible:
+        return None
+    total = sum(n for (q, _lane), n in in_flight_ql.items() if q == queue)
+    shares = settings.SWITCHYARD_LANE_MIN_SHARE
+    # 1. A lower lane below its reserved share goes first.
+    for lane in LOWER_LANES:
+        in_lane = [b for b in eligible if b[1] == lane]
+        if in_lane and in_flight_ql[(queue, lane)] < shares.get(lane, 0) * (total + 1):
+            return min(in_lane, key=lambda b: _fair_key(b, queue, tenants, in_flight_qt))
+    # 2. The tenant furthest below its weighted share; 3. its most urgent lane.
+    return min(eligible, key=lambda b: _fair_key(b, queue, tenants, in_flight_qt))
+
+
+def _fair_key(bucket, queue, tenants, in_flight_qt) -> tuple[float, int, int, int]:
+    tenant_id, lane, started = bucket
+    load = in_flight_qt[(queue, tenant_id)] / max(1, tenants[tenant_id].weight)
+    # Prefer steps of started runs: finishing work in progress before starting new runs.
+    return (load, -LANE_RANK[lane], 0 if started else 1, tenant_id)
+
+
+def _pick_fifo(queue, free, queue_backlog, tenants, quotas, in_flight_t, picks, held, decision):
+    """The baseline: the oldest ready steps of eligible tenants, whoever they belong to."""
+    eligible = {
+        (t, lane, s)
+        for t, lane, s in _eligible_buckets(
+            queue, queue_backlog, tenants, quotas, in_flight_t, held
+        )
+    }
+    if not eligible:
+        return
+    oldest = (
+        StepRun.objects.filter(
+            status=StepStatus.READY, queue=queue, tenant_id__in=tenants, tenant__is_active=True
+        )
+        .values_list("tenant_id", "lane", "run__status")
+        .order_by("ready_at", "id")[: free * 4]
     )
-    candidates = (
-        StepRun.objects.filter(status=StepStatus.READY, queue__in=room, tenant__is_active=True)
-        .annotate(lane_rank=lane_rank)
-        .order_by("-lane_rank", "ready_at", "id")
-        .values_list("id", "queue")[: min(sum(room.values()), settings.SWITCHYARD_SCHEDULER_BATCH)]
+    taken = 0
+    for tenant_id, lane, run_status in oldest:
+        started = run_status != RunStatus.ACCEPTED
+        if taken >= free or (tenant_id, lane, started) not in eligible:
+            continue
+        if quotas[tenant_id].step_tokens < 1:
+            continue
+        picks[(queue, tenant_id, lane, started)] += 1
+        quotas[tenant_id].step_tokens -= 1
+        decision.spent[tenant_id] += 1
+        taken += 1
+
+
+def _bucket_steps(queue: str, tenant_id: int, lane: str, started: bool):
+    run_filter = (
+        ~Q(run__status=RunStatus.ACCEPTED) if started else Q(run__status=RunStatus.ACCEPTED)
     )
+    return StepRun.objects.filter(
+        run_filter, status=StepStatus.READY, queue=queue, tenant_id=tenant_id, lane=lane
+    ).order_by("ready_at", "id")
+
+
+def _concrete_steps(picks) -> list[int]:
     chosen: list[int] = []
-    for step_run_id, queue in candidates:
-        if room[queue] > 0:
-            room[queue] -= 1
-            chosen.append(step_run_id)
+    for (queue, tenant_id, lane, started), n in picks.items():
+        if n > 0:
+            chosen.extend(
+                _bucket_steps(queue, tenant_id, lane, started).values_list("id", flat=True)[:n]
+            )
     return chosen
+
+
+def _concrete_holds(held, backlog) -> list[Hold]:
+    """The held steps that have not been told why yet (at most 100 a cycle)."""
+    holds: list[Hold] = []
+    for (queue, tenant_id, lane, started), reason in held.items():
+        ids = (
+            _bucket_steps(queue, tenant_id, lane, started)
+            .exclude(held_reason=reason)
+            .values_list("id", flat=True)[:100]
+        )
+        holds.extend(Hold(step_run_id, reason) for step_run_id in ids)
+        if len(holds) >= 100:
+            break
+    return holds

@@ -531,6 +531,10 @@ class _Validator:
                 )
         if spec.name == "tool" and "tool" not in draft.broken:
             self.check_tool(draft)
+        kind_check = spec.load_check()
+        if kind_check is not None and not draft.broken:
+            for subpath, message in kind_check(draft.raw):
+                self.fault(f"{draft.path}.{subpath}", message)
 
     def check_tool(self, draft: _Draft) -> None:
         name = draft.raw.get("tool")

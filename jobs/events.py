@@ -5,6 +5,10 @@ lock, so that sequence numbers are gapless per run (DESIGN §3.3). After the tra
 commits, the new events go to the run's channel-layer group in one message; live views are
 projections of the database that resync by `seq`, so a message the channel layer drops costs
 nothing but latency. Only this module knows the group names.
+
+Token deltas (`step.delta`) are the exception DESIGN §3.3 allows: ephemeral, never stored, no
+`seq`, coalesced per step attempt (`DeltaCoalescer`) and sent to a group of their own, so that
+a client that only waits for a run's end is not woken twenty times a second per LLM step.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 from channels.layers import get_channel_layer
@@ -26,7 +31,37 @@ READY_CHANNEL = "switchyard_ready"
 
 
 def run_group(run_public_id: Any) -> str:
+    """The group that gets a run's committed events: `{"type": "run.events", "events": [...]}`."""
     return f"run.{run_public_id}"
+
+
+def run_delta_group(run_public_id: Any) -> str:
+    """The group that gets a run's ephemeral deltas: `{"type": "run.delta", "delta": {...}}`."""
+    return f"run.{run_public_id}.deltas"
+
+
+def inbox_group(tenant_public_id: Any) -> str:
+    """The group of a tenant's approval inbox: `{"type": "inbox.changed", "change": {...}}`."""
+    return f"inbox.{tenant_public_id}"
+
+
+# Operators (staff) see every tenant's requests in the inbox.
+INBOX_STAFF_GROUP = "inbox.staff"
+
+
+def publish_inbox(tenant_public_id: Any, change: dict[str, Any]) -> None:
+    """Tell open inboxes that an approval of this tenant changed. Never raises.
+
+    `change` is small (`{"type": "approval.decided", "approval": uuid, "status": ...}`): the
+    inbox re-reads the database on every change, so a dropped message costs only latency.
+    Call after commit (`transaction.on_commit`).
+    """
+    message = {"type": "inbox.changed", "change": change}
+    try:
+        _publisher().send(inbox_group(tenant_public_id), message)
+        _publisher().send(INBOX_STAFF_GROUP, message)
+    except Exception:
+        log.warning("inbox publish for tenant %s failed", tenant_public_id, exc_info=True)
 
 
 def event_payload(event: Event, run_public_id: Any) -> dict[str, Any]:
@@ -98,6 +133,108 @@ def publish_live(run_public_id: Any, payloads: list[dict[str, Any]]) -> None:
     _publisher().send(run_group(run_public_id), {"type": "run.events", "events": payloads})
 
 
+# A step attempt publishes at most one delta message per this interval (~20 per second).
+DELTA_INTERVAL_S = 0.05
+
+
+def publish_delta(
+    run_public_id: Any,
+    step_id: str,
+    map_index: int | None,
+    text: str,
+    *,
+    attempt: int | None = None,
+) -> None:
+    """Send a piece of a step's streamed output to the run's live subscribers. Never raises.
+
+    Not stored and without `seq`: a subscriber that misses one loses only progress, the step's
+    output in the log is the truth. `attempt` lets a client start the text again when a
+    retried attempt streams anew.
+    """
+    delta: dict[str, Any] = {"run": str(run_public_id), "type": "step.delta", "step": step_id}
+    if map_index is not None:
+        delta["map_index"] = map_index
+    if attempt is not None:
+        delta["attempt"] = attempt
+    delta["text"] = text
+    try:
+        _publisher().send(run_delta_group(run_public_id), {"type": "run.delta", "delta": delta})
+    except Exception:
+        log.warning("delta publish for run %s failed", run_public_id, exc_info=True)
+
+
+class DeltaCoalescer:
+    """Buffers one step attempt's deltas; publishes at most one message per `interval_s`.
+
+    The first piece after a quiet interval goes out at once (a provider that already paces
+    its deltas, like the simulated one, is not delayed); pieces that come faster are joined
+    and sent when the interval has passed, by a timer on the publisher's loop, so that text
+    never waits for the next piece to be flushed. `close` flushes what is left; call it when
+    the handler returns or raises. `emit` is `StepContext.emit_delta`: it never raises.
+    """
+
+    def __init__(
+        self,
+        run_public_id: Any,
+        step_id: str,
+        map_index: int | None,
+        attempt: int | None = None,
+        interval_s: float = DELTA_INTERVAL_S,
+    ) -> None:
+        self.run_public_id = run_public_id
+        self.step_id = step_id
+        self.map_index = map_index
+        self.attempt = attempt
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._buffer: list[str] = []
+        self._last_flush = float("-inf")
+        self._timer_armed = False
+        self._closed = False
+
+    def emit(self, text: str) -> None:
+        try:
+            with self._lock:
+                if not text or self._closed:
+                    return
+                self._buffer.append(text)
+                if self._timer_armed:
+                    return
+                wait = self._last_flush + self.interval_s - time.monotonic()
+                if wait <= 0:
+                    self._flush_locked()
+                    return
+                self._timer_armed = True
+            _publisher().call_later(wait, self._flush_from_timer)
+        except Exception:
+            log.warning("delta for step %s dropped", self.step_id, exc_info=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            try:
+                self._flush_locked()
+            except Exception:
+                log.warning("last delta for step %s dropped", self.step_id, exc_info=True)
+
+    def _flush_from_timer(self) -> None:
+        with self._lock:
+            self._timer_armed = False
+            if not self._closed:
+                try:
+                    self._flush_locked()
+                except Exception:
+                    log.warning("delta for step %s dropped", self.step_id, exc_info=True)
+
+    def _flush_locked(self) -> None:
+        if not self._buffer:
+            return
+        text = "".join(self._buffer)
+        self._buffer = []
+        self._last_flush = time.monotonic()
+        publish_delta(self.run_public_id, self.step_id, self.map_index, text, attempt=self.attempt)
+
+
 class _LivePublisher:
     """One daemon thread per process with an asyncio loop that owns the channel layer."""
 
@@ -120,6 +257,10 @@ class _LivePublisher:
                 return
             self.pending += 1
         asyncio.run_coroutine_threadsafe(self._send(group, message), self.loop)
+
+    def call_later(self, delay_s: float, callback: Any) -> None:
+        """Run `callback` on the publisher's thread after `delay_s` (a timer without a thread)."""
+        self.loop.call_soon_threadsafe(self.loop.call_later, delay_s, callback)
 
     async def _send(self, group: str, message: dict[str, Any]) -> None:
         try:

@@ -13,6 +13,8 @@ from typing import Any
 
 from django.utils import timezone
 
+from jobs.events import DeltaCoalescer
+from jobs.services.approvals import step_request_approval
 from jobs.services.steps import (
     Claim,
     step_claim,
@@ -33,6 +35,9 @@ def step_execute(*, step_run_id: int, dispatch_token: str, worker: str) -> None:
         return
     if claim.kind == "workflow":
         step_start_child_run(claim=claim)
+        return
+    if claim.kind == "approval":
+        step_request_approval(claim=claim)
         return
     try:
         output = _run_handler(claim)
@@ -58,6 +63,11 @@ def step_execute(*, step_run_id: int, dispatch_token: str, worker: str) -> None:
 def _run_handler(claim: Claim) -> Any:
     spec = registry.kind(claim.kind)
     handler = spec.load_handler()
+    # Providers emit a delta per token chunk (the OpenAI stream: often 50+ a second); live
+    # clients get at most ~20 messages a second per step.
+    deltas = DeltaCoalescer(
+        claim.run_public_id, claim.step_id, claim.map_index, attempt=claim.attempt
+    )
     context = StepContext(
         run_id=str(claim.run_public_id),
         tenant_id=claim.tenant_id,
@@ -68,8 +78,12 @@ def _run_handler(claim: Claim) -> Any:
         input=claim.input,
         idempotency_key=claim.idempotency_key,
         deadline=claim.deadline,
+        emit_delta=deltas.emit,
     )
-    output = handler(context)
+    try:
+        output = handler(context)
+    finally:
+        deltas.close()
     try:
         json.dumps(output)
     except (TypeError, ValueError) as exc:

@@ -6,6 +6,7 @@ and its dispatch token. All writes go through `jobs.services`.
 
 import uuid
 
+from django.conf import settings
 from django.contrib.postgres.indexes import GinIndex
 from django.contrib.postgres.search import SearchVectorField
 from django.db import models
@@ -261,3 +262,203 @@ class Document(models.Model):
 
     def __str__(self) -> str:
         return self.title or str(self.public_id)
+
+
+class WebhookStatus(models.TextChoices):
+    PENDING = "pending"  # no attempt has finished yet
+    SUCCEEDED = "succeeded"  # a 2xx answer
+    FAILED = "failed"  # the last attempt failed; another is due at next_attempt_at
+    GAVE_UP = "gave_up"  # failed until the retry window closed, or refused by policy
+
+
+WEBHOOK_OPEN = (WebhookStatus.PENDING, WebhookStatus.FAILED)
+
+
+class WebhookDelivery(models.Model):
+    """One event (a run ended) to POST to a run's `webhook_url`, retried until it lands.
+
+    Retry delays live here (`next_attempt_at`), never in the broker: the scheduler's sweep
+    publishes due deliveries with a fresh `dispatch_token`; a worker's claim and its report
+    are compare-and-sets on that token (`jobs.services.webhooks`). `payload` is the exact body
+    sent on every attempt, so retries are byte-identical and receivers can dedupe by event id.
+    """
+
+    event_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="webhook_deliveries")
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="webhook_deliveries")
+    event_type = models.CharField(max_length=64)
+    url = models.URLField(max_length=2000)
+    payload = models.TextField()
+    status = models.CharField(
+        max_length=16, choices=WebhookStatus.choices, default=WebhookStatus.PENDING
+    )
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    dispatch_token = models.UUIDField(null=True, blank=True)
+    dispatched_at = models.DateTimeField(null=True, blank=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    first_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_status_code = models.PositiveIntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "webhook deliveries"
+        indexes = [
+            # The sweep's scan: only open deliveries, by when they are due.
+            models.Index(
+                fields=["next_attempt_at"],
+                condition=Q(status__in=["pending", "failed"]),
+                name="webhook_due",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_type} {self.event_id}"
+
+
+class WebhookAttempt(models.Model):
+    """One POST of a delivery: what the receiver answered (or why it could not)."""
+
+    delivery = models.ForeignKey(
+        WebhookDelivery, on_delete=models.CASCADE, related_name="attempt_log"
+    )
+    number = models.PositiveIntegerField()
+    status_code = models.PositiveIntegerField(null=True, blank=True)
+    latency_ms = models.FloatField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    worker = models.CharField(max_length=200, blank=True)
+    at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["delivery", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["delivery", "number"], name="webhook_attempt_number")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.delivery} #{self.number}"
+
+
+# --- approvals (human-in-the-loop steps; docs/approvals.md) ----------------------------------
+
+
+class ApprovalStatus(models.TextChoices):
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    EXPIRED = "expired"  # no decision before due_at; on_timeout was applied
+    CANCELLED = "cancelled"  # the run was cancelled (or failed elsewhere) while it waited
+
+
+class ApprovalDecision(models.TextChoices):
+    APPROVE = "approve"
+    REJECT = "reject"
+
+
+class Approval(models.Model):
+    """A request for a decision by people, made by one attempt of an `approval` step.
+
+    Written only by `jobs.services.approvals`. Everything a reviewer saw (prompt, context,
+    form) is frozen here as rendered; the decision fields are set once, by the compare-and-set
+    that leaves `pending`, and never change afterwards. Each reviewer's vote is an
+    `ApprovalVote`. One row per attempt of the step, so that a retried run asks again and the
+    earlier request stays in the history.
+    """
+
+    public_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    step_run = models.ForeignKey(StepRun, on_delete=models.CASCADE, related_name="approvals")
+    attempt = models.PositiveIntegerField()
+    # Denormalised from the step, so that the inbox and the API scope without joins.
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="approvals")
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="approvals")
+    status = models.CharField(
+        max_length=16, choices=ApprovalStatus.choices, default=ApprovalStatus.PENDING
+    )
+    prompt = models.TextField()
+    context = models.JSONField(default=dict, blank=True)
+    form_schema = models.JSONField(null=True, blank=True)
+    form_values = models.JSONField(default=dict, blank=True)
+    # A tenant role (`reviewer`) or a named group of the tenant's members.
+    reviewers = models.CharField(max_length=64, default="reviewer")
+    escalate_to = models.CharField(max_length=64, blank=True)
+    escalate_at = models.DateTimeField(null=True, blank=True)
+    escalated = models.BooleanField(default=False)
+    escalated_at = models.DateTimeField(null=True, blank=True)
+    required_approvals = models.PositiveSmallIntegerField(default=1)
+    due_at = models.DateTimeField(null=True, blank=True)
+    on_timeout = models.CharField(max_length=16, blank=True)
+    on_reject = models.CharField(max_length=16, default="fail")
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decision = models.CharField(max_length=16, choices=ApprovalDecision.choices, blank=True)
+    decided_by = models.CharField(max_length=500, blank=True)
+    comment = models.TextField(blank=True)
+    data = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["step_run", "attempt"], name="approval_unique_attempt")
+        ]
+        indexes = [
+            models.Index(fields=["tenant", "status", "-created_at"], name="approval_tenant_status"),
+            # The scheduler's sweeps: only pending requests, by when they are due.
+            models.Index(fields=["due_at"], condition=Q(status="pending"), name="approval_due"),
+            models.Index(
+                fields=["escalate_at"],
+                condition=Q(status="pending", escalated=False),
+                name="approval_escalation_due",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"approval {self.public_id} ({self.status})"
+
+    @property
+    def is_pending(self) -> bool:
+        return self.status == ApprovalStatus.PENDING
+
+
+class ApprovalVote(models.Model):
+    """One reviewer's decision on an approval (n of them for `required_approvals: n`).
+
+    A reviewer is a user (inbox) or an API key (the API), never counted twice.
+    """
+
+    approval = models.ForeignKey(Approval, on_delete=models.CASCADE, related_name="votes")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="approval_votes",
+    )
+    api_key_name = models.CharField(max_length=100, blank=True)
+    # Who, as shown in the history (kept if the user is deleted later).
+    reviewer = models.CharField(max_length=200)
+    decision = models.CharField(max_length=16, choices=ApprovalDecision.choices)
+    comment = models.TextField(blank=True)
+    data = models.JSONField(null=True, blank=True)
+    at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["approval", "at", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["approval", "user"],
+                condition=Q(user__isnull=False),
+                name="approval_vote_unique_user",
+            ),
+            models.UniqueConstraint(
+                fields=["approval", "api_key_name"],
+                condition=Q(user__isnull=True),
+                name="approval_vote_unique_key",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.reviewer}: {self.decision}"

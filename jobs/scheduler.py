@@ -1,7 +1,8 @@
 """The scheduler process (`python manage.py run_scheduler`).
 
 Each cycle: release retries that are due, expire leases (dead or hung workers, timeouts),
-re-dispatch stale dispatches (a crash between commit and publish, a purged queue), and admit
+re-dispatch stale dispatches (a crash between commit and publish, a purged queue), expire and
+escalate approvals that are due (their `on_timeout`, their `escalate_to`), and admit
 ready steps by the admission policy. Dispatches are published after their transaction commits,
 with publisher confirms. Between cycles it sleeps on PostgreSQL LISTEN, woken by the NOTIFY
 that a transaction making a step ready sends, and polls as a fallback.
@@ -16,6 +17,8 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -27,15 +30,19 @@ from django.utils import timezone
 from jobs import admission
 from jobs.events import READY_CHANNEL
 from jobs.models import StepRun, StepStatus
+from jobs.services.approvals import approvals_escalate_due, approvals_expire_due
 from jobs.services.steps import (
     Dispatch,
     step_admit,
     step_expire_lease,
+    step_hold,
     step_redispatch,
     step_release_retry,
 )
+from jobs.webhooks import webhooks_dispatch_due
 from orchestrator.queues import broker_queue
 from tenants.models import LANE_PRIORITY
+from tenants.quotas import throttle_spend
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,8 @@ class CycleStats:
     admitted: int = 0
     published: int = 0
     publish_failures: int = 0
+    approvals_expired: int = 0
+    approvals_escalated: int = 0
     duration_s: float = 0.0
     dispatches: list[Dispatch] = field(default_factory=list, repr=False)
 
@@ -113,15 +122,46 @@ def run_cycle() -> CycleStats:
             stats.redispatched += 1
             stats.dispatches.append(dispatch)
 
-    for step_run_id in admission.steps_to_admit():
-        dispatch = step_admit(step_run_id=step_run_id)
-        if dispatch is not None:
-            stats.admitted += 1
-            stats.dispatches.append(dispatch)
+    # Approvals past their deadline or escalation time (steps they settle become ready now).
+    stats.approvals_expired = approvals_expire_due(now=now)
+    stats.approvals_escalated = approvals_escalate_due(now=now)
+
+    with admission_lock() as acquired:
+        if acquired:
+            decision = admission.decide(now)
+            for hold in decision.holds:
+                step_hold(step_run_id=hold.step_run_id, reason=hold.reason)
+            for step_run_id in decision.admit:
+                dispatch = step_admit(step_run_id=step_run_id)
+                if dispatch is not None:
+                    stats.admitted += 1
+                    stats.dispatches.append(dispatch)
+            throttle_spend(spent=decision.spent, now=now)
 
     stats.published, stats.publish_failures = publish(stats.dispatches)
+    webhooks_dispatch_due()
     stats.duration_s = time.monotonic() - started
     return stats
+
+
+# Admission reads occupancy, quotas and buckets, then acts on them: two schedulers doing that
+# at once could both admit a tenant's last free slot. One at a time admits (a session-level
+# advisory lock, released when its connection ends, so a killed scheduler cannot keep it); the
+# others still run every recovery sweep, which are compare-and-set per step.
+ADMISSION_LOCK_ID = 0x5357_4144  # "SWAD"
+
+
+@contextmanager
+def admission_lock() -> Iterator[bool]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [ADMISSION_LOCK_ID])
+        acquired = cursor.fetchone()[0]
+    try:
+        yield acquired
+    finally:
+        if acquired:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(%s)", [ADMISSION_LOCK_ID])
 
 
 def _listen_connection() -> psycopg.Connection:

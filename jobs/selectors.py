@@ -7,7 +7,7 @@ import uuid
 
 from django.db.models import QuerySet
 
-from jobs.models import Event, Run, Workflow, WorkflowVersion
+from jobs.models import Event, Run, RunStatus, StepRun, StepStatus, Workflow, WorkflowVersion
 from tenants.models import Tenant
 
 
@@ -68,10 +68,10 @@ def runs_for(
 
 
 def run_with_steps(run: Run) -> Run:
-    """`run` with its steps and their attempts prefetched (for the run detail)."""
+    """`run` with its steps, their attempts and its webhook deliveries prefetched."""
     return (
         Run.objects.select_related("workflow_version__workflow")
-        .prefetch_related("steps__attempts")
+        .prefetch_related("steps__attempts", "webhook_deliveries__attempt_log")
         .get(pk=run.pk)
     )
 
@@ -86,3 +86,18 @@ def run_by_idempotency_key(*, tenant: Tenant, key: str) -> Run | None:
         .filter(tenant=tenant, idempotency_key=key)
         .first()
     )
+
+
+def queued_runs_count(*, tenant: Tenant, cap: int) -> int:
+    """The tenant's runs not yet started (status `accepted`), counted up to `cap`."""
+    return Run.objects.filter(tenant=tenant, status=RunStatus.ACCEPTED)[:cap].count()
+
+
+def platform_backlog_count(*, cap: int) -> int:
+    """Steps of active tenants waiting for a worker (`ready` or `queued`), up to `cap`.
+
+    Paused tenants' steps are left out: a paused backlog must not refuse everyone else.
+    """
+    return StepRun.objects.filter(
+        status__in=[StepStatus.READY, StepStatus.QUEUED], tenant__is_active=True
+    )[:cap].count()

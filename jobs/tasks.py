@@ -12,6 +12,7 @@ import os
 from celery import shared_task
 
 from jobs.execution import step_execute
+from jobs.webhooks import webhook_deliver
 
 
 @shared_task(
@@ -23,3 +24,15 @@ from jobs.execution import step_execute
 def execute_step(step_run_id: int, dispatch_token: str) -> None:
     worker = f"{execute_step.request.hostname}/{os.getpid()}"
     step_execute(step_run_id=step_run_id, dispatch_token=dispatch_token, worker=worker)
+
+
+@shared_task(
+    name="jobs.deliver_webhook",
+    ignore_result=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+)
+def deliver_webhook(delivery_id: int, dispatch_token: str) -> None:
+    """One POST of a webhook delivery (queue `webhooks`); retries are the scheduler's."""
+    worker = f"{deliver_webhook.request.hostname}/{os.getpid()}"
+    webhook_deliver(delivery_id=delivery_id, dispatch_token=dispatch_token, worker=worker)

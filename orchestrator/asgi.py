@@ -11,14 +11,45 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orchestrator.settings")
 # proxy in front, the handler then simply sees no static requests.
 django_asgi_app = ASGIStaticFilesHandler(get_asgi_application())
 
+from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.urls import path  # noqa: E402
 
-websocket_urlpatterns: list = []
+from dashboard.inbox.consumers import InboxConsumer  # noqa: E402
+from jobs.api.streams import LongLivedRequests  # noqa: E402
+from jobs.consumers import RunEventsConsumer  # noqa: E402
+
+
+class BrowserOriginValidator:
+    """Channels' AllowedHostsOriginValidator for browsers; clients that send no Origin pass.
+
+    The Origin check stops a page on another site from opening a socket with the user's
+    cookies (cross-site WebSocket hijacking). Browsers always send Origin on a WebSocket
+    handshake, so a handshake without one does not come from a page, and a client that
+    omits it (an SDK, a script) can only use credentials it holds anyway. Channels' validator
+    refuses a missing Origin, which would shut out every non-browser client of the API.
+    """
+
+    def __init__(self, application):
+        self.application = application
+        self.validated = AllowedHostsOriginValidator(application)
+
+    async def __call__(self, scope, receive, send):
+        if any(name == b"origin" for name, _ in scope.get("headers", ())):
+            return await self.validated(scope, receive, send)
+        return await self.application(scope, receive, send)
+
+
+websocket_urlpatterns: list = [
+    path("ws/runs/<str:run_id>/", RunEventsConsumer.as_asgi()),
+    # The reviewers' inbox: authenticated by the Django session cookie.
+    path("ws/inbox/", AuthMiddlewareStack(InboxConsumer.as_asgi())),
+]
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(URLRouter(websocket_urlpatterns)),
+        "http": LongLivedRequests(django_asgi_app),
+        "websocket": BrowserOriginValidator(URLRouter(websocket_urlpatterns)),
     }
 )

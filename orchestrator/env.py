@@ -64,3 +64,35 @@ def env_list(name: str, default: list[str]) -> list[str]:
     if raw is None:
         return default
     return [part.strip() for part in raw.split(",") if part.strip()]
+
+
+def env_choice(name: str, default: str, choices: list[str]) -> str:
+    value = os.environ.get(name) or default
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _env_map(name: str, default: dict, convert) -> dict:
+    """`key=value,key=value`; keys not given keep their default."""
+    raw = os.environ.get(name)
+    if not raw:
+        return dict(default)
+    result = dict(default)
+    for part in raw.split(","):
+        key, sep, value = part.strip().partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{name} must look like 'key=value,key=value', got {raw!r}")
+        try:
+            result[key.strip()] = convert(value.strip())
+        except ValueError:
+            raise ConfigError(f"{name}: {key.strip()!r} has a bad value {value!r}") from None
+    return result
+
+
+def env_map_int(name: str, default: dict[str, int]) -> dict[str, int]:
+    return _env_map(name, default, int)
+
+
+def env_map_float(name: str, default: dict[str, float]) -> dict[str, float]:
+    return _env_map(name, default, float)

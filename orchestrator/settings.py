@@ -8,7 +8,16 @@ from pathlib import Path
 
 import dj_database_url
 
-from orchestrator.env import env_bool, env_float, env_int, env_list, env_str
+from orchestrator.env import (
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    env_list,
+    env_map_float,
+    env_map_int,
+    env_str,
+)
 from orchestrator.queues import MAX_PRIORITY, broker_queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -29,6 +38,7 @@ INSTALLED_APPS = [
     "django.contrib.postgres",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "django_celery_results",
     "channels",
     "tenants",
@@ -38,6 +48,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "orchestrator.middleware.RequestBodyLimitMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -90,7 +101,8 @@ STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = BASE_DIR / ".staticfiles"
 
-LOGIN_URL = "/admin/login/"
+# Reviewers (the inbox) and operators sign in here (templates/registration/login.html).
+LOGIN_URL = "/accounts/login/"
 
 # --- Redis channel layer (live streams and dashboards) --------------------------------------
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -98,7 +110,15 @@ CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
         "CONFIG": {
-            "hosts": [REDIS_URL],
+            "hosts": [
+                {
+                    "address": REDIS_URL,
+                    # redis-py 8 times reads out after 5 s by default, as long as channels_redis
+                    # blocks in BZPOPMIN: receive() then raises on every idle channel
+                    # (channels_redis#422). Longer than the pop, so a dead Redis still shows.
+                    "socket_timeout": 15,
+                }
+            ],
             "prefix": env_str("CHANNEL_LAYER_PREFIX", "switchyard"),
             "capacity": 1000,
             "expiry": 30,
@@ -127,7 +147,8 @@ CELERY_TASK_QUEUE_MAX_PRIORITY = MAX_PRIORITY
 CELERY_TASK_DEFAULT_PRIORITY = 5
 CELERY_TASK_DEFAULT_QUEUE = SWITCHYARD_QUEUE_PREFIX + "maintenance"
 CELERY_TASK_QUEUES = [
-    broker_queue(name, SWITCHYARD_QUEUE_PREFIX) for name in [*_STEP_QUEUES, "maintenance"]
+    broker_queue(name, SWITCHYARD_QUEUE_PREFIX)
+    for name in [*_STEP_QUEUES, "webhooks", "maintenance"]
 ]
 # Results only for the engine's own maintenance tasks; step tasks set ignore_result.
 CELERY_RESULT_BACKEND = "django-db"
@@ -144,7 +165,21 @@ SWITCHYARD_DISPATCH_STALE_S = env_float("SWITCHYARD_DISPATCH_STALE_S", 30.0, min
 SWITCHYARD_LEASE_GRACE_S = env_float("SWITCHYARD_LEASE_GRACE_S", 10.0, minimum=0.0)
 SWITCHYARD_STEP_DEFAULT_TIMEOUT_S = env_float("SWITCHYARD_STEP_DEFAULT_TIMEOUT_S", 300.0, minimum=1)
 SWITCHYARD_QUEUE_MAX_QUEUED = env_int("SWITCHYARD_QUEUE_MAX_QUEUED", 64, minimum=1)
+# Fair scheduling (jobs/admission.py). Capacity per queue = the concurrency of its pools; the
+# broker holds at most capacity * depth factor admitted-but-unstarted steps per queue.
+SWITCHYARD_POOL_CAPACITY = env_map_int(
+    "SWITCHYARD_POOL_CAPACITY",
+    {"steps.llm": 64, "steps.tool": 4, "steps.retrieval": 8, "steps.control": 8},
+)
+SWITCHYARD_QUEUE_DEPTH_FACTOR = env_float("SWITCHYARD_QUEUE_DEPTH_FACTOR", 0.5, minimum=0.0)
+SWITCHYARD_ADMISSION_POLICY = env_choice("SWITCHYARD_ADMISSION_POLICY", "fair", ["fair", "fifo"])
+SWITCHYARD_LANE_MIN_SHARE = env_map_float(
+    "SWITCHYARD_LANE_MIN_SHARE", {"standard": 0.2, "batch": 0.1}
+)
+SWITCHYARD_RATE_BURST_S = env_float("SWITCHYARD_RATE_BURST_S", 10.0, minimum=0.0)
 SWITCHYARD_API_MAX_WAIT_S = env_int("SWITCHYARD_API_MAX_WAIT_S", 60, minimum=0)
+# Live streams (SSE) send a heartbeat comment after this many seconds without a frame.
+SWITCHYARD_SSE_HEARTBEAT_S = env_float("SWITCHYARD_SSE_HEARTBEAT_S", 15.0, minimum=0.1)
 SWITCHYARD_PUBLIC_URL = env_str("SWITCHYARD_PUBLIC_URL", "http://127.0.0.1:8000")
 
 # Step kinds
@@ -156,12 +191,39 @@ SWITCHYARD_OPENAI_TIMEOUT_S = env_float("SWITCHYARD_OPENAI_TIMEOUT_S", 120.0, mi
 SWITCHYARD_ALLOW_PRIVATE_URLS = env_bool("SWITCHYARD_ALLOW_PRIVATE_URLS", False)
 SWITCHYARD_HTTP_TOOL_MAX_BYTES = env_int("SWITCHYARD_HTTP_TOOL_MAX_BYTES", 1_048_576, minimum=1)
 
+# Secrets at rest (webhook signing secrets): Fernet keys derived from this comma-separated list
+# (the first encrypts, all decrypt); empty means derived from SECRET_KEY. See
+# orchestrator/encryption.py.
+SWITCHYARD_ENCRYPTION_KEY = env_str("SWITCHYARD_ENCRYPTION_KEY", "")
+
+# Webhooks (jobs/webhooks.py): exponential backoff from BACKOFF_S, capped at MAX_BACKOFF_S, until
+# RETRY_WINDOW_S after the first attempt; each POST times out after TIMEOUT_S.
+SWITCHYARD_WEBHOOK_BACKOFF_S = env_float("SWITCHYARD_WEBHOOK_BACKOFF_S", 30.0, minimum=0.01)
+SWITCHYARD_WEBHOOK_MAX_BACKOFF_S = env_float(
+    "SWITCHYARD_WEBHOOK_MAX_BACKOFF_S", 3600.0, minimum=0.01
+)
+SWITCHYARD_WEBHOOK_RETRY_WINDOW_S = env_float(
+    "SWITCHYARD_WEBHOOK_RETRY_WINDOW_S", 86400.0, minimum=0.0
+)
+SWITCHYARD_WEBHOOK_TIMEOUT_S = env_float("SWITCHYARD_WEBHOOK_TIMEOUT_S", 10.0, minimum=0.1)
+
 # --- API ------------------------------------------------------------------------------------
+# Submission: an Idempotency-Key matches the run it created for this long.
+SWITCHYARD_IDEMPOTENCY_TTL_S = env_int("SWITCHYARD_IDEMPOTENCY_TTL_S", 86_400, minimum=1)
+# Backpressure: submission answers 503 once this many steps wait for a worker (ready or queued,
+# all active tenants); 429 comes from each tenant's max_queued_runs. Both send Retry-After.
+SWITCHYARD_PLATFORM_MAX_BACKLOG = env_int("SWITCHYARD_PLATFORM_MAX_BACKLOG", 100_000, minimum=1)
+SWITCHYARD_API_RETRY_AFTER_S = env_int("SWITCHYARD_API_RETRY_AFTER_S", 5, minimum=1)
+# Request bodies over this size are refused with 413 (orchestrator/middleware.py); Django's own
+# limit on the bodies it reads (forms, the admin) is the same.
+SWITCHYARD_API_MAX_BODY_BYTES = env_int("SWITCHYARD_API_MAX_BODY_BYTES", 1_048_576, minimum=1)
+DATA_UPLOAD_MAX_MEMORY_SIZE = SWITCHYARD_API_MAX_BODY_BYTES
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["tenants.auth.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["jobs.api.parsers.StrictJSONParser"],
     "EXCEPTION_HANDLER": "jobs.api.errors.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "UNAUTHENTICATED_USER": None,
@@ -171,6 +233,21 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Run AI-agent workflows asynchronously for many tenants.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    # Docs assets come from drf-spectacular-sidecar's static files: no CDN (DESIGN §8).
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # validatorUrl null: Swagger UI would otherwise load a badge from an outside validator.
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
+    "ENUM_NAME_OVERRIDES": {
+        "RunStatusEnum": "jobs.models.RunStatus",
+        "StepStatusEnum": "jobs.models.StepStatus",
+        "AttemptOutcomeEnum": "jobs.models.AttemptOutcome",
+        "WebhookStatusEnum": "jobs.models.WebhookStatus",
+        "LaneEnum": "tenants.models.Lane",
+        "ScopeEnum": "tenants.models.Scope",
+    },
 }
 
 LOGGING = {

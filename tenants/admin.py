@@ -1,7 +1,39 @@
 from django.contrib import admin, messages
+from django.db.models import Count, IntegerField, OuterRef, Subquery, Value
+from django.db.models.functions import Coalesce
+from django.utils import timezone
 
-from tenants.models import ApiKey, Membership, Tenant
-from tenants.services import api_key_fill
+from tenants.models import ApiKey, Membership, Tenant, TenantUsageDay
+from tenants.quotas import usage_day
+from tenants.services import (
+    api_key_fill,
+    tenant_pause,
+    tenant_resume,
+    tenant_webhook_secret_rotate,
+)
+
+
+def _count(queryset) -> Coalesce:
+    """A per-tenant count as a subquery (several of them in one changelist query)."""
+    counted = queryset.filter(tenant=OuterRef("pk")).values("tenant").annotate(n=Count("id"))
+    return Coalesce(Subquery(counted.values("n"), output_field=IntegerField()), Value(0))
+
+
+def with_usage(queryset):
+    """Tenants annotated with their live usage: what the scheduler measures quotas against."""
+    from jobs.models import Run, StepRun
+
+    tokens = TenantUsageDay.objects.filter(tenant=OuterRef("pk"), day=usage_day(timezone.now()))
+    return queryset.annotate(
+        running_steps=_count(StepRun.objects.filter(status="running")),
+        in_flight_steps=_count(StepRun.objects.filter(status__in=["queued", "running"])),
+        ready_steps=_count(StepRun.objects.filter(status="ready")),
+        active_runs=_count(Run.objects.filter(status__in=["running", "waiting"])),
+        queued_runs=_count(Run.objects.filter(status="accepted")),
+        tokens_today=Coalesce(
+            Subquery(tokens.values("llm_tokens")[:1], output_field=IntegerField()), Value(0)
+        ),
+    )
 
 
 class ApiKeyInline(admin.TabularInline):
@@ -27,22 +59,32 @@ class TenantAdmin(admin.ModelAdmin):
     list_display = (
         "slug",
         "name",
+        "is_active",
         "weight",
         "default_lane",
         "max_lane",
-        "max_concurrent_steps",
-        "max_active_runs",
-        "max_queued_runs",
+        "steps_usage",
+        "active_runs_usage",
+        "queued_runs_usage",
+        "tokens_usage",
+        "ready_backlog",
         "steps_per_minute",
-        "llm_tokens_per_day",
-        "is_active",
     )
     list_filter = ("is_active", "default_lane", "max_lane")
     search_fields = ("slug", "name")
-    readonly_fields = ("public_id", "created_at")
+    readonly_fields = ("public_id", "created_at", "webhook_secret", "live_usage")
     inlines = [ApiKeyInline, MembershipInline]
+    actions = ["pause", "resume", "rotate_webhook_secret"]
     fieldsets = (
         (None, {"fields": ("name", "slug", "is_active", "public_id", "created_at")}),
+        (
+            "Live usage",
+            {
+                "fields": ("live_usage",),
+                "description": "Quota edits take effect at the scheduler's next cycle.",
+            },
+        ),
+        ("Webhooks", {"fields": ("webhook_secret", "approval_webhook_url")}),
         ("Scheduling", {"fields": ("weight", "default_lane", "max_lane")}),
         (
             "Quotas",
@@ -57,6 +99,72 @@ class TenantAdmin(admin.ModelAdmin):
             },
         ),
     )
+
+    def get_queryset(self, request):
+        return with_usage(super().get_queryset(request))
+
+    @admin.display(description="steps in flight / max")
+    def steps_usage(self, obj: Tenant) -> str:
+        return f"{obj.in_flight_steps} / {obj.max_concurrent_steps} ({obj.running_steps} running)"
+
+    @admin.display(description="active runs / max")
+    def active_runs_usage(self, obj: Tenant) -> str:
+        return f"{obj.active_runs} / {obj.max_active_runs}"
+
+    @admin.display(description="queued runs / max")
+    def queued_runs_usage(self, obj: Tenant) -> str:
+        return f"{obj.queued_runs} / {obj.max_queued_runs}"
+
+    @admin.display(description="LLM tokens today / max")
+    def tokens_usage(self, obj: Tenant) -> str:
+        return f"{obj.tokens_today:,} / {obj.llm_tokens_per_day:,}"
+
+    @admin.display(description="ready backlog")
+    def ready_backlog(self, obj: Tenant) -> int:
+        return obj.ready_steps
+
+    @admin.display(description="usage now")
+    def live_usage(self, obj: Tenant) -> str:
+        if obj.pk is None:
+            return "-"
+        obj = with_usage(Tenant.objects.filter(pk=obj.pk)).get()
+        return (
+            f"steps in flight {self.steps_usage(obj)}; active runs {self.active_runs_usage(obj)};"
+            f" queued runs {self.queued_runs_usage(obj)}; LLM tokens today "
+            f"{self.tokens_usage(obj)}; ready backlog {obj.ready_steps}"
+        )
+
+    @admin.action(description="Pause (nothing new starts; ready steps wait)")
+    def pause(self, request, queryset):
+        for tenant in queryset:
+            tenant_pause(tenant=tenant)
+        messages.success(request, f"Paused {queryset.count()} tenant(s).")
+
+    @admin.action(description="Resume")
+    def resume(self, request, queryset):
+        for tenant in queryset:
+            tenant_resume(tenant=tenant)
+        messages.success(request, f"Resumed {queryset.count()} tenant(s).")
+
+    @admin.display(description="webhook secret")
+    def webhook_secret(self, obj: Tenant) -> str:
+        # The secret itself is shown once, when rotated (the "Rotate" action), never on a page.
+        if not obj.webhook_secret_encrypted:
+            return "none yet: created on first use, or with the “Rotate webhook secret” action"
+        return (
+            f"set (encrypted), rotated {obj.webhook_secret_rotated_at:%Y-%m-%d %H:%M} UTC; "
+            "use the “Rotate webhook secret” action on the tenant list to replace it"
+        )
+
+    @admin.action(description="Rotate webhook secret (shows the new secret once)")
+    def rotate_webhook_secret(self, request, queryset):
+        for tenant in queryset:
+            secret = tenant_webhook_secret_rotate(tenant=tenant)
+            messages.warning(
+                request,
+                f"New webhook secret of {tenant.slug}: {secret} — copy it now: it will not "
+                "be shown again. Deliveries from now on are signed with it.",
+            )
 
 
 @admin.register(ApiKey)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django.utils import timezone
-from rest_framework import authentication, exceptions
+from rest_framework import authentication, exceptions, permissions
 
-from tenants.models import ApiKey
+from tenants.models import ApiKey, Scope
 from tenants.services import hash_key
 
 # last_used_at is a hint for admins, not an audit log: write it at most once a minute per key.
@@ -45,6 +45,9 @@ class TenantPrincipal:
     def __str__(self) -> str:
         return f"tenant:{self.tenant.slug}"
 
+    def has_scope(self, scope: str) -> bool:
+        return scope in (self.api_key.scopes or [])
+
 
 class ApiKeyAuthentication(authentication.BaseAuthentication):
     keyword = "Bearer"
@@ -65,3 +68,13 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
 
     def authenticate_header(self, request) -> str:
         return self.keyword
+
+
+class HasAdminScope(permissions.BasePermission):
+    """The caller's API key has the `admin` scope (managing keys and the webhook secret)."""
+
+    message = "this API key lacks the 'admin' scope"
+
+    def has_permission(self, request, view) -> bool:
+        user = request.user
+        return isinstance(user, TenantPrincipal) and user.has_scope(Scope.ADMIN)

@@ -39,6 +39,17 @@ class Tenant(models.Model):
     steps_per_minute = models.PositiveIntegerField(default=6_000)
     llm_tokens_per_day = models.PositiveBigIntegerField(default=10_000_000)
     is_active = models.BooleanField(default=True, help_text="Paused tenants' steps stay ready.")
+    # The key that signs this tenant's webhooks, Fernet-encrypted under
+    # SWITCHYARD_ENCRYPTION_KEY (`orchestrator.encryption`). It must be readable to sign, so it
+    # is encrypted rather than hashed. Written only by `tenants.services`.
+    webhook_secret_encrypted = models.TextField(blank=True, editable=False)
+    webhook_secret_rotated_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # POSTed (signed like run webhooks) on each new approval request, with its inbox link.
+    approval_webhook_url = models.URLField(
+        max_length=2000,
+        blank=True,
+        help_text="Notified of each new approval request (signed like run webhooks).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -46,6 +57,12 @@ class Tenant(models.Model):
 
     def __str__(self) -> str:
         return self.slug
+
+
+class Scope(models.TextChoices):
+    """What an API key may do beyond the client API (runs, workflows, documents)."""
+
+    ADMIN = "admin", "admin: manage the tenant's API keys and webhook secret"
 
 
 class ApiKey(models.Model):
@@ -84,6 +101,13 @@ class Membership(models.Model):
     )
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memberships")
     role = models.CharField(max_length=16, choices=Role.choices, default=Role.VIEWER)
+    # Named reviewer groups within the tenant (e.g. ["finance", "leads"]) that an approval
+    # step's `reviewers` or `escalate_to` may name besides the `reviewer` role.
+    groups = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='Named reviewer groups, e.g. ["finance", "leads"].',
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

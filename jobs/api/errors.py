@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -81,6 +85,13 @@ def error_response(
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, RequestDataTooBig):  # a view that read request.body past the limit
+        return error_response(
+            413,
+            "payload_too_large",
+            f"the request body is larger than the limit of "
+            f"{settings.SWITCHYARD_API_MAX_BODY_BYTES} bytes (SWITCHYARD_API_MAX_BODY_BYTES)",
+        )
     if isinstance(exc, ApiError):
         return error_response(
             exc.status_code, exc.error_code, exc.message, exc.details, exc.headers
@@ -106,3 +117,28 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             if k in ("WWW-Authenticate", "Retry-After", "Allow")
         },
     )
+
+
+# --- Django's own error pages, in the envelope under /api/ (orchestrator.urls handler404/500) ---
+
+
+def _is_api(request: HttpRequest) -> bool:
+    return request.path.startswith("/api/")
+
+
+def page_not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    if _is_api(request):
+        return JsonResponse(
+            {"error": {"code": "not_found", "message": f"no API endpoint at {request.path}"}},
+            status=404,
+        )
+    return defaults.page_not_found(request, exception)
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    if _is_api(request):
+        return JsonResponse(
+            {"error": {"code": "internal_error", "message": "internal server error"}},
+            status=500,
+        )
+    return defaults.server_error(request)

@@ -8,8 +8,8 @@ from django.urls import reverse
 from rest_framework import serializers
 
 from jobs.events import event_payload
-from jobs.models import Event, Run, StepRun, WorkflowVersion
-from tenants.models import Lane
+from jobs.models import Event, Run, StepRun, WebhookDelivery, WorkflowVersion
+from tenants.models import ApiKey, Lane, Scope
 
 
 class RunSubmitSerializer(serializers.Serializer):
@@ -18,6 +18,16 @@ class RunSubmitSerializer(serializers.Serializer):
     input = serializers.JSONField(required=False, default=dict)
     lane = serializers.ChoiceField(choices=Lane.values, required=False)
     webhook_url = serializers.URLField(required=False, allow_blank=True, max_length=2000)
+
+
+class ApiKeyCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=100)
+    scopes = serializers.ListField(
+        child=serializers.ChoiceField(choices=Scope.choices),
+        required=False,
+        default=list,
+        max_length=len(Scope.choices),
+    )
 
 
 class DocumentSerializer(serializers.Serializer):
@@ -99,6 +109,38 @@ def _step_repr(step: StepRun) -> dict[str, Any]:
     }
 
 
+def _iso(value) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _webhook_repr(run: Run) -> dict[str, Any] | None:
+    """The run's webhook: its latest delivery (a retried run that ends again has several)."""
+    if not run.webhook_url:
+        return None
+    # Only the run's own events: approval requests notify the tenant's approval webhook.
+    deliveries: list[WebhookDelivery] = [
+        d for d in run.webhook_deliveries.all() if d.event_type.startswith("run.")
+    ]
+    latest = deliveries[0] if deliveries else None
+    return {
+        "url": run.webhook_url,
+        "status": latest.status if latest else None,
+        "event_id": str(latest.event_id) if latest else None,
+        "event": latest.event_type if latest else None,
+        "next_attempt_at": _iso(latest.next_attempt_at) if latest else None,
+        "attempts": [
+            {
+                "number": attempt.number,
+                "status_code": attempt.status_code,
+                "latency_ms": attempt.latency_ms,
+                "error": attempt.error or None,
+                "at": attempt.at.isoformat(),
+            }
+            for attempt in (latest.attempt_log.all() if latest else [])
+        ],
+    }
+
+
 def run_detail(run: Run, request) -> dict[str, Any]:
     body = run_summary(run, request)
     body.update(
@@ -107,6 +149,7 @@ def run_detail(run: Run, request) -> dict[str, Any]:
             "output": run.output,
             "error": run.error or None,
             "steps": [_step_repr(step) for step in run.steps.all()],
+            "webhook": _webhook_repr(run),
         }
     )
     if run.parent_step_id:
@@ -116,3 +159,15 @@ def run_detail(run: Run, request) -> dict[str, Any]:
 
 def event_repr(event: Event, run: Run) -> dict[str, Any]:
     return event_payload(event, run.public_id)
+
+
+def api_key_repr(api_key: ApiKey) -> dict[str, Any]:
+    return {
+        "id": str(api_key.public_id),
+        "name": api_key.name,
+        "prefix": api_key.prefix,
+        "scopes": list(api_key.scopes or []),
+        "created_at": api_key.created_at.isoformat(),
+        "last_used_at": _iso(api_key.last_used_at),
+        "revoked_at": _iso(api_key.revoked_at),
+    }

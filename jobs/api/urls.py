@@ -1,16 +1,38 @@
 from django.urls import path
 
-from jobs.api import views
+from jobs.api import approvals, streams, views
+from jobs.api.account import (
+    ApiKeyDetailView,
+    ApiKeyListView,
+    WebhookSecretRotateView,
+    WebhookSecretView,
+)
 
 app_name = "api"
 
 urlpatterns = [
     path("workflows/", views.WorkflowListView.as_view(), name="workflow-list"),
     path("workflows/<str:name>/", views.WorkflowDetailView.as_view(), name="workflow-detail"),
-    path("runs/", views.RunListView.as_view(), name="run-list"),
-    path("runs/<str:run_id>/", views.RunDetailView.as_view(), name="run-detail"),
-    path("runs/<str:run_id>/events/", views.RunEventsView.as_view(), name="run-events"),
+    # Async fronts of the DRF views: they wait (?wait=) and stream (SSE), and hand the rest on.
+    path("runs/", streams.run_list, name="run-list"),
+    path("runs/<str:run_id>/", streams.run_detail, name="run-detail"),
+    path("runs/<str:run_id>/events/", streams.run_events, name="run-events"),
     path("runs/<str:run_id>/cancel/", views.RunCancelView.as_view(), name="run-cancel"),
     path("runs/<str:run_id>/retry/", views.RunRetryView.as_view(), name="run-retry"),
     path("documents/", views.DocumentsView.as_view(), name="documents"),
+    path("approvals/", approvals.ApprovalListView.as_view(), name="approval-list"),
+    path(
+        "approvals/<str:approval_id>/",
+        approvals.ApprovalDetailView.as_view(),
+        name="approval-detail",
+    ),
+    path(
+        "approvals/<str:approval_id>/decision/",
+        approvals.ApprovalDecisionView.as_view(),
+        name="approval-decision",
+    ),
+    path("keys/", ApiKeyListView.as_view(), name="key-list"),
+    path("keys/<str:key_id>/", ApiKeyDetailView.as_view(), name="key-detail"),
+    path("webhook-secret/", WebhookSecretView.as_view(), name="webhook-secret"),
+    path("webhook-secret/rotate/", WebhookSecretRotateView.as_view(), name="webhook-secret-rotate"),
 ]

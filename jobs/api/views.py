@@ -4,16 +4,19 @@ to the caller's tenant, and change state only through services."""
 from __future__ import annotations
 
 import yaml
-from django.db import IntegrityError, transaction
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.pagination import CursorPagination
-from rest_framework.parsers import BaseParser, JSONParser
+from rest_framework.parsers import BaseParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from jobs import selectors
+from jobs.api import openapi
 from jobs.api.errors import ApiError, not_found
+from jobs.api.parsers import StrictJSONParser, check_storable
 from jobs.api.serializers import (
     DocumentsAddSerializer,
     RunListQuerySerializer,
@@ -26,7 +29,8 @@ from jobs.api.serializers import (
 )
 from jobs.definitions import DefinitionError
 from jobs.services.documents import documents_add
-from jobs.services.runs import RunError, request_fingerprint, run_cancel, run_create, run_retry
+from jobs.services.runs import RunError, request_fingerprint, run_cancel, run_retry
+from jobs.services.submission import Backpressure, IdempotencyConflict, run_submit
 from jobs.services.workflows import workflow_version_create
 
 
@@ -50,10 +54,26 @@ def _faults(faults) -> list[dict[str, str]]:
 
 
 def _run_error(exc: RunError) -> ApiError:
+    if isinstance(exc, Backpressure):
+        return ApiError(
+            status_code=429 if exc.code == "queued_runs_quota_full" else 503,
+            code=exc.code,
+            message=exc.message,
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+    if isinstance(exc, IdempotencyConflict):
+        return ApiError(
+            status_code=409,
+            code=exc.code,
+            message=exc.message,
+            details={"run": str(exc.run.public_id)},
+        )
     status_code = {
         "invalid_input": 400,
         "invalid_lane": 400,
         "lane_not_allowed": 400,
+        "forbidden_webhook_url": 400,
+        "invalid_webhook_url": 400,
         "run_final": 409,
         "not_failed": 409,
     }.get(exc.code, 400)
@@ -66,8 +86,14 @@ def _run_error(exc: RunError) -> ApiError:
 
 
 class WorkflowListView(APIView):
-    parser_classes = [JSONParser, YAMLParser, TextYAMLParser]
+    parser_classes = [StrictJSONParser, YAMLParser, TextYAMLParser]
 
+    @extend_schema(
+        tags=["workflows"],
+        operation_id="workflows_list",
+        summary="List the tenant's workflows",
+        responses={200: openapi.WorkflowListOut, **openapi.errors()},
+    )
     def get(self, request: Request) -> Response:
         workflows = selectors.workflows_for(tenant=_tenant(request))
         return Response(
@@ -85,6 +111,18 @@ class WorkflowListView(APIView):
             }
         )
 
+    @extend_schema(
+        tags=["workflows"],
+        operation_id="workflows_create",
+        summary="Create a workflow, or the next version of it",
+        description="A definition (DESIGN §5) as JSON, or as YAML with `application/yaml`.",
+        request={
+            "application/json": OpenApiTypes.OBJECT,
+            "application/yaml": OpenApiTypes.STR,
+            "text/yaml": OpenApiTypes.STR,
+        },
+        responses={201: openapi.WorkflowVersionOut, **openapi.errors(400, 413)},
+    )
     def post(self, request: Request) -> Response:
         document = request.data
         if isinstance(document, str):
@@ -94,6 +132,7 @@ class WorkflowListView(APIView):
                 raise ApiError(
                     status_code=400, code="malformed_request", message=f"not valid YAML: {exc}"
                 ) from None
+            check_storable(document)
         try:
             version = workflow_version_create(tenant=_tenant(request), document=document)
         except DefinitionError as exc:
@@ -108,6 +147,16 @@ class WorkflowListView(APIView):
 
 
 class WorkflowDetailView(APIView):
+    @extend_schema(
+        tags=["workflows"],
+        operation_id="workflows_retrieve",
+        summary="A workflow's latest version (or `?version=n`) with its definition",
+        parameters=[
+            openapi.WORKFLOW_NAME,
+            OpenApiParameter("version", OpenApiTypes.INT, description="A version number."),
+        ],
+        responses={200: openapi.WorkflowVersionOut, **openapi.errors(400, 404)},
+    )
     def get(self, request: Request, name: str) -> Response:
         number = request.query_params.get("version")
         if number is not None and not number.isdigit():
@@ -132,6 +181,17 @@ class RunCursorPagination(CursorPagination):
 
 
 class RunListView(APIView):
+    @extend_schema(
+        tags=["runs"],
+        operation_id="runs_list",
+        summary="The tenant's runs, newest first (cursor-paginated)",
+        parameters=[
+            RunListQuerySerializer,
+            OpenApiParameter("cursor", OpenApiTypes.STR, description="From `next`/`previous`."),
+            OpenApiParameter("limit", OpenApiTypes.INT, description="Page size, at most 200."),
+        ],
+        responses={200: openapi.RunListOut, **openapi.errors(400, 404)},
+    )
     def get(self, request: Request) -> Response:
         query = RunListQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
@@ -146,6 +206,31 @@ class RunListView(APIView):
             }
         )
 
+    @extend_schema(
+        tags=["runs"],
+        operation_id="runs_create",
+        summary="Submit a run",
+        description=(
+            "Validates the input and stores the run; answers 202 at once (the run proceeds "
+            "asynchronously). With an `Idempotency-Key` seen within 24 h and the same body, "
+            "answers with the original run: 200 if it has ended, else 202. With `?wait=N`, "
+            "waits up to N seconds for the run to end and then answers 200 with the run's "
+            "detail (as `GET /runs/{id}/`), else the 202."
+        ),
+        parameters=[openapi.IDEMPOTENCY_KEY, openapi.WaitQuery],
+        request=RunSubmitSerializer,
+        responses={
+            202: OpenApiResponse(openapi.RunAcceptedOut, description="Accepted; `Location` set."),
+            200: OpenApiResponse(
+                openapi.RunAcceptedOut,
+                description=(
+                    "The run has ended: an idempotent replay, or the end of a `?wait=` (then "
+                    "the body is the run's whole detail, of which these fields are a part)."
+                ),
+            ),
+            **openapi.errors(400, 404, 409, 413, 429, 503),
+        },
+    )
     def post(self, request: Request) -> Response:
         tenant = _tenant(request)
         body = RunSubmitSerializer(data=request.data)
@@ -158,11 +243,6 @@ class RunListView(APIView):
                 code="invalid_request",
                 message="Idempotency-Key must be at most 255 characters",
             )
-        fingerprint = request_fingerprint(request.data) if idempotency_key else ""
-        if idempotency_key:
-            existing = selectors.run_by_idempotency_key(tenant=tenant, key=idempotency_key)
-            if existing is not None:
-                return self._replay(request, existing, fingerprint)
         version = selectors.workflow_version_for(
             tenant=tenant, name=data["workflow"], version=data.get("version")
         )
@@ -174,36 +254,21 @@ class RunListView(APIView):
                 message=f"workflow {data['workflow']!r}{suffix} not found",
             )
         try:
-            with transaction.atomic():
-                run = run_create(
-                    tenant=tenant,
-                    version=version,
-                    input=data.get("input", {}),
-                    lane=data.get("lane"),
-                    webhook_url=data.get("webhook_url", ""),
-                    idempotency_key=idempotency_key,
-                    request_hash=fingerprint,
-                )
+            submission = run_submit(
+                tenant=tenant,
+                version=version,
+                input=data.get("input", {}),
+                lane=data.get("lane"),
+                webhook_url=data.get("webhook_url", ""),
+                idempotency_key=idempotency_key,
+                request_hash=request_fingerprint(request.data) if idempotency_key else "",
+            )
         except RunError as exc:
             raise _run_error(exc) from None
-        except IntegrityError:
-            # Two requests with one Idempotency-Key raced; the other one stored its run.
-            existing = selectors.run_by_idempotency_key(tenant=tenant, key=idempotency_key)
-            if existing is None:
-                raise
-            return self._replay(request, existing, fingerprint)
-        return self._accepted(request, run, status.HTTP_202_ACCEPTED)
-
-    def _replay(self, request: Request, run, fingerprint: str) -> Response:
-        if run.request_hash != fingerprint:
-            raise ApiError(
-                status_code=409,
-                code="idempotency_key_reused",
-                message="this Idempotency-Key was used with a different request body",
-                details={"run": str(run.public_id)},
-            )
-        code = status.HTTP_200_OK if run.is_final else status.HTTP_202_ACCEPTED
-        return self._accepted(request, run, code)
+        run = submission.run
+        if submission.created or not run.is_final:
+            return self._accepted(request, run, status.HTTP_202_ACCEPTED)
+        return self._accepted(request, run, status.HTTP_200_OK)
 
     def _accepted(self, request: Request, run, code: int) -> Response:
         links = run_links(run, request)
@@ -222,12 +287,39 @@ def _run_or_404(request: Request, run_id: str):
 
 
 class RunDetailView(APIView):
+    @extend_schema(
+        tags=["runs"],
+        operation_id="runs_retrieve",
+        summary="A run: status, output, error, each step, and its webhook deliveries",
+        description=(
+            "With `?wait=N`: answers as soon as the run has ended, or with the run as it "
+            "stands after N seconds."
+        ),
+        parameters=[openapi.RUN_ID, openapi.WaitQuery],
+        responses={200: openapi.RunDetailOut, **openapi.errors(404)},
+    )
     def get(self, request: Request, run_id: str) -> Response:
         run = _run_or_404(request, run_id)
         return Response(run_detail(selectors.run_with_steps(run), request))
 
 
 class RunEventsView(APIView):
+    @extend_schema(
+        tags=["runs"],
+        operation_id="runs_events_list",
+        summary="A run's event log (gapless seq), after `?after=SEQ`; live with SSE",
+        description=(
+            "With `Accept: text/event-stream`: every stored event after `Last-Event-ID` (or "
+            "`?after=`), then live events, as SSE frames with `id:` = seq, `step.delta` frames "
+            "without an id, heartbeats every 15 s; the stream ends after the run's final event."
+        ),
+        parameters=[openapi.RUN_ID, openapi.EventsQuery, openapi.LAST_EVENT_ID],
+        responses={
+            (200, "application/json"): openapi.EventListOut,
+            (200, "text/event-stream"): OpenApiTypes.STR,
+            **openapi.errors(400, 404),
+        },
+    )
     def get(self, request: Request, run_id: str) -> Response:
         run = _run_or_404(request, run_id)
         after = request.query_params.get("after", "0")
@@ -248,6 +340,14 @@ class RunEventsView(APIView):
 
 
 class RunCancelView(APIView):
+    @extend_schema(
+        tags=["runs"],
+        operation_id="runs_cancel",
+        summary="Cancel a run and its unfinished steps",
+        parameters=[openapi.RUN_ID],
+        request=None,
+        responses={200: openapi.RunSummaryOut, **openapi.errors(404, 409)},
+    )
     def post(self, request: Request, run_id: str) -> Response:
         run = _run_or_404(request, run_id)
         try:
@@ -258,6 +358,14 @@ class RunCancelView(APIView):
 
 
 class RunRetryView(APIView):
+    @extend_schema(
+        tags=["runs"],
+        operation_id="runs_retry",
+        summary="Retry a failed run from its failed steps (checkpoints are kept)",
+        parameters=[openapi.RUN_ID],
+        request=None,
+        responses={202: openapi.RunSummaryOut, **openapi.errors(404, 409)},
+    )
     def post(self, request: Request, run_id: str) -> Response:
         run = _run_or_404(request, run_id)
         try:
@@ -268,6 +376,13 @@ class RunRetryView(APIView):
 
 
 class DocumentsView(APIView):
+    @extend_schema(
+        tags=["documents"],
+        operation_id="documents_create",
+        summary="Add documents for `retrieval` steps",
+        request=DocumentsAddSerializer,
+        responses={201: openapi.DocumentsAddedOut, **openapi.errors(400, 413)},
+    )
     def post(self, request: Request) -> Response:
         body = DocumentsAddSerializer(data=request.data)
         body.is_valid(raise_exception=True)

@@ -32,6 +32,8 @@ from jobs.models import (
     StepStatus,
     WorkflowVersion,
 )
+from jobs.services.webhooks import webhook_delivery_create
+from jobs.steps import registry
 from tenants.models import LANE_RANK, Lane, Tenant
 
 log = logging.getLogger(__name__)
@@ -158,6 +160,8 @@ def run_advance(txn: RunTxn) -> None:
         txn.log.add("step.cancelled", step=step)
         if step.kind == "workflow":
             _cancel_child_after_commit(step)
+        elif step.kind == "approval":
+            _cancel_approvals(txn, step, reason=plan.run_error or "the step was cancelled")
 
     if plan.run_status == RunStatus.SUCCEEDED:
         _run_finish(txn, RunStatus.SUCCEEDED, output=plan.run_output)
@@ -175,21 +179,19 @@ def _finish_step(step: StepRun, status: str, now, *extra_fields: str) -> None:
 
 
 def _run_refresh_activity(txn: RunTxn, steps: list[StepRun]) -> None:
-    """`running` ⇄ `waiting`: waiting when the only unfinished steps wait on people or runs."""
+    """`running` ⇄ `waiting`: waiting when nothing of the run is being worked on (no step
+    ready, queued, running or due for a retry) and something waits on people or a child run.
+
+    Pending steps do not count: after an advance, a pending step is blocked on an unfinished
+    one. Nor does a map's own row, whose `running` only means that its items exist.
+    """
     run = txn.run
     if run.status == RunStatus.ACCEPTED:
         return
-    unfinished = [s for s in steps if s.status not in STEP_FINAL and s.map_index is None]
-    busy = [s for s in unfinished if s.status != StepStatus.WAITING]
-    waiting = (
-        bool(unfinished)
-        and not busy
-        and not any(
-            s.status not in STEP_FINAL and s.status != StepStatus.WAITING
-            for s in steps
-            if s.map_index is not None
-        )
-    )
+    worked_on = (StepStatus.READY, StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.RETRY_WAIT)
+    items = [s for s in steps if not (s.kind == "map" and s.map_index is None)]
+    busy = any(s.status in worked_on for s in items)
+    waiting = not busy and any(s.status == StepStatus.WAITING for s in items)
     target = RunStatus.WAITING if waiting else RunStatus.RUNNING
     if run.status != target:
         run.status = target
@@ -224,6 +226,7 @@ def _run_finish(txn: RunTxn, status: str, *, output: Any = None, error: str = ""
     if error:
         data["error"] = error
     txn.log.add(f"run.{status}", **data)
+    webhook_delivery_create(run=run, event_type=f"run.{status}")
     if run.parent_step_id is not None:
         _parent_step_settle(run)
 
@@ -244,6 +247,13 @@ def _cancel_child_after_commit(step: StepRun) -> None:
     transaction.on_commit(cancel)
 
 
+def _cancel_approvals(txn: RunTxn, step: StepRun, *, reason: str) -> None:
+    """A cancelled approval step withdraws its pending request (in this transaction)."""
+    from jobs.services.approvals import approvals_cancel_for_step
+
+    approvals_cancel_for_step(txn=txn, step=step, reason=reason)
+
+
 def _new_step_row(run: Run, step_def, *, map_index: int | None, now) -> StepRun:
     return StepRun(
         run=run,
@@ -254,7 +264,7 @@ def _new_step_row(run: Run, step_def, *, map_index: int | None, now) -> StepRun:
         kind=step_def.kind,
         queue=step_def.queue,
         max_attempts=step_def.retry.max_attempts,
-        timeout_s=step_def.timeout_s or _default_timeout(),
+        timeout_s=_attempt_timeout(step_def),
         status=StepStatus.PENDING,
     )
 
@@ -263,6 +273,15 @@ def _default_timeout() -> float:
     from django.conf import settings
 
     return settings.SWITCHYARD_STEP_DEFAULT_TIMEOUT_S
+
+
+def _attempt_timeout(step_def) -> float:
+    """How long one attempt may run (its lease). An approval's `timeout_s` is its decision
+    deadline instead (`KindSpec.timeout_is_deadline`), which the approval keeps itself."""
+    spec = registry.kinds().get(step_def.kind)
+    if step_def.timeout_s is None or (spec is not None and spec.timeout_is_deadline):
+        return _default_timeout()
+    return step_def.timeout_s
 
 
 def request_fingerprint(body: dict[str, Any]) -> str:
@@ -344,6 +363,8 @@ def run_cancel(*, run: Run, reason: str = "cancelled", by: str = "") -> Run:
             txn.log.add("step.cancelled", step=step)
             if step.kind == "workflow":
                 _cancel_child_after_commit(step)
+            elif step.kind == "approval":
+                _cancel_approvals(txn, step, reason=f"the run was cancelled: {reason}")
         locked.status = RunStatus.CANCELLED
         locked.finished_at = now
         locked.error = reason
@@ -352,6 +373,7 @@ def run_cancel(*, run: Run, reason: str = "cancelled", by: str = "") -> Run:
         if by:
             data["by"] = by
         txn.log.add("run.cancelled", **data)
+        webhook_delivery_create(run=locked, event_type="run.cancelled")
         if locked.parent_step_id is not None:
             _parent_step_settle(locked)
         return locked

@@ -29,6 +29,7 @@ from jobs.services.runs import (
     run_locked,
     run_mark_started,
 )
+from tenants.quotas import llm_tokens_add
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,26 @@ def step_admit(*, step_run_id: int) -> Dispatch | None:
         if not updated:
             return None
         step = StepRun.objects.get(pk=step_run_id)
+        if step.held_reason:
+            StepRun.objects.filter(pk=step_run_id).update(held_reason="")
         txn.log.add("step.queued", step=step, queue=step.queue)
         return Dispatch(step.pk, token, step.queue, step.lane)
+
+
+def step_hold(*, step_run_id: int, reason: str) -> bool:
+    """Note in the run's log, once per reason, why a ready step is being held back."""
+    run_pk = _run_pk_of(step_run_id)
+    if run_pk is None:
+        return False
+    with run_locked(run_pk) as txn:
+        updated = (
+            StepRun.objects.filter(pk=step_run_id, status=StepStatus.READY)
+            .exclude(held_reason=reason)
+            .update(held_reason=reason)
+        )
+        if updated:
+            txn.log.add("step.held", step=StepRun.objects.get(pk=step_run_id), reason=reason)
+        return bool(updated)
 
 
 def step_redispatch(*, step_run_id: int, stale_before: datetime) -> Dispatch | None:
@@ -205,6 +224,7 @@ def step_claim(*, step_run_id: int, dispatch_token: str, worker: str) -> Claim |
         )
         run_mark_started(txn)
         txn.log.add("step.started", step=step, attempt=step.attempt, worker=worker)
+        txn.log.wake_scheduler()  # a queued slot of this queue is free again
         return Claim(
             step_run_id=step.pk,
             run_public_id=txn.run.public_id,
@@ -272,6 +292,12 @@ def step_complete(*, claim: Claim, output: Any) -> bool:
             attempt=step.attempt,
             duration_ms=round((now - step.started_at).total_seconds() * 1000, 1),
         )
+        if step.kind == "llm" and isinstance(output, dict):
+            usage = output.get("usage") or {}
+            llm_tokens_add(
+                tenant_id=step.tenant_id, tokens=int(usage.get("total_tokens") or 0), now=now
+            )
+        txn.log.wake_scheduler()  # a slot of this tenant and queue is free
         run_advance(txn)
         return True
 
@@ -284,6 +310,7 @@ def step_fail(*, claim: Claim, error: str, code: str, retryable: bool) -> bool:
             return False
         _close_attempt(step, AttemptOutcome.FAILED, error=error, code=code)
         _after_failed_attempt(txn, step, error=error, code=code, retryable=retryable)
+        txn.log.wake_scheduler()
         return True
 
 

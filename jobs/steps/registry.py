@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-# Queues. The scheduler's own work (child runs) runs on `steps.control`.
+from jobs.steps import approval
+
+# Queues. The scheduler's own work (child runs, approval requests) runs on `steps.control`.
 QUEUE_LLM = "steps.llm"
 QUEUE_TOOL = "steps.tool"
 QUEUE_RETRIEVAL = "steps.retrieval"
@@ -82,11 +84,24 @@ class KindSpec:
     # Fields whose string values are templates rendered at readiness ("args" renders
     # recursively). Fields not listed are passed through as written.
     template_fields: tuple[str, ...] = ()
+    # Dotted path of `check(step: dict) -> list[tuple[str, str]]`, the rules of the kind that
+    # JSON Schema cannot state, as (path within the step, message); run at upload. Pure.
+    check: str | None = None
+    # True when `timeout_s` of a step of this kind is how long it may wait (an approval's
+    # decision deadline) rather than how long an attempt may run; its attempts then get the
+    # default attempt timeout (SWITCHYARD_STEP_DEFAULT_TIMEOUT_S).
+    timeout_is_deadline: bool = False
 
     def load_handler(self) -> Callable[[StepContext], Any]:
         if self.handler is None:
             raise LookupError(f"kind {self.name!r} has no handler")
         module_name, _, attr = self.handler.rpartition(".")
+        return getattr(importlib.import_module(module_name), attr)
+
+    def load_check(self) -> Callable[[dict[str, Any]], list[tuple[str, str]]] | None:
+        if self.check is None:
+            return None
+        module_name, _, attr = self.check.rpartition(".")
         return getattr(importlib.import_module(module_name), attr)
 
 
@@ -171,6 +186,16 @@ _BUILTIN_KINDS: dict[str, KindSpec] = {
                 "input": {"type": "object"},
             },
         },
+    ),
+    # Parks in `waiting` until people decide (jobs.services.approvals; docs/approvals.md).
+    "approval": KindSpec(
+        name="approval",
+        queue=QUEUE_CONTROL,
+        handler=None,
+        template_fields=approval.TEMPLATE_FIELDS,
+        config_schema=approval.CONFIG_SCHEMA,
+        check="jobs.steps.approval.check",
+        timeout_is_deadline=True,
     ),
     "map": KindSpec(
         name="map",

@@ -19,3 +19,20 @@ def running(cluster):
     cluster.start_scheduler()
     cluster.start_all_pools()
     return cluster
+
+
+@pytest.fixture
+def web(cluster):
+    """A daphne web process on a free port (its base URL). SSE heartbeats every second, so
+    that tests see them without waiting 15 s."""
+    return cluster.start_web(SWITCHYARD_SSE_HEARTBEAT_S="1")
+
+
+@pytest.fixture
+def stepping(cluster):
+    """The scheduler and thread pools for tool and llm steps: enough for the API's streams and
+    waits, and quicker to start and stop than `running`."""
+    cluster.start_scheduler()
+    cluster.start_worker("steps.tool", pool="threads", concurrency=4)
+    cluster.start_worker("steps.llm", pool="threads", concurrency=4)
+    return cluster

@@ -1,4 +1,4 @@
-"""Real scheduler and Celery worker processes for integration tests.
+"""Real scheduler, Celery worker and web (daphne) processes for integration tests.
 
 Every process gets the test database, a queue prefix of its own (so tests never consume the
 queues of a `make run` on the same machine) and the test tools. Processes run in their own
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,12 +17,21 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 from django.conf import settings
 from django.db import connection
 from kombu import Connection
 
 ROOT = Path(__file__).resolve().parents[2]
 STEP_QUEUES = ("steps.llm", "steps.tool", "steps.retrieval", "steps.control")
+OTHER_QUEUES = ("webhooks", "maintenance")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @dataclass
@@ -62,6 +72,9 @@ class Cluster:
             "SWITCHYARD_LEASE_GRACE_S": "1",
             "CHANNEL_LAYER_PREFIX": f"{self.prefix}chan",
             "DATABASE_CONN_MAX_AGE": "0",
+            # The pools of start_all_pools, so the scheduler sizes the broker queues to them.
+            "SWITCHYARD_POOL_CAPACITY": "steps.llm=8,steps.tool=2,steps.retrieval=2,"
+            "steps.control=2",
             "PYTHONUNBUFFERED": "1",
             **env_overrides,
         }
@@ -72,13 +85,13 @@ class Cluster:
 
     # --- processes ----------------------------------------------------------------------
 
-    def _spawn(self, name: str, argv: list[str]) -> Proc:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
         log_path = self.workdir / f"{name}-{len(self.procs)}.log"
         log_file = open(log_path, "wb")  # noqa: SIM115 - owned by the process
         popen = subprocess.Popen(
             argv,
             cwd=ROOT,
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -131,6 +144,39 @@ class Cluster:
         self.start_worker("steps.tool", pool="prefork", concurrency=2)
         self.start_worker("steps.retrieval", pool="threads", concurrency=2)
         self.start_worker("steps.control", pool="threads", concurrency=2)
+        self.start_worker("webhooks", pool="threads", concurrency=4)
+
+    def start_web(self, port: int | None = None, **env: str) -> str:
+        """Start a daphne web process on 127.0.0.1; returns its base URL once /healthz answers.
+
+        `env` adds variables for this process only (e.g. a short SSE heartbeat).
+        """
+        port = port or free_port()
+        proc = self._spawn(
+            "web",
+            [
+                sys.executable,
+                "-m",
+                "daphne",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "orchestrator.asgi:application",
+            ],
+            env=env,
+        )
+        base_url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        self.wait_until(healthy, 30, f"web on port {port} never answered /healthz", proc)
+        self.web = proc
+        return base_url
 
     def kill(self, proc: Proc, sig: int = signal.SIGKILL) -> None:
         if proc.alive():
@@ -193,7 +239,7 @@ class Cluster:
 
     def delete_queues(self) -> None:
         with self._broker() as conn:
-            for queue in (*STEP_QUEUES, "maintenance"):
+            for queue in (*STEP_QUEUES, *OTHER_QUEUES):
                 channel = conn.channel()
                 try:
                     channel.queue_delete(self.prefix + queue)

@@ -20,35 +20,18 @@ from jobs.definitions import (
     validate_input,
 )
 from jobs.steps import registry
-from jobs.steps.registry import QUEUE_CONTROL, KindSpec
-
-APPROVAL = KindSpec(
-    name="approval",
-    queue=QUEUE_CONTROL,
-    handler=None,
-    template_fields=("prompt",),
-    config_schema={
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["prompt"],
-        "properties": {
-            "prompt": {"type": "string"},
-            "on_timeout": {"enum": ["approve", "reject"]},
-        },
-    },
-)
+from jobs.steps.registry import KindSpec
 
 
 @pytest.fixture(autouse=True)
 def isolated_registry(monkeypatch):
-    """The built-in kinds plus `approval`, and exactly the tools echo, http and crm.lookup.
+    """The built-in kinds (`approval` among them), and exactly the tools echo, http and crm.lookup.
 
     Other modules register kinds and tools when they are imported; the messages tested here
     list the registry's contents, so each test sees a fixed registry.
     """
     monkeypatch.setattr(registry, "_kinds", dict(registry._BUILTIN_KINDS))
     monkeypatch.setattr(registry, "_tools", {})
-    registry.register_kind(APPROVAL)
     for name in ("echo", "http", "crm.lookup"):
         registry.register_tool(name)(lambda ctx, **args: args)
 

@@ -16,7 +16,7 @@ from jobs.selectors import workflow_version_for
 from jobs.services.documents import documents_add
 from jobs.services.runs import run_create
 from jobs.services.workflows import workflow_version_create
-from tenants.models import ApiKey, Membership, Role, Tenant
+from tenants.models import ApiKey, Membership, Role, Scope, Tenant
 from tenants.services import api_key_issue, api_key_revoke
 
 DEMO_TENANTS = [("acme", "Acme Support", 3), ("globex", "Globex Batch", 1)]
@@ -51,7 +51,9 @@ class Command(BaseCommand):
             )
             for old in ApiKey.objects.filter(tenant=tenant, name="demo", revoked_at=None):
                 api_key_revoke(api_key=old)
-            keys[slug] = api_key_issue(tenant=tenant, name="demo").raw_key
+            # `admin`: the demo key can follow docs/api.md to the end (keys, webhook secret).
+            issued = api_key_issue(tenant=tenant, name="demo", scopes=[Scope.ADMIN])
+            keys[slug] = issued.raw_key
             if not Document.objects.filter(tenant=tenant).exists():
                 documents_add(tenant=tenant, documents=DEMO_DOCUMENTS)
             version = workflow_version_for(tenant=tenant, name=SUPPORT_TRIAGE["name"])

@@ -1,0 +1,194 @@
+"""Submitting a run from the client API: idempotency keys, backpressure, the webhook URL policy.
+
+`run_submit` is the API's door to `run_create` (child runs are created by the engine, without
+any of this). It only writes PostgreSQL: the broker is never on the path of a submission
+(DESIGN §3.7), so a submission succeeds while RabbitMQ is down.
+
+Idempotency: a key matches the tenant's run that holds it for `SWITCHYARD_IDEMPOTENCY_TTL_S`
+after that run was created. The partial unique constraint on (tenant, idempotency_key) stays
+the guard against concurrent requests; an expired key is released (cleared on the old run) in
+the transaction that creates the new run, so two requests that reuse an expired key at once
+still create one run (docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from jobs import selectors
+from jobs.definitions import Fault
+from jobs.models import Run, WorkflowVersion
+from jobs.services.runs import RunError, run_create
+from jobs.steps.netguard import ForbiddenURL, check_outbound_url
+from tenants.models import Tenant
+
+
+class IdempotencyConflict(RunError):
+    """The Idempotency-Key is held by a run submitted with another body."""
+
+    def __init__(self, run: Run):
+        super().__init__(
+            "this Idempotency-Key was used with a different request body",
+            code="idempotency_key_reused",
+        )
+        self.run = run
+
+
+class Backpressure(RunError):
+    """Submission refused for now; `retry_after` (seconds) goes to the Retry-After header."""
+
+    def __init__(self, message: str, *, code: str, retry_after: int):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Submission:
+    run: Run
+    created: bool  # False: an earlier request with the same Idempotency-Key created `run`
+
+
+def run_submit(
+    *,
+    tenant: Tenant,
+    version: WorkflowVersion,
+    input: dict[str, Any],
+    lane: str | None = None,
+    webhook_url: str = "",
+    idempotency_key: str = "",
+    request_hash: str = "",
+) -> Submission:
+    """Create a run for a client, or return the run its Idempotency-Key already created.
+
+    Raises IdempotencyConflict (same key, other body), Backpressure (a queue is full) or
+    RunError (bad input, lane or webhook URL). A replay is answered before backpressure: a
+    client retrying a submission that succeeded gets its run even when the queue is full.
+    """
+    expired: Run | None = None
+    if idempotency_key:
+        holder = selectors.run_by_idempotency_key(tenant=tenant, key=idempotency_key)
+        if holder is not None:
+            if _key_is_live(holder):
+                return _replay(holder, request_hash)
+            expired = holder
+    _check_webhook_url(webhook_url)
+    backpressure_check(tenant=tenant)
+    try:
+        with transaction.atomic():
+            if expired is not None:
+                # Row-locks the old run: a concurrent reuse of the same expired key waits
+                # here, then finds the key gone and collides on the unique constraint.
+                Run.objects.filter(pk=expired.pk, idempotency_key=idempotency_key).update(
+                    idempotency_key=""
+                )
+            run = run_create(
+                tenant=tenant,
+                version=version,
+                input=input,
+                lane=lane,
+                webhook_url=webhook_url,
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
+            )
+    except IntegrityError:
+        if not idempotency_key:
+            raise
+        # Another request with this key committed its run first.
+        holder = selectors.run_by_idempotency_key(tenant=tenant, key=idempotency_key)
+        if holder is None:
+            raise
+        return _replay(holder, request_hash)
+    return Submission(run=run, created=True)
+
+
+def _key_is_live(run: Run) -> bool:
+    ttl = timedelta(seconds=settings.SWITCHYARD_IDEMPOTENCY_TTL_S)
+    return run.created_at > timezone.now() - ttl
+
+
+def _replay(run: Run, request_hash: str) -> Submission:
+    if run.request_hash != request_hash:
+        raise IdempotencyConflict(run)
+    return Submission(run=run, created=False)
+
+
+def _check_webhook_url(url: str) -> None:
+    if not url:
+        return
+    try:
+        check_outbound_url(url)
+    except ForbiddenURL as exc:
+        raise RunError(
+            str(exc), code="forbidden_webhook_url", faults=[Fault("webhook_url", str(exc))]
+        ) from None
+    except OSError as exc:
+        message = f"cannot resolve the host of {url}: {exc}"
+        raise RunError(
+            message, code="invalid_webhook_url", faults=[Fault("webhook_url", message)]
+        ) from None
+
+
+# --- backpressure ------------------------------------------------------------------------------
+
+# The platform backlog is counted at most this often per process: a count of up to
+# SWITCHYARD_PLATFORM_MAX_BACKLOG rows is too dear for every submission, and a coarse guard
+# loses nothing by being a second late.
+PLATFORM_BACKLOG_CACHE_S = 1.0
+_backlog_cache: dict[str, float] = {}
+_backlog_lock = threading.Lock()
+
+
+def platform_backlog(*, cap: int) -> int:
+    """Steps waiting for a worker platform-wide (cached for PLATFORM_BACKLOG_CACHE_S)."""
+    now = time.monotonic()
+    with _backlog_lock:
+        if _backlog_cache.get("expires", 0.0) > now and _backlog_cache.get("cap") == cap:
+            return int(_backlog_cache["value"])
+    value = selectors.platform_backlog_count(cap=cap)
+    with _backlog_lock:
+        _backlog_cache.update(value=value, cap=cap, expires=now + PLATFORM_BACKLOG_CACHE_S)
+    return value
+
+
+def platform_backlog_cache_clear() -> None:
+    with _backlog_lock:
+        _backlog_cache.clear()
+
+
+def backpressure_check(*, tenant: Tenant) -> None:
+    """Raise Backpressure when the tenant's queued-run quota or the platform backlog is full.
+
+    - 429: the tenant has `max_queued_runs` runs not yet started (status `accepted`).
+    - 503: `SWITCHYARD_PLATFORM_MAX_BACKLOG` steps of active tenants wait for a worker
+      (status `ready` or `queued`).
+
+    Both are checks before the insert, not locks: concurrent submissions can pass a limit by
+    the few that are in flight at once, which a backpressure signal can afford.
+    """
+    retry_after = settings.SWITCHYARD_API_RETRY_AFTER_S
+    quota = tenant.max_queued_runs
+    queued = selectors.queued_runs_count(tenant=tenant, cap=quota)
+    if queued >= quota:
+        raise Backpressure(
+            f"tenant {tenant.slug!r} has {queued} queued runs, its max_queued_runs quota; "
+            f"retry after {retry_after}s",
+            code="queued_runs_quota_full",
+            retry_after=retry_after,
+        )
+    limit = settings.SWITCHYARD_PLATFORM_MAX_BACKLOG
+    backlog = platform_backlog(cap=limit)
+    if backlog >= limit:
+        raise Backpressure(
+            f"the platform backlog is {backlog} steps waiting for a worker, at its limit "
+            f"(SWITCHYARD_PLATFORM_MAX_BACKLOG={limit}); retry after {retry_after}s",
+            code="platform_backlog_full",
+            retry_after=retry_after,
+        )
