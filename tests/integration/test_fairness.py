@@ -266,11 +266,21 @@ def test_a_quota_change_applies_at_the_next_cycle_without_a_restart(cluster):
     cluster.start_scheduler()
     cluster.start_worker("steps.tool", pool="threads", concurrency=8)
     tenant = make_tenant_client("tight", max_concurrent_steps=1).tenant
-    version = workflow_version_create(tenant=tenant, document={
-        "name": "tight",
-        "steps": [{"id": f"s{i}", "kind": "tool", "tool": "test.count",
-                   "args": {"key": f"t{i}", "sleep_ms": 300}} for i in range(30)],
-    })
+    version = workflow_version_create(
+        tenant=tenant,
+        document={
+            "name": "tight",
+            "steps": [
+                {
+                    "id": f"s{i}",
+                    "kind": "tool",
+                    "tool": "test.count",
+                    "args": {"key": f"t{i}", "sleep_ms": 300},
+                }
+                for i in range(30)
+            ],
+        },
+    )
     run = run_create(tenant=tenant, version=version, input={})
     running = lambda: StepRun.objects.filter(tenant=tenant, status="running").count()  # noqa: E731
     cluster.wait_until(lambda: running() == 1, 20, "never started")
