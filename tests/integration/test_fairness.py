@@ -304,3 +304,22 @@ def test_the_tenant_admin_shows_usage_beside_each_quota(client, django_user_mode
     assert "1,234 / 10,000,000" in listing
     detail = client.get(f"/admin/tenants/tenant/{tenant.pk}/change/").content.decode()
     assert "ready backlog 6" in detail and "queued runs 2 / 10000" in detail
+
+
+def test_the_llm_pool_holds_fifty_concurrent_simulated_calls(cluster):
+    cluster.env["SWITCHYARD_POOL_CAPACITY"] = "steps.llm=64"
+    cluster.start_scheduler()
+    cluster.start_worker("steps.llm", pool="threads", concurrency=64)
+    tenant = make_tenant_client("wide", max_concurrent_steps=100).tenant
+    samples: list[int] = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sample_running, args=(tenant, stop, samples))
+    sampler.start()
+    try:
+        (run,) = flood(tenant, runs=1, width=60, latency_ms=3000)
+        run = cluster.wait_run(run, timeout=60)
+    finally:
+        stop.set()
+        sampler.join()
+    assert run.status == "succeeded"
+    assert max(samples) >= 50, f"at most {max(samples)} llm calls ran at once"
