@@ -210,5 +210,7 @@ def test_300_waiting_requests_hold_no_thread_and_a_plain_get_is_still_answered(
     assert cancelled.status_code == 200
     assert {answer.status_code for answer in answers} == {200}, note
     assert {answer.json()["status"] for answer in answers} == {"cancelled"}, note
-    assert release < 10, note
+    # Woken by the run's end, not by their own 50 s wait running out (no timing bound beyond
+    # that: a loaded machine may take a while to write 300 responses).
+    assert release < 45, note
     cluster.wait_until(lambda: subscribers(cluster, run_id) == 0, 10, "a wait stayed subscribed")
