@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from django.conf import settings
-from django.db.models import Count, Q
+from django.db import connection
+from django.db.models import Count
 from django.utils import timezone
 
 from jobs.models import RunStatus, StepRun, StepStatus
@@ -73,10 +74,9 @@ class Decision:
 
 @dataclass
 class _Backlog:
-    """Ready steps of one (queue, tenant, lane), split by whether their run has started."""
+    """Ready steps of one (queue, tenant, lane) that may be admitted, counted up to a cap."""
 
-    started: int = 0
-    not_started: int = 0
+    available: int
 
 
 def _in_flight() -> tuple[dict[tuple[str, int], int], dict[int, int], dict[tuple[str, str], int]]:
@@ -104,19 +104,56 @@ def _queued_by_queue() -> dict[str, int]:
     )
 
 
-def _backlog(queues: list[str]) -> dict[tuple[str, int, str], _Backlog]:
-    rows = (
-        StepRun.objects.filter(status=StepStatus.READY, queue__in=queues, tenant__is_active=True)
-        .values_list("queue", "tenant_id", "lane")
-        .annotate(
-            started=Count("id", filter=~Q(run__status=RunStatus.ACCEPTED)),
-            not_started=Count("id", filter=Q(run__status=RunStatus.ACCEPTED)),
-        )
+# The distinct (queue, tenant, lane) buckets with ready steps, by a skip scan over the partial
+# index `steprun_ready_bucket`: one index probe per bucket, not one row per ready step, so a
+# cycle costs the same with a thousand or a million steps waiting.
+_BUCKETS = f"""
+WITH RECURSIVE bucket AS (
+    (SELECT queue, tenant_id, lane FROM {StepRun._meta.db_table}
+     WHERE status = 'ready'
+     ORDER BY queue, tenant_id, lane LIMIT 1)
+    UNION ALL
+    SELECT next.queue, next.tenant_id, next.lane FROM bucket, LATERAL (
+        SELECT queue, tenant_id, lane FROM {StepRun._meta.db_table} s
+        WHERE s.status = 'ready'
+          AND (s.queue, s.tenant_id, s.lane) > (bucket.queue, bucket.tenant_id, bucket.lane)
+        ORDER BY s.queue, s.tenant_id, s.lane LIMIT 1
+    ) next
+)
+SELECT queue, tenant_id, lane FROM bucket
+"""
+
+
+def _bucket_steps(queue: str, tenant_id: int, lane: str, *, started_only: bool = False):
+    steps = StepRun.objects.filter(
+        status=StepStatus.READY, queue=queue, tenant_id=tenant_id, lane=lane
     )
-    return {
-        (queue, tenant_id, lane): _Backlog(started, not_started)
-        for queue, tenant_id, lane, started, not_started in rows
-    }
+    if started_only:
+        steps = steps.filter(run__status__in=[RunStatus.RUNNING, RunStatus.WAITING])
+    return steps.order_by("ready_at", "id")
+
+
+def _backlog(
+    room: dict[str, int], tenants: dict[int, Tenant], quotas: dict[int, TenantQuotaState]
+) -> dict[tuple[str, int, str], _Backlog]:
+    """Admissible ready steps per bucket, each count capped at its queue's free room.
+
+    A tenant at its `max_active_runs` can only use steps of runs already started.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(_BUCKETS)
+        buckets = [row for row in cursor.fetchall() if row[0] in room]
+    backlog = {}
+    for queue, tenant_id, lane in buckets:
+        tenant = tenants.get(tenant_id)
+        if tenant is None or not tenant.is_active:
+            continue
+        at_run_limit = quotas[tenant_id].active_runs >= tenant.max_active_runs
+        capped = _bucket_steps(queue, tenant_id, lane, started_only=at_run_limit)[: room[queue]]
+        available = capped.count()
+        if available:
+            backlog[(queue, tenant_id, lane)] = _Backlog(available)
+    return backlog
 
 
 def decide(now: datetime | None = None) -> Decision:
@@ -128,53 +165,48 @@ def decide(now: datetime | None = None) -> Decision:
     room = {q: free for q, free in room.items() if free > 0}
     if not room:
         return decision
-    backlog = _backlog(list(room))
+    tenants = Tenant.objects.in_bulk()
+    quotas = quota_states(list(tenants.values()), now=now)
+    backlog = _backlog(room, tenants, quotas)
     if not backlog:
         return decision
-    tenants = {t.pk: t for t in Tenant.objects.filter(pk__in={k[1] for k in backlog})}
-    quotas = quota_states(list(tenants.values()), now=now)
     in_flight_qt, in_flight_t, in_flight_ql = _in_flight()
     fifo = settings.SWITCHYARD_ADMISSION_POLICY == "fifo"
-    # (queue, tenant, lane, started) → how many steps to take from that bucket
-    picks: dict[tuple[str, int, str, bool], int] = defaultdict(int)
-    held: dict[tuple[str, int, str, bool], str] = {}
+    picks: dict[tuple[str, int, str], int] = defaultdict(int)
+    held: dict[tuple[str, int, str], str] = {}
 
     for queue, free in sorted(room.items()):
         queue_backlog = {k: v for k, v in backlog.items() if k[0] == queue}
-        if fifo:
-            _pick_fifo(
-                queue, free, queue_backlog, tenants, quotas, in_flight_t, picks, held, decision
-            )
-            continue
         for _slot in range(free):
-            choice = _next_fair(
-                queue, queue_backlog, tenants, quotas, in_flight_qt, in_flight_t, in_flight_ql, held
+            eligible = list(
+                _eligible_buckets(queue, queue_backlog, tenants, quotas, in_flight_t, held)
             )
+            if not eligible:
+                break
+            if fifo:
+                choice = _oldest(queue, eligible, picks)
+            else:
+                choice = _next_fair(queue, eligible, tenants, in_flight_qt, in_flight_ql)
             if choice is None:
                 break
-            tenant_id, lane, started = choice
-            bucket = queue_backlog[(queue, tenant_id, lane)]
-            if started:
-                bucket.started -= 1
-            else:
-                bucket.not_started -= 1
-                quotas[tenant_id].active_runs += 1  # a run starting takes an active slot
-            picks[(queue, tenant_id, lane, started)] += 1
+            tenant_id, lane = choice
+            queue_backlog[(queue, tenant_id, lane)].available -= 1
+            picks[(queue, tenant_id, lane)] += 1
             in_flight_qt[(queue, tenant_id)] += 1
             in_flight_t[tenant_id] += 1
             in_flight_ql[(queue, lane)] += 1
             quotas[tenant_id].step_tokens -= 1
             decision.spent[tenant_id] += 1
 
-    decision.admit = _concrete_steps(picks)
-    decision.holds = _concrete_holds(held, backlog)
+    decision.admit = _concrete_steps(picks, tenants, quotas)
+    decision.holds = _concrete_holds(held)
     return decision
 
 
 def _blocked_reason(
-    tenant: Tenant, quota: TenantQuotaState, queue: str, in_flight: int, started: bool
+    tenant: Tenant, quota: TenantQuotaState, queue: str, in_flight: int
 ) -> tuple[str, bool] | None:
-    """Why a tenant's bucket cannot be admitted now, and whether its runs should be told.
+    """Why a tenant's steps cannot be admitted now, and whether its runs should be told.
 
     Waiting for a concurrency slot or a rate token is ordinary queueing; an exhausted daily
     LLM token budget can hold steps for hours, so the run's log says so.
@@ -190,107 +222,89 @@ def _blocked_reason(
             "for the budget to renew",
             True,
         )
-    if not started and quota.active_runs >= tenant.max_active_runs:
-        return "max_active_runs", False
     return None
 
 
 def _eligible_buckets(queue, queue_backlog, tenants, quotas, in_flight_t, held):
-    """(tenant, lane, started) buckets with steps that may be admitted now."""
+    """The (tenant, lane) buckets of `queue` with steps that may be admitted now."""
     for (_q, tenant_id, lane), bucket in queue_backlog.items():
-        for started, count in ((True, bucket.started), (False, bucket.not_started)):
-            if count <= 0:
-                continue
-            blocked = _blocked_reason(
-                tenants[tenant_id], quotas[tenant_id], queue, in_flight_t[tenant_id], started
-            )
-            if blocked is not None:
-                reason, tell = blocked
-                if tell:
-                    held.setdefault((queue, tenant_id, lane, started), reason)
-                continue
-            yield tenant_id, lane, started
+        if bucket.available <= 0:
+            continue
+        blocked = _blocked_reason(
+            tenants[tenant_id], quotas[tenant_id], queue, in_flight_t[tenant_id]
+        )
+        if blocked is not None:
+            reason, tell = blocked
+            if tell:
+                held.setdefault((queue, tenant_id, lane), reason)
+            continue
+        yield tenant_id, lane
 
 
-def _next_fair(
-    queue, queue_backlog, tenants, quotas, in_flight_qt, in_flight_t, in_flight_ql, held
-) -> tuple[int, str, bool] | None:
-    eligible = list(_eligible_buckets(queue, queue_backlog, tenants, quotas, in_flight_t, held))
-    if not eligible:
-        return None
+def _next_fair(queue, eligible, tenants, in_flight_qt, in_flight_ql) -> tuple[int, str]:
     total = sum(n for (q, _lane), n in in_flight_ql.items() if q == queue)
     shares = settings.SWITCHYARD_LANE_MIN_SHARE
     # 1. A lower lane below its reserved share goes first.
     for lane in LOWER_LANES:
-        in_lane = [b for b in eligible if b[1] == lane]
+        in_lane = [bucket for bucket in eligible if bucket[1] == lane]
         if in_lane and in_flight_ql[(queue, lane)] < shares.get(lane, 0) * (total + 1):
             return min(in_lane, key=lambda b: _fair_key(b, queue, tenants, in_flight_qt))
     # 2. The tenant furthest below its weighted share; 3. its most urgent lane.
     return min(eligible, key=lambda b: _fair_key(b, queue, tenants, in_flight_qt))
 
 
-def _fair_key(bucket, queue, tenants, in_flight_qt) -> tuple[float, int, int, int]:
-    tenant_id, lane, started = bucket
+def _fair_key(bucket, queue, tenants, in_flight_qt) -> tuple[float, int, int]:
+    tenant_id, lane = bucket
     load = in_flight_qt[(queue, tenant_id)] / max(1, tenants[tenant_id].weight)
-    # Prefer steps of started runs: finishing work in progress before starting new runs.
-    return (load, -LANE_RANK[lane], 0 if started else 1, tenant_id)
+    return (load, -LANE_RANK[lane], tenant_id)
 
 
-def _pick_fifo(queue, free, queue_backlog, tenants, quotas, in_flight_t, picks, held, decision):
-    """The baseline: the oldest ready steps of eligible tenants, whoever they belong to."""
-    eligible = {
-        (t, lane, s)
-        for t, lane, s in _eligible_buckets(
-            queue, queue_backlog, tenants, quotas, in_flight_t, held
+def _oldest(queue, eligible, picks) -> tuple[int, str] | None:
+    """FIFO baseline: the bucket whose next unpicked step became ready first."""
+    heads = {}
+    for tenant_id, lane in eligible:
+        offset = picks[(queue, tenant_id, lane)]
+        head = (
+            _bucket_steps(queue, tenant_id, lane)
+            .values_list("ready_at", "id")[offset : offset + 1]
+            .first()
         )
-    }
-    if not eligible:
-        return
-    oldest = (
-        StepRun.objects.filter(
-            status=StepStatus.READY, queue=queue, tenant_id__in=tenants, tenant__is_active=True
-        )
-        .values_list("tenant_id", "lane", "run__status")
-        .order_by("ready_at", "id")[: free * 4]
-    )
-    taken = 0
-    for tenant_id, lane, run_status in oldest:
-        started = run_status != RunStatus.ACCEPTED
-        if taken >= free or (tenant_id, lane, started) not in eligible:
-            continue
-        if quotas[tenant_id].step_tokens < 1:
-            continue
-        picks[(queue, tenant_id, lane, started)] += 1
-        quotas[tenant_id].step_tokens -= 1
-        decision.spent[tenant_id] += 1
-        taken += 1
+        if head is not None:
+            heads[(tenant_id, lane)] = head
+    return min(heads, key=heads.get) if heads else None
 
 
-def _bucket_steps(queue: str, tenant_id: int, lane: str, started: bool):
-    run_filter = (
-        ~Q(run__status=RunStatus.ACCEPTED) if started else Q(run__status=RunStatus.ACCEPTED)
-    )
-    return StepRun.objects.filter(
-        run_filter, status=StepStatus.READY, queue=queue, tenant_id=tenant_id, lane=lane
-    ).order_by("ready_at", "id")
-
-
-def _concrete_steps(picks) -> list[int]:
+def _concrete_steps(picks, tenants, quotas) -> list[int]:
+    """The oldest steps of each picked bucket; steps of runs not yet started only while the
+    tenant has room under `max_active_runs` (counting the runs this cycle starts)."""
     chosen: list[int] = []
-    for (queue, tenant_id, lane, started), n in picks.items():
-        if n > 0:
-            chosen.extend(
-                _bucket_steps(queue, tenant_id, lane, started).values_list("id", flat=True)[:n]
-            )
+    new_runs: dict[int, set[int]] = defaultdict(set)
+    for (queue, tenant_id, lane), n in picks.items():
+        if n <= 0:
+            continue
+        allowed = tenants[tenant_id].max_active_runs - quotas[tenant_id].active_runs
+        candidates = _bucket_steps(queue, tenant_id, lane).values_list(
+            "id", "run_id", "run__status"
+        )[: n * 4]
+        taken = 0
+        for step_run_id, run_id, run_status in candidates:
+            if taken >= n:
+                break
+            if run_status == RunStatus.ACCEPTED and run_id not in new_runs[tenant_id]:
+                if len(new_runs[tenant_id]) >= allowed:
+                    continue
+                new_runs[tenant_id].add(run_id)
+            chosen.append(step_run_id)
+            taken += 1
     return chosen
 
 
-def _concrete_holds(held, backlog) -> list[Hold]:
+def _concrete_holds(held) -> list[Hold]:
     """The held steps that have not been told why yet (at most 100 a cycle)."""
     holds: list[Hold] = []
-    for (queue, tenant_id, lane, started), reason in held.items():
+    for (queue, tenant_id, lane), reason in held.items():
         ids = (
-            _bucket_steps(queue, tenant_id, lane, started)
+            _bucket_steps(queue, tenant_id, lane)
             .exclude(held_reason=reason)
             .values_list("id", flat=True)[:100]
         )

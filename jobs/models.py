@@ -7,10 +7,11 @@ and its dispatch token. All writes go through `jobs.services`.
 import uuid
 
 from django.conf import settings
-from django.contrib.postgres.indexes import GinIndex
+from django.contrib.postgres.indexes import GinIndex, OpClass
 from django.contrib.postgres.search import SearchVectorField
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Upper
 
 from tenants.models import Lane, Tenant
 
@@ -95,6 +96,20 @@ class Run(models.Model):
         indexes = [
             models.Index(fields=["tenant", "-created_at", "-id"], name="run_tenant_recent"),
             models.Index(fields=["tenant", "status"], name="run_tenant_status"),
+            # The operators' runs list (dashboard): keyset pages, newest first, per filter.
+            models.Index(fields=["-created_at", "-id"], name="run_recent"),
+            models.Index(fields=["status", "-created_at", "-id"], name="run_status_recent"),
+            models.Index(
+                fields=["workflow_version", "-created_at", "-id"], name="run_version_recent"
+            ),
+            models.Index(fields=["lane", "-created_at", "-id"], name="run_lane_recent"),
+            models.Index(
+                fields=["tenant", "status"],
+                condition=Q(status__in=["accepted", "running", "waiting"]),
+                name="run_active",
+            ),
+            # `error__icontains` is UPPER(error) LIKE UPPER(%s): a trigram index on UPPER(error).
+            GinIndex(OpClass(Upper("error"), name="gin_trgm_ops"), name="run_error_trgm"),
         ]
         constraints = [
             models.UniqueConstraint(
@@ -160,7 +175,7 @@ class StepRun(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        ordering = ["run", "id"]
+        ordering = ["run_id", "id"]
         constraints = [
             models.UniqueConstraint(
                 fields=["run", "step_id", "map_index"],
@@ -175,6 +190,13 @@ class StepRun(models.Model):
                 condition=Q(status="ready"),
                 name="steprun_ready",
             ),
+            # Admission's per-(queue, tenant, lane) scans: distinct buckets by a skip scan,
+            # then capped counts and the oldest steps of each, whatever the backlog's size.
+            models.Index(
+                fields=["queue", "tenant", "lane", "ready_at", "id"],
+                condition=Q(status="ready"),
+                name="steprun_ready_bucket",
+            ),
             models.Index(
                 fields=["retry_at"], condition=Q(status="retry_wait"), name="steprun_retry_due"
             ),
@@ -186,6 +208,8 @@ class StepRun(models.Model):
             models.Index(
                 fields=["dispatched_at"], condition=Q(status="queued"), name="steprun_queued"
             ),
+            # Queue-wait metrics: the steps that started in a window.
+            models.Index(fields=["started_at"], name="steprun_started"),
         ]
 
     def __str__(self) -> str:
@@ -217,10 +241,12 @@ class StepAttempt(models.Model):
     duration_ms = models.FloatField(null=True, blank=True)
 
     class Meta:
-        ordering = ["step_run", "number"]
+        ordering = ["step_run_id", "number"]
         constraints = [
             models.UniqueConstraint(fields=["step_run", "number"], name="attempt_unique_number")
         ]
+        # Throughput, latency and per-worker counts: the attempts that finished in a window.
+        indexes = [models.Index(fields=["finished_at"], name="attempt_finished")]
 
     def __str__(self) -> str:
         return f"{self.step_run} #{self.number}"
@@ -238,7 +264,7 @@ class Event(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        ordering = ["run", "seq"]
+        ordering = ["run_id", "seq"]
         constraints = [models.UniqueConstraint(fields=["run", "seq"], name="event_unique_seq")]
 
     def __str__(self) -> str:
