@@ -1,4 +1,5 @@
-# Switchyard: `make run` starts everything with a demo, `make test` runs every test.
+# Switchyard: `make run` starts everything with a demo, `make test` runs every test,
+# `make bench` measures it (docs/performance.md).
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export HOST PORT
 
-.PHONY: run test test-unit test-integration lint format services venv migrate seed clean
+.PHONY: run test chaos test-scale test-unit test-integration test-browser lint format services chromium venv migrate seed clean
 
 $(VENV)/.installed: requirements.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -29,12 +30,35 @@ seed: migrate
 run: seed
 	@scripts/run.sh
 
-test: venv services
+test: venv services chromium
 	$(PY) -m pytest tests/unit -q -n 2
 	$(PY) -m pytest tests/integration -q
+	$(PY) -m pytest tests/browser -q
+	$(PY) -m pytest tests/reliability -q
+
+# Headless Chromium (Debian's package) driving the inbox; screenshots in tests/browser/artifacts/.
+test-browser: venv services chromium
+	$(PY) -m pytest tests/browser -q
+
+# The operators' runs list with 1,000,000 runs, each filter timed and printed.
+test-scale: venv services
+	$(PY) -m pytest tests/scale -q -s
+
+chromium:
+	@scripts/ensure_chromium.sh
+
+# Faults under load against private PostgreSQL, RabbitMQ and Redis, then every invariant
+# (docs/reliability.md); ≤ 10 min. Report in reliability/results/.
+chaos: venv
+	$(PY) -m tests.reliability.chaos --profile full
 
 test-unit: venv
 	$(PY) -m pytest tests/unit -q -n 2
+
+# The benchmark (DESIGN §13): ≤ 10 min; QUICK=1 runs every scenario smaller (≤ 2 min).
+# BENCH_ARGS passes more options, e.g. BENCH_ARGS="--only s3,s4 --profile".
+bench: venv services
+	$(PY) -m bench.run $(if $(QUICK),--quick) $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

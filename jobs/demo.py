@@ -97,3 +97,110 @@ DEMO_DOCUMENTS = [
         "exports are emailed when ready.",
     },
 ]
+
+# A refund that a person approves (docs/approvals.md): the agent drafts a reply, a reviewer of
+# the `finance` group checks the amount and the wording (and may edit both), then the reply
+# is sent, or the customer is told why not.
+REFUND_REVIEW = {
+    "name": "refund-review",
+    "description": "Draft a refund reply and have finance approve it before it is sent.",
+    "input_schema": {
+        "type": "object",
+        "required": ["ticket", "email", "amount"],
+        "properties": {
+            "ticket": {"type": "string", "minLength": 1},
+            "email": {"type": "string", "format": "email"},
+            "amount": {"type": "number", "minimum": 0},
+        },
+    },
+    "steps": [
+        {
+            "id": "account",
+            "kind": "tool",
+            "tool": "echo",
+            "args": {"email": "{{ input.email }}", "plan": "pro", "orders": 7, "delay_ms": 100},
+        },
+        {
+            "id": "draft",
+            "kind": "llm",
+            "provider": "simulated",
+            "prompt": "Write a short refund reply to {{ input.email }} about: {{ input.ticket }}",
+            "simulated": {"latency_ms": 400, "jitter_ms": 100},
+        },
+        {
+            "id": "review",
+            "kind": "approval",
+            "prompt": "Refund {{ input.amount }} EUR to {{ input.email }}?",
+            "context": {
+                "ticket": "{{ input.ticket }}",
+                "account": "{{ steps.account.output.args }}",
+                "draft": "{{ steps.draft.output.text }}",
+            },
+            "form": {
+                "schema": {
+                    "type": "object",
+                    "required": ["amount", "reply"],
+                    "properties": {
+                        "amount": {
+                            "type": "number",
+                            "minimum": 0,
+                            "maximum": 1000,
+                            "description": "EUR, at most 1000 without a manager.",
+                        },
+                        "reply": {
+                            "type": "string",
+                            "minLength": 10,
+                            "description": "Sent to the customer as written.",
+                        },
+                    },
+                },
+                "values": {
+                    "amount": "{{ input.amount }}",
+                    "reply": "{{ steps.draft.output.text }}",
+                },
+            },
+            "reviewers": "finance",
+            "timeout_s": 86400,
+            "on_timeout": "reject",
+            "escalate_after_s": 14400,
+            "escalate_to": "leads",
+            "on_reject": "continue",
+        },
+        {
+            "id": "send",
+            "kind": "tool",
+            "tool": "echo",
+            "when": "steps.review.output.approved",
+            "args": {
+                "to": "{{ input.email }}",
+                "body": "{{ steps.review.output.data.reply }}",
+                "refund_eur": "{{ steps.review.output.data.amount }}",
+            },
+        },
+        {
+            "id": "decline",
+            "kind": "tool",
+            "tool": "echo",
+            "when": "not steps.review.output.approved",
+            "args": {"to": "{{ input.email }}", "reason": "{{ steps.review.output.comment }}"},
+        },
+    ],
+    "output": {
+        "approved": "{{ steps.review.output.approved }}",
+        "sent": "{{ steps.send.output.args }}",
+        "declined": "{{ steps.decline.output.args }}",
+    },
+}
+
+REFUND_REQUESTS = [
+    {
+        "ticket": "I was charged twice for my November invoice, please refund one of them.",
+        "email": "dana@example.com",
+        "amount": 49.0,
+    },
+    {
+        "ticket": "The export feature was down for a week during our audit. We want a refund.",
+        "email": "it@globex.example.com",
+        "amount": 320.0,
+    },
+]

@@ -131,6 +131,52 @@ def publish_live(run_public_id: Any, payloads: list[dict[str, Any]]) -> None:
     subscriber only a resync.
     """
     _publisher().send(run_group(run_public_id), {"type": "run.events", "events": payloads})
+    _dashboard_ping.poke()
+
+
+# Operators' dashboards (`dashboard.consumers`) listen here: `{"type": "dashboard.changed"}`
+# says that some run changed, and they re-read the database. Each process sends at most one
+# such message per DASHBOARD_PING_S (the last change of a burst is always sent).
+DASHBOARD_GROUP = "dashboard"
+DASHBOARD_PING_S = 0.25
+
+
+class _DashboardPing:
+    """A throttle with a trailing edge for the dashboards' "something changed" message."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pid = os.getpid()
+        self.last = float("-inf")
+        self.armed = False
+
+    def poke(self) -> None:
+        try:
+            with self.lock:
+                if self.pid != os.getpid():  # a forked child: the parent's timer is not ours
+                    self.pid, self.armed, self.last = os.getpid(), False, float("-inf")
+                if self.armed:
+                    return
+                wait = self.last + DASHBOARD_PING_S - time.monotonic()
+                if wait > 0:
+                    self.armed = True
+                else:
+                    self.last = time.monotonic()
+            if wait > 0:
+                _publisher().call_later(wait, self._fire)
+            else:
+                _publisher().send(DASHBOARD_GROUP, {"type": "dashboard.changed"})
+        except Exception:
+            log.warning("dashboard ping failed", exc_info=True)
+
+    def _fire(self) -> None:
+        with self.lock:
+            self.armed = False
+            self.last = time.monotonic()
+        _publisher().send(DASHBOARD_GROUP, {"type": "dashboard.changed"})
+
+
+_dashboard_ping = _DashboardPing()
 
 
 # A step attempt publishes at most one delta message per this interval (~20 per second).

@@ -11,6 +11,7 @@ import json
 import logging
 from typing import Any
 
+from django.db import connections
 from django.utils import timezone
 
 from jobs.events import DeltaCoalescer
@@ -24,15 +25,19 @@ from jobs.services.steps import (
 )
 from jobs.steps import registry
 from jobs.steps.registry import StepContext, StepFailure
+from orchestrator.logcontext import bind_log_context
 
 log = logging.getLogger(__name__)
 
 
 def step_execute(*, step_run_id: int, dispatch_token: str, worker: str) -> None:
+    # Every log line of this step (the worker's own "succeeded" line too) carries its ids.
+    bind_log_context(step=f"#{step_run_id}")
     claim = step_claim(step_run_id=step_run_id, dispatch_token=dispatch_token, worker=worker)
     if claim is None:
         log.info("dropped stale message for step run %s", step_run_id)
         return
+    bind_log_context(tenant=claim.tenant_id, run=claim.run_public_id, step=_key(claim))
     if claim.kind == "workflow":
         step_start_child_run(claim=claim)
         return
@@ -60,6 +65,20 @@ def step_execute(*, step_run_id: int, dispatch_token: str, worker: str) -> None:
     step_complete(claim=claim, output=output)
 
 
+def _key(claim: Claim) -> str:
+    return claim.step_id if claim.map_index is None else f"{claim.step_id}[{claim.map_index}]"
+
+
+def _recheck_connections() -> None:
+    """Before the report: drop a database connection that broke while the handler ran (a
+    PostgreSQL restart, a failed query of the handler's own) and health-check the others on
+    their next use, so that the report reconnects instead of failing, which would leave a
+    finished attempt to expire with its lease (found by the chaos suite)."""
+    for conn in connections.all(initialized_only=True):
+        if not conn.in_atomic_block:
+            conn.close_if_unusable_or_obsolete()
+
+
 def _run_handler(claim: Claim) -> Any:
     spec = registry.kind(claim.kind)
     handler = spec.load_handler()
@@ -84,6 +103,7 @@ def _run_handler(claim: Claim) -> Any:
         output = handler(context)
     finally:
         deltas.close()
+        _recheck_connections()
     try:
         json.dumps(output)
     except (TypeError, ValueError) as exc:

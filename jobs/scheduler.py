@@ -27,6 +27,7 @@ from django.conf import settings
 from django.db import connection, connections
 from django.utils import timezone
 
+from dashboard.heartbeats import scheduler_cycle_done
 from jobs import admission
 from jobs.events import READY_CHANNEL
 from jobs.models import StepRun, StepStatus
@@ -66,7 +67,7 @@ def publish(dispatches: list[Dispatch]) -> tuple[int, int]:
 
     A failed publish leaves the step `queued`; the stale-dispatch sweep re-publishes it.
     """
-    from jobs.tasks import execute_step
+    from jobs.tasks import execute_step, execute_step_unheld
     from orchestrator.celery import app
 
     if not dispatches:
@@ -76,8 +77,12 @@ def publish(dispatches: list[Dispatch]) -> tuple[int, int]:
     try:
         with app.producer_or_acquire() as producer:
             for dispatch in dispatches:
+                # A step that may outlast RabbitMQ's consumer_timeout must not hold its
+                # delivery: the broker would close the worker's channel (celery#6760).
+                held = dispatch.lease_s <= settings.SWITCHYARD_HELD_DELIVERY_MAX_S
+                task = execute_step if held else execute_step_unheld
                 try:
-                    execute_step.apply_async(
+                    task.apply_async(
                         args=[dispatch.step_run_id, str(dispatch.dispatch_token)],
                         queue=broker_queue(dispatch.queue, prefix),
                         priority=LANE_PRIORITY[dispatch.lane],
@@ -201,6 +206,7 @@ class Scheduler:
                     listener = _listen_connection()
                 stats = run_cycle()
                 self.last_cycle = stats
+                scheduler_cycle_done(stats)  # the dashboard's heartbeat and metric sampler
                 if stats.admitted or stats.redispatched or stats.expired or stats.released:
                     log.info(
                         "cycle: admitted=%d redispatched=%d expired=%d released=%d "

@@ -1,8 +1,9 @@
 """Celery tasks: thin wrappers that take ids and call one service.
 
 Step tasks store no result (DESIGN §3: result tables bloat) and rely on the broker settings
-in `orchestrator.settings`: acks late, reject on worker lost, prefetch 1. No task is ever
-published with an ETA or countdown: retry delays live in the database.
+in `orchestrator.settings`: acks late, reject on worker lost, prefetch 1, except the steps
+too long to hold a delivery for (`execute_step_unheld`). No task is ever published with an
+ETA or countdown: retry delays live in the database.
 """
 
 from __future__ import annotations
@@ -23,6 +24,19 @@ from jobs.webhooks import webhook_deliver
 )
 def execute_step(step_run_id: int, dispatch_token: str) -> None:
     worker = f"{execute_step.request.hostname}/{os.getpid()}"
+    step_execute(step_run_id=step_run_id, dispatch_token=dispatch_token, worker=worker)
+
+
+@shared_task(name="jobs.execute_step_unheld", ignore_result=True, acks_late=False)
+def execute_step_unheld(step_run_id: int, dispatch_token: str) -> None:
+    """`execute_step` for a step that may run longer than RabbitMQ lets a delivery go
+    unacknowledged (consumer_timeout): the message is acknowledged when the worker starts it.
+
+    Nothing is lost by that: a worker that dies before its claim commits leaves the step
+    `queued`, which the stale-dispatch sweep re-publishes; one that dies after it leaves the
+    step `running` until its lease expires. Only the redelivery shortcut is given up.
+    """
+    worker = f"{execute_step_unheld.request.hostname}/{os.getpid()}"
     step_execute(step_run_id=step_run_id, dispatch_token=dispatch_token, worker=worker)
 
 

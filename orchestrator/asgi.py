@@ -16,6 +16,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.urls import path  # noqa: E402
 
+from dashboard.consumers import DashboardConsumer, OperatorRunConsumer  # noqa: E402
 from dashboard.inbox.consumers import InboxConsumer  # noqa: E402
 from jobs.api.streams import LongLivedRequests  # noqa: E402
 from jobs.consumers import RunEventsConsumer  # noqa: E402
@@ -45,6 +46,9 @@ websocket_urlpatterns: list = [
     path("ws/runs/<str:run_id>/", RunEventsConsumer.as_asgi()),
     # The reviewers' inbox: authenticated by the Django session cookie.
     path("ws/inbox/", AuthMiddlewareStack(InboxConsumer.as_asgi())),
+    # The operators' dashboard (staff, Django session).
+    path("ws/dashboard/", AuthMiddlewareStack(DashboardConsumer.as_asgi())),
+    path("ws/dashboard/runs/<str:run_id>/", AuthMiddlewareStack(OperatorRunConsumer.as_asgi())),
 ]
 
 application = ProtocolTypeRouter(

@@ -140,6 +140,10 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
+# A channel error (RabbitMQ closing a channel whose delivery outlived its consumer_timeout)
+# restarts the consumer; without this, Celery treats it as unrecoverable and the worker exits
+# with every step it was running (celery#6760, found by the chaos suite).
+CELERY_BROKER_CHANNEL_ERROR_RETRY = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_DEFAULT_DELIVERY_MODE = "persistent"
@@ -163,6 +167,10 @@ SWITCHYARD_SCHEDULER_POLL_S = env_float("SWITCHYARD_SCHEDULER_POLL_S", 1.0, mini
 SWITCHYARD_SCHEDULER_BATCH = env_int("SWITCHYARD_SCHEDULER_BATCH", 200, minimum=1)
 SWITCHYARD_DISPATCH_STALE_S = env_float("SWITCHYARD_DISPATCH_STALE_S", 30.0, minimum=0.1)
 SWITCHYARD_LEASE_GRACE_S = env_float("SWITCHYARD_LEASE_GRACE_S", 10.0, minimum=0.0)
+# A step whose attempt may run longer than this (timeout_s + lease grace) is acknowledged to
+# RabbitMQ when a worker starts it instead of when it ends, so that no delivery is held past
+# the broker's consumer_timeout (30 min by default): keep this well below it.
+SWITCHYARD_HELD_DELIVERY_MAX_S = env_float("SWITCHYARD_HELD_DELIVERY_MAX_S", 900.0, minimum=1.0)
 SWITCHYARD_STEP_DEFAULT_TIMEOUT_S = env_float("SWITCHYARD_STEP_DEFAULT_TIMEOUT_S", 300.0, minimum=1)
 SWITCHYARD_QUEUE_MAX_QUEUED = env_int("SWITCHYARD_QUEUE_MAX_QUEUED", 64, minimum=1)
 # Fair scheduling (jobs/admission.py). Capacity per queue = the concurrency of its pools; the
@@ -250,13 +258,42 @@ SPECTACULAR_SETTINGS = {
     },
 }
 
+# --- Operators' dashboard and observability (docs/dashboard.md) ------------------------------
+# The metric sampler (run by the scheduler) takes a sample this often and keeps this many hours.
+SWITCHYARD_METRICS_SAMPLE_S = env_float("SWITCHYARD_METRICS_SAMPLE_S", 10.0, minimum=0.5)
+SWITCHYARD_METRICS_RETENTION_H = env_float("SWITCHYARD_METRICS_RETENTION_H", 24.0, minimum=1)
+# Workers write a heartbeat this often; one silent for DOWN_AFTER_S is shown as down.
+SWITCHYARD_WORKER_HEARTBEAT_S = env_float("SWITCHYARD_WORKER_HEARTBEAT_S", 5.0, minimum=0.1)
+SWITCHYARD_WORKER_DOWN_AFTER_S = env_float("SWITCHYARD_WORKER_DOWN_AFTER_S", 15.0, minimum=0.5)
+# GET /metrics needs `Authorization: Bearer <this>`; empty turns the endpoint off (403).
+SWITCHYARD_METRICS_TOKEN = env_str("SWITCHYARD_METRICS_TOKEN", "")
+# Live pages re-read the database at least this often (and within ~1 s of any run changing).
+SWITCHYARD_DASHBOARD_REFRESH_S = env_float("SWITCHYARD_DASHBOARD_REFRESH_S", 5.0, minimum=0.5)
+SWITCHYARD_DASHBOARD_BROKER_TIMEOUT_S = env_float(
+    "SWITCHYARD_DASHBOARD_BROKER_TIMEOUT_S", 2.0, minimum=0.1
+)
+# A bulk retry or cancel acts on at most this many runs (the newest that match).
+SWITCHYARD_DASHBOARD_BULK_MAX = env_int("SWITCHYARD_DASHBOARD_BULK_MAX", 500, minimum=1)
+
+# Logs carry tenant, run and step ids (orchestrator/logcontext.py); LOG_FORMAT=json for shippers.
+# Celery workers log through this configuration too (they do not replace the root handlers).
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+LOG_FORMAT = env_choice("LOG_FORMAT", "plain", ["plain", "json"])
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+    "filters": {"context": {"()": "orchestrator.logcontext.ContextFilter"}},
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s%(context)s"},
+        "json": {"()": "orchestrator.logcontext.JsonFormatter"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["context"],
+        }
+    },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {
         "django.db.backends": {"level": "WARNING"},

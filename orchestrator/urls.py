@@ -3,6 +3,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from dashboard import metrics as dashboard_metrics
 from dashboard import views as dashboard_views
 
 urlpatterns = [
@@ -13,13 +14,10 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("healthz", dashboard_views.healthz, name="healthz"),
     path("inbox/", include("dashboard.inbox.urls")),
-    path(
-        "accounts/login/",
-        auth_views.LoginView.as_view(
-            template_name="registration/login.html", next_page="inbox:list"
-        ),
-        name="login",
-    ),
+    path("dashboard/", include("dashboard.urls")),
+    path("metrics", dashboard_metrics.metrics, name="metrics"),
+    # Operators land on the dashboard after signing in, reviewers on the inbox.
+    path("accounts/login/", dashboard_views.SignInView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(next_page="login"), name="logout"),
 ]
 

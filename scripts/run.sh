@@ -19,6 +19,7 @@ cat <<MSG
 
 ==========================================================================================
  Switchyard is running at $URL
+   dashboard:  $URL/dashboard/   (operator / switchyard-operator)
    admin:      $URL/admin/   (operator / switchyard-operator)
    reviewer:   reviewer / switchyard-reviewer
    API key (tenant acme): $KEY

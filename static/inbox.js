@@ -46,10 +46,12 @@
     status.textContent = text;
   }
 
+  function rowIds() {
+    return Array.from(document.querySelectorAll("#requests [data-approval]"), (li) => li.dataset.approval);
+  }
+  const known = new Set(rowIds()); // the rows the reviewer has already seen
+
   async function resyncList() {
-    const before = new Set(
-      Array.from(document.querySelectorAll("#requests [data-approval]"), (li) => li.dataset.approval)
-    );
     const response = await fetch(root.dataset.live, {
       credentials: "same-origin",
       headers: { "X-Requested-With": "fetch" },
@@ -57,7 +59,8 @@
     if (response.redirected || !response.ok) return; // signed out: the next reload shows why
     document.getElementById("inbox-live").innerHTML = await response.text();
     document.querySelectorAll("#requests [data-approval]").forEach(function (li) {
-      if (before.size && !before.has(li.dataset.approval)) li.classList.add("fresh");
+      if (!known.has(li.dataset.approval)) li.classList.add("fresh"); // a new arrival
+      known.add(li.dataset.approval);
     });
     const live = document.querySelector(".inbox-live");
     const count = live ? Number(live.dataset.pending) : 0;

@@ -1,4 +1,5 @@
 from django.contrib import admin, messages
+from django.db import models
 from django.db.models import Count, IntegerField, OuterRef, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -75,6 +76,7 @@ class TenantAdmin(admin.ModelAdmin):
     readonly_fields = ("public_id", "created_at", "webhook_secret", "live_usage")
     inlines = [ApiKeyInline, MembershipInline]
     actions = ["pause", "resume", "rotate_webhook_secret"]
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     fieldsets = (
         (None, {"fields": ("name", "slug", "is_active", "public_id", "created_at")}),
         (

@@ -48,9 +48,25 @@ def show_value(label: str, value: Any) -> Shown:
 
 
 def context_items(context: Any) -> list[Shown]:
+    """Each context value, by name (PostgreSQL's jsonb keeps no key order, so alphabetical)."""
     if isinstance(context, dict):
-        return [show_value(str(key), value) for key, value in context.items()]
+        return [show_value(str(key), context[key]) for key in sorted(context)]
     return [show_value("context", context)] if context not in (None, {}) else []
+
+
+def duration_text(seconds: float) -> str:
+    """`a few seconds`, `12 min`, `3 h 20 min`, `2 d 4 h` (as static/inbox.js writes them)."""
+    seconds = max(0, round(seconds))
+    if seconds < 45:
+        return "a few seconds" if seconds < 10 else f"{seconds} s"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, rest = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h" + (f" {rest} min" if rest and hours < 6 else "")
+    days, hours = divmod(hours, 24)
+    return f"{days} d" + (f" {hours} h" if hours and days < 3 else "")
 
 
 # --- the form --------------------------------------------------------------------------------
@@ -119,9 +135,10 @@ def form_fields(
         return []
     errors = errors or {}
     required = set(schema.get("required", []))
+    properties = schema.get("properties") or {}
     fields = []
-    for name, spec in (schema.get("properties") or {}).items():
-        spec = spec if isinstance(spec, dict) else {}
+    for name in field_order(schema):
+        spec = properties[name] if isinstance(properties[name], dict) else {}
         value = values.get(name)
         widget = _widget(spec, value)
         fields.append(
@@ -138,6 +155,14 @@ def form_fields(
             )
         )
     return fields
+
+
+def field_order(schema: dict[str, Any]) -> list[str]:
+    """The form's fields in display order: the required ones in the order `required` lists
+    them, then the others alphabetically (stored schemas keep no key order: jsonb)."""
+    properties = schema.get("properties") or {}
+    required = [name for name in schema.get("required", []) if name in properties]
+    return required + sorted(name for name in properties if name not in required)
 
 
 def parse_form(schema: dict[str, Any] | None, post: Any) -> tuple[dict[str, Any], dict[str, str]]:

@@ -22,6 +22,7 @@ from django.views.decorators.http import require_http_methods
 
 from dashboard.inbox.presentation import (
     context_items,
+    duration_text,
     field_errors,
     form_fields,
     parse_form,
@@ -56,6 +57,11 @@ class Row:
     approvals: int
     urgency: str  # overdue, soon or ""
     groups: list[str]
+
+    @property
+    def deciders(self) -> str:
+        """Who may decide, for a badge: `any reviewer`, `finance`, `finance / leads`."""
+        return " / ".join("any reviewer" if g == "reviewer" else g for g in self.groups)
 
 
 def _row(approval: Approval, scope: ReviewerScope, now) -> Row:
@@ -229,7 +235,15 @@ def _detail_page(
             }
             for step in steps
         ],
+        "waited": duration_text(
+            ((approval.decided_at or now) - approval.created_at).total_seconds()
+        ),
         "votes": list(approval.votes.all()),
+        "who": (
+            f"any reviewer of {approval.tenant.name}"
+            if approval.reviewers == "reviewer"
+            else f"the {approval.reviewers} group"
+        ),
         "error": error,
         "comment": comment,
         "now": now,

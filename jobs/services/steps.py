@@ -36,12 +36,22 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Dispatch:
-    """A message to publish after commit: the step's id, token, queue and AMQP priority."""
+    """A message to publish after commit: the step's id, token, queue and AMQP priority.
+
+    `lease_s` is how long an attempt may hold a worker (timeout + grace): the scheduler keeps
+    the delivery of a step that may outlast RabbitMQ's consumer_timeout unheld.
+    """
 
     step_run_id: int
     dispatch_token: uuid.UUID
     queue: str
     lane: str
+    lease_s: float = 0.0
+
+
+def _dispatch(step: StepRun, token: uuid.UUID) -> Dispatch:
+    lease_s = step.timeout_s + settings.SWITCHYARD_LEASE_GRACE_S
+    return Dispatch(step.pk, token, step.queue, step.lane, lease_s)
 
 
 @dataclass(frozen=True)
@@ -104,7 +114,7 @@ def step_admit(*, step_run_id: int) -> Dispatch | None:
         if step.held_reason:
             StepRun.objects.filter(pk=step_run_id).update(held_reason="")
         txn.log.add("step.queued", step=step, queue=step.queue)
-        return Dispatch(step.pk, token, step.queue, step.lane)
+        return _dispatch(step, token)
 
 
 def step_hold(*, step_run_id: int, reason: str) -> bool:
@@ -138,7 +148,7 @@ def step_redispatch(*, step_run_id: int, stale_before: datetime) -> Dispatch | N
             return None
         step = StepRun.objects.get(pk=step_run_id)
         txn.log.add("step.redispatched", step=step, queue=step.queue)
-        return Dispatch(step.pk, token, step.queue, step.lane)
+        return _dispatch(step, token)
 
 
 def step_release_retry(*, step_run_id: int) -> bool:

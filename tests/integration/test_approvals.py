@@ -409,3 +409,28 @@ def test_every_decision_is_in_the_runs_log(owner, ann, bob):
     assert [e.data.get("by") for e in log[1:]] == ["ann", "bob", "ann, bob"]
     assert log[-1].data["comment"] == "ok" and log[-1].data["decision"] == "approve"
     assert timezone.now() >= approval.created_at
+
+
+# --- the admin: read-only audit --------------------------------------------------------------
+
+
+def test_the_admin_lists_approvals_and_votes_and_edits_nothing(owner, ann, client):
+    from django.contrib.auth import get_user_model
+
+    _run, approval = start(owner.tenant)
+    approval_decide(approval=approval, reviewer=as_reviewer(ann), decision="approve", comment="ok")
+    get_user_model().objects.create_superuser("root", password="pw")
+    client.login(username="root", password="pw")
+
+    listing = client.get("/admin/jobs/approval/?status__exact=approved")
+    detail = client.get(f"/admin/jobs/approval/{approval.pk}/change/")
+    votes = client.get("/admin/jobs/approvalvote/")
+
+    assert listing.status_code == detail.status_code == votes.status_code == 200
+    assert str(approval.public_id) in listing.content.decode()
+    page = detail.content.decode()
+    assert "Refund 120 EUR to Ann?" in page and "ann" in page
+    assert 'name="_save"' not in page  # nothing to save: every field is read-only
+    assert client.post(f"/admin/jobs/approval/{approval.pk}/change/", {}).status_code == 403
+    assert client.post(f"/admin/jobs/approval/{approval.pk}/delete/", {}).status_code == 403
+    assert client.get("/admin/jobs/approval/add/").status_code == 403

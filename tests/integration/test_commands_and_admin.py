@@ -41,7 +41,9 @@ def test_seed_demo_is_idempotent_and_prints_working_keys():
     second = _run("seed_demo")
     assert Tenant.objects.filter(slug__in=["acme", "globex"]).count() == 2
     assert Workflow.objects.filter(name="support-triage").count() == 2
-    assert Run.objects.count() == 6  # three per tenant, only on the first call
+    # Per tenant, only on the first call: three support-triage runs, two refund reviews.
+    assert Run.objects.count() == 10
+    assert Workflow.objects.filter(name="refund-review").count() == 2
     assert Document.objects.filter(tenant__slug="acme").count() == 4
     assert Membership.objects.filter(user__username="reviewer").count() == 2
     assert get_user_model().objects.get(username="operator").is_staff

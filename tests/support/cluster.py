@@ -106,9 +106,22 @@ class Cluster:
     def start_worker(
         self, queue: str, *, pool: str = "threads", concurrency: int = 4, name: str | None = None
     ) -> Proc:
-        name = name or f"{queue.split('.')[-1]}-{uuid.uuid4().hex[:6]}"
         before = self.consumers(queue)
-        proc = self._spawn(
+        proc = self.spawn_worker(queue, pool=pool, concurrency=concurrency, name=name)
+        self.wait_until(
+            lambda: self.consumers(queue) > before,
+            30,
+            f"worker {proc.name} never consumed {queue}",
+            proc,
+        )
+        return proc
+
+    def spawn_worker(
+        self, queue: str, *, pool: str = "threads", concurrency: int = 4, name: str | None = None
+    ) -> Proc:
+        """Start a worker without waiting for it to consume (to start several at once)."""
+        name = name or f"{queue.split('.')[-1]}-{uuid.uuid4().hex[:6]}"
+        return self._spawn(
             name,
             [
                 sys.executable,
@@ -131,13 +144,6 @@ class Cluster:
                 "info",
             ],
         )
-        self.wait_until(
-            lambda: self.consumers(queue) > before,
-            30,
-            f"worker {name} never consumed {queue}",
-            proc,
-        )
-        return proc
 
     def start_all_pools(self) -> None:
         self.start_worker("steps.llm", pool="threads", concurrency=8)

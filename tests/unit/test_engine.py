@@ -557,15 +557,6 @@ def test_an_empty_plan_is_empty():
 
 def test_the_design_example_runs_to_its_output():
     registry.register_tool("crm.lookup")(lambda ctx, **args: args)
-    registry.register_kind(
-        registry.KindSpec(
-            name="approval",
-            queue=registry.QUEUE_CONTROL,
-            handler=None,
-            template_fields=("prompt",),
-            config_schema={"type": "object", "properties": {"prompt": {}, "on_timeout": {}}},
-        )
-    )
     wf = parse_definition(
         {
             "name": "support-triage",

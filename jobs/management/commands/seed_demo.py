@@ -1,7 +1,8 @@
 """`python manage.py seed_demo`: idempotent demo data.
 
-Two tenants (acme, weight 3; globex, weight 1), an operator (staff) and a reviewer account,
-the `support-triage` workflow and a small knowledge base for each tenant, and a few runs. The
+Two tenants (acme, weight 3; globex, weight 1), an operator (staff) and a reviewer account
+(in each tenant's `finance` group), the `support-triage` and `refund-review` workflows and a
+small knowledge base for each tenant, and a few runs (refund reviews wait in the inbox). The
 demo API key of each tenant is rotated on every call (keys are stored hashed, so the only way
 to print one is to issue it) and printed.
 """
@@ -10,7 +11,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
-from jobs.demo import DEMO_DOCUMENTS, SUPPORT_TRIAGE
+from jobs.demo import DEMO_DOCUMENTS, REFUND_REQUESTS, REFUND_REVIEW, SUPPORT_TRIAGE
 from jobs.models import Document, Run
 from jobs.selectors import workflow_version_for
 from jobs.services.documents import documents_add
@@ -46,9 +47,12 @@ class Command(BaseCommand):
             tenant, _ = Tenant.objects.get_or_create(
                 slug=slug, defaults={"name": name, "weight": weight}
             )
-            Membership.objects.get_or_create(
+            membership, _ = Membership.objects.get_or_create(
                 user=reviewer, tenant=tenant, defaults={"role": Role.REVIEWER}
             )
+            if "finance" not in membership.groups:  # decides the refund-review approvals
+                membership.groups = sorted({*membership.groups, "finance"})
+                membership.save(update_fields=["groups"])
             for old in ApiKey.objects.filter(tenant=tenant, name="demo", revoked_at=None):
                 api_key_revoke(api_key=old)
             # `admin`: the demo key can follow docs/api.md to the end (keys, webhook secret).
@@ -74,10 +78,24 @@ class Command(BaseCommand):
                         },
                     )
 
+            _seed_refund_reviews(tenant)
+
         self.stdout.write(f"Operator login: {OPERATOR[0]} / {OPERATOR[1]} (staff)")
         self.stdout.write(f"Reviewer login: {REVIEWER[0]} / {REVIEWER[1]}")
         for slug, raw_key in keys.items():
             self.stdout.write(f"API key for {slug}: {raw_key}")
+
+
+def _seed_refund_reviews(tenant) -> None:
+    """The refund-review workflow and, once, two runs that will wait in the reviewer's inbox."""
+    from jobs.definitions import parse_definition
+
+    version = workflow_version_for(tenant=tenant, name=REFUND_REVIEW["name"])
+    if version is None or version.definition != parse_definition(REFUND_REVIEW).document:
+        version = workflow_version_create(tenant=tenant, document=REFUND_REVIEW)
+    if not Run.objects.filter(tenant=tenant, workflow_version__workflow=version.workflow).exists():
+        for request in REFUND_REQUESTS:
+            run_create(tenant=tenant, version=version, input=request)
 
 
 def _normalised(tenant) -> dict:

@@ -1,0 +1,266 @@
+"""The bench's own world: its database, its processes, its tenants, and the clean-up of all three.
+
+`bootstrap()` must run before Django is imported anywhere: it points `DATABASE_URL` at the
+bench's own database (`switchyard_bench` unless `BENCH_DATABASE_NAME` says otherwise), which it
+drops and creates afresh, and gives every broker queue and channel-layer group a private prefix,
+so that a bench never touches the development database, `make run`'s queues or a test session's.
+
+`BenchCluster` is the integration tests' `Cluster` (real scheduler, worker and daphne
+processes) with the bench's settings and the two baselines (gunicorn, raw Celery). Each process
+it starts runs in a session of its own, gets SIGTERM if the bench dies (PR_SET_PDEATHSIG), and
+is stopped by `stop_all`, which `atexit` also calls.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "dbname": "postgres"}
+
+_PR_SET_PDEATHSIG = 1
+
+
+def bench_database() -> str:
+    return os.environ.get("BENCH_DATABASE_NAME", "switchyard_bench")
+
+
+def bootstrap(prefix: str, *, connection_limit: int) -> None:
+    """Environment for this process (and the processes it starts), then a fresh database.
+
+    The database refuses more than `connection_limit` connections: PostgreSQL's
+    max_connections is shared with whoever else uses the server, and a bench must fail its own
+    requests rather than other people's.
+    """
+    import psycopg
+    from psycopg import sql
+
+    name = bench_database()
+    if not name.startswith("switchyard_bench"):
+        sys.exit(f"BENCH_DATABASE_NAME must start with switchyard_bench (it is dropped): {name}")
+    os.environ["DATABASE_URL"] = f"postgres://postgres@127.0.0.1:5432/{name}"
+    os.environ["DJANGO_SETTINGS_MODULE"] = "orchestrator.settings"
+    os.environ["SWITCHYARD_QUEUE_PREFIX"] = prefix
+    os.environ["CHANNEL_LAYER_PREFIX"] = f"{prefix}chan"
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    with psycopg.connect(**PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} CONNECTION LIMIT {}").format(
+                sql.Identifier(name), sql.Literal(connection_limit)
+            )
+        )
+    sys.path.insert(0, str(ROOT))
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", "--noinput", verbosity=0)
+
+
+def drop_database() -> None:
+    """Drop the bench's database (this process's connections first)."""
+    import psycopg
+    from django.db import connections
+    from psycopg import sql
+
+    connections.close_all()
+    with psycopg.connect(**PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(bench_database())
+            )
+        )
+
+
+def raise_file_limit(wanted: int) -> int:
+    """Raise RLIMIT_NOFILE towards `wanted` (1,000 SSE clients need a descriptor each)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _child_setup() -> None:  # runs in the child between fork and exec
+    os.setsid()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process (MiB), from /proc."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (s), from /proc."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+def make_cluster(workdir: Path, prefix: str, **env: str):
+    """A BenchCluster (imported late: the tests' harness needs Django set up)."""
+    from tests.support.cluster import Cluster, Proc, free_port
+
+    class BenchCluster(Cluster):
+        """The tests' Cluster with production-like settings, the bench's prefix and baselines."""
+
+        def __init__(self) -> None:
+            super().__init__(workdir, workdir / "ledger", **env)
+            self.prefix = prefix
+            self.env["SWITCHYARD_QUEUE_PREFIX"] = prefix
+            self.env["CHANNEL_LAYER_PREFIX"] = f"{prefix}chan"
+
+        def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+            log_path = self.workdir / f"{name}-{len(self.procs)}.log"
+            with open(log_path, "wb") as log_file:
+                popen = subprocess.Popen(
+                    argv,
+                    cwd=ROOT,
+                    env={**self.env, **(env or {})},
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=_child_setup,
+                )
+            proc = Proc(name, popen, log_path)
+            self.procs.append(proc)
+            return proc
+
+        def start_pools(self, pools: dict[str, int]) -> list[Proc]:
+            """One threads worker per queue, `pools` = {queue: concurrency}, started together."""
+            before = {queue: self.consumers(queue) for queue in pools}
+            started = []
+            for queue, concurrency in pools.items():
+                name = f"{queue.split('.')[-1]}-{uuid.uuid4().hex[:6]}"
+                argv = [sys.executable, "-m", "celery", "-A", "orchestrator", "worker"]
+                argv += ["-Q", self.prefix + queue, "-P", "threads", "-c", str(concurrency)]
+                argv += ["-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-l", "info"]
+                started.append((queue, self._spawn(name, argv)))
+            for queue, proc in started:
+                self.wait_until(
+                    lambda q=queue: self.consumers(q) > before[q], 60, f"{proc.name}", proc
+                )
+            return [proc for _, proc in started]
+
+        def start_gunicorn(self, *, workers: int, threads: int, **env: str) -> str:
+            port = free_port()
+            proc = self._spawn(
+                "gunicorn",
+                [
+                    sys.executable,
+                    "-m",
+                    "gunicorn",
+                    "bench.sync_app:application",
+                    "--bind",
+                    f"127.0.0.1:{port}",
+                    "--worker-class",
+                    "gthread",
+                    "--workers",
+                    str(workers),
+                    "--threads",
+                    str(threads),
+                    "--backlog",
+                    "2048",
+                    "--timeout",
+                    "120",
+                    "--no-control-socket",
+                ],
+                env=env,
+            )
+            base_url = f"http://127.0.0.1:{port}"
+            self.wait_until(lambda: _answers(f"{base_url}/healthz"), 30, "gunicorn", proc)
+            return base_url
+
+        def start_celery_baseline(self, *, concurrency: int, name: str = "raw") -> Proc:
+            from bench.celery_baseline import QUEUE
+
+            before = self.consumers(QUEUE)
+            node = f"{name}-{uuid.uuid4().hex[:6]}"
+            proc = self._spawn(
+                f"celery-{name}",
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "bench.celery_baseline",
+                    "worker",
+                    "-Q",
+                    self.prefix + QUEUE,
+                    "-P",
+                    "threads",
+                    "-c",
+                    str(concurrency),
+                    "-n",
+                    f"{node}@%h",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "-l",
+                    "info",
+                ],
+            )
+            self.wait_until(lambda: self.consumers(QUEUE) > before, 30, "raw Celery worker", proc)
+            proc.node = f"{node}@{socket.gethostname()}"  # for remote control
+            return proc
+
+        def stop_named(self, *names: str) -> None:
+            for proc in self.procs:
+                if proc.name.split("-")[0] in names or proc.name in names:
+                    self.stop(proc)
+
+        def delete_queues(self) -> None:
+            super().delete_queues()
+            from bench.celery_baseline import QUEUE
+
+            with self._broker() as conn, contextlib.suppress(Exception):
+                channel = conn.channel()
+                channel.queue_delete(self.prefix + QUEUE)
+                channel.exchange_delete(self.prefix + QUEUE)
+
+    cluster = BenchCluster()
+    atexit.register(cluster.stop_all)
+    return cluster
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def new_prefix() -> str:
+    return f"bench{uuid.uuid4().hex[:6]}."
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what} (after {timeout:g} s)")

@@ -1,0 +1,178 @@
+"""Asynchronous HTTP clients for the scenarios (httpx.AsyncClient, 127.0.0.1 only).
+
+Every client is bounded in count (the caller's concurrency) and in time (a deadline or a
+timeout on each request), so a load generator can never outlive its scenario.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+FINAL_EVENTS = frozenset({"run.succeeded", "run.failed", "run.cancelled"})
+
+
+def client(base_url: str, *, key: str | None = None, connections: int = 100) -> httpx.AsyncClient:
+    """An AsyncClient for one server, with room for `connections` requests at once."""
+    if not base_url.startswith("http://127.0.0.1:"):
+        raise ValueError(f"the bench only talks to 127.0.0.1, not {base_url}")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.AsyncClient(
+        base_url=base_url,
+        headers=headers,
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+        timeout=httpx.Timeout(60.0),
+    )
+
+
+@dataclass
+class Submitted:
+    status: int | None  # None: no answer (timeout or connection error)
+    latency_ms: float
+    run_id: str | None = None
+    error: str = ""
+    started: float = 0.0  # time.time() when the request was sent
+
+
+async def submit(
+    http: httpx.AsyncClient,
+    workflow: str,
+    input: dict[str, Any],
+    *,
+    lane: str | None = None,
+    timeout_s: float = 30.0,
+) -> Submitted:
+    """POST /api/v1/runs/; the whole request bounded by `timeout_s` (a gateway's timeout)."""
+    body: dict[str, Any] = {"workflow": workflow, "input": input}
+    if lane:
+        body["lane"] = lane
+    started = time.time()
+    t0 = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout_s):
+            response = await http.post("/api/v1/runs/", json=body)
+    except TimeoutError:
+        return Submitted(None, (time.perf_counter() - t0) * 1000, error="timeout", started=started)
+    except httpx.HTTPError as exc:
+        error = type(exc).__name__
+        return Submitted(None, (time.perf_counter() - t0) * 1000, error=error, started=started)
+    latency_ms = (time.perf_counter() - t0) * 1000
+    run_id = response.json().get("id") if response.status_code in (200, 202) else None
+    error = "" if run_id else f"HTTP {response.status_code}"
+    return Submitted(response.status_code, latency_ms, run_id, error, started)
+
+
+@dataclass
+class Followed:
+    """What one SSE client saw of one run."""
+
+    final: str | None = None  # the final event's type, if it arrived
+    final_at: float | None = None  # time.time() when it arrived
+    error: str = ""
+    # (seq, type, event's `at` as unix time, time.time() on receipt) of each stored event
+    events: list[tuple[int, str, float, float]] = field(default_factory=list)
+    deltas: int = 0
+
+
+def _unix(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
+async def follow(
+    http: httpx.AsyncClient,
+    run_id: str,
+    *,
+    first_byte_s: float,
+    idle_timeout_s: float,
+    deadline_s: float,
+    connected: asyncio.Event | None = None,
+) -> Followed:
+    """Follow a run's SSE stream until its final event.
+
+    A gateway in front: the response must start within `first_byte_s` (its request timeout),
+    then the stream dies after `idle_timeout_s` without a byte (its read timeout).
+    `deadline_s` bounds the whole stream. `connected` is set once the response has started.
+    """
+    seen = Followed()
+    timeout = httpx.Timeout(connect=first_byte_s, read=idle_timeout_s, write=10, pool=None)
+    frame: dict[str, str] = {}
+    loop = asyncio.get_running_loop()
+    started = False
+    try:
+        async with asyncio.timeout(first_byte_s) as limit:
+            async with http.stream(
+                "GET",
+                f"/api/v1/runs/{run_id}/events/",
+                headers={"Accept": "text/event-stream"},
+                timeout=timeout,
+            ) as response:
+                limit.reschedule(loop.time() + deadline_s)
+                started = True
+                if connected is not None:
+                    connected.set()
+                if response.status_code != 200:
+                    seen.error = f"HTTP {response.status_code}"
+                    return seen
+                async for line in response.aiter_lines():
+                    if line:
+                        if not line.startswith(":"):
+                            name, _, value = line.partition(":")
+                            frame[name] = value.removeprefix(" ")
+                        continue
+                    if not frame:
+                        continue
+                    received = time.time()
+                    event, data = frame.get("event", ""), frame.get("data", "{}")
+                    frame = {}
+                    if event == "step.delta":
+                        seen.deltas += 1
+                        continue
+                    payload = json.loads(data)
+                    seen.events.append((payload["seq"], event, _unix(payload["at"]), received))
+                    if event in FINAL_EVENTS:
+                        seen.final, seen.final_at = event, received
+                        return seen
+    except TimeoutError:
+        seen.error = "deadline" if started else "gateway timeout"
+    except httpx.ReadTimeout:
+        seen.error = "idle timeout"
+    except httpx.HTTPError as exc:
+        seen.error = type(exc).__name__
+    finally:
+        if connected is not None and not connected.is_set():
+            connected.set()
+    return seen
+
+
+async def closed_loop(
+    concurrency: int, duration_s: float, action, *, ramp_s: float = 0.0
+) -> list[Any]:
+    """`concurrency` clients each calling `await action()` back to back for `duration_s`.
+
+    Client i starts after `ramp_s * i / concurrency`. Returns every result, in no order.
+    """
+    results: list[Any] = []
+    stop_at = time.monotonic() + duration_s
+
+    async def one_client(index: int) -> None:
+        if ramp_s:
+            await asyncio.sleep(ramp_s * index / concurrency)
+        while time.monotonic() < stop_at:
+            results.append(await action())
+
+    tasks = [asyncio.create_task(one_client(i)) for i in range(concurrency)]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)
+    return results

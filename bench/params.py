@@ -1,0 +1,164 @@
+"""Every parameter of every scenario, for a full run and for `QUICK=1`.
+
+The full run follows the issue's sizes; the quick run keeps every scenario and shrinks counts
+and durations so the whole bench fits in two minutes. Both are written into the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """The processes the bench starts, the same for every Switchyard scenario.
+
+    One process of each kind, threads pools (I/O-bound kinds, DESIGN §2), sized to fit the
+    bench's share of PostgreSQL connections (`db_connection_limit`): workers keep one
+    connection per thread (DATABASE_CONN_MAX_AGE=60, as in `.env.example`).
+    """
+
+    llm_threads: int = 24
+    tool_threads: int = 12
+    retrieval_threads: int = 4
+    # The raw Celery baseline runs the same pool: one process, threads, this concurrency.
+    raw_threads: int = 24
+    # The synchronous baseline: gunicorn gthread, workers x threads = the Switchyard worker
+    # threads above (40), so both sides have the same number of slots running workflows.
+    gunicorn_workers: int = 2
+    gunicorn_threads: int = 20
+    # The bench's own database refuses connections past this (CREATE DATABASE ... CONNECTION
+    # LIMIT), so that a bench never starves other users of the same PostgreSQL.
+    db_connection_limit: int = 70
+
+    def pool_capacity(self) -> str:
+        return (
+            f"steps.llm={self.llm_threads},steps.tool={self.tool_threads},"
+            f"steps.retrieval={self.retrieval_threads},steps.control=2"
+        )
+
+
+@dataclass(frozen=True)
+class Motivating:
+    users: int = 500
+    # Every latency of the workflow and the gateway are divided by this. Compressing time
+    # multiplies the rates the engine must sustain (submissions and steps per second) by the
+    # same factor while the CPU each costs stays the same: at 1/40 this scenario would ask two
+    # cores for ~125 submissions/s and ~750 steps/s, measuring the machine rather than the
+    # architecture; at 1/10 it asks for ~31 and ~190, and the synchronous deployment (40 slots,
+    # 2 s workflows: 20 workflows/s) is still overloaded by the same arrivals.
+    time_divisor: float = 10
+    gateway_timeout_real_s: float = 30
+    # Users arrive uniformly over this window (real time before scaling: 160 s).
+    arrival_real_s: float = 160
+    # The gateway's read timeout on a stream (nginx proxy_read_timeout: 60 s) and the SSE
+    # heartbeat an operator sets below it (SWITCHYARD_SSE_HEARTBEAT_S), before scaling. Each
+    # heartbeat also re-reads the run's log, so it is not set lower than it needs to be.
+    proxy_idle_real_s: float = 60
+    heartbeat_real_s: float = 40
+    # No client waits longer than this for a Switchyard run's end, nor the bench for the
+    # server's side of the work (scaled seconds: a bound on the scenario's time).
+    follow_deadline_s: float = 60
+
+    @property
+    def scale(self) -> float:
+        return 1 / self.time_divisor
+
+    @property
+    def gateway_timeout_s(self) -> float:
+        return self.gateway_timeout_real_s * self.scale
+
+    @property
+    def arrival_s(self) -> float:
+        return self.arrival_real_s * self.scale
+
+
+@dataclass(frozen=True)
+class Submission:
+    clients: int = 200
+    duration_s: float = 30
+    single_client_requests: int = 100
+
+
+@dataclass(frozen=True)
+class Overhead:
+    chain_steps: int = 50
+    switchyard_chains: int = 5
+    raw_chains: int = 20
+    idle_dispatch_samples: int = 60
+    idle_gap_s: float = 0.05
+
+
+@dataclass(frozen=True)
+class Throughput:
+    zero_latency_steps: int = 3000
+    llm_latency_ms: float = 50
+    llm_steps: int = 2000
+    fan_width: int = 20
+    raw_tasks: int = 10000
+    # The longest a saturation measurement waits; the rate is over what finished by then.
+    budget_s: float = 60
+
+
+@dataclass(frozen=True)
+class Noisy:
+    flood_steps: int = 5000
+    flood_fan_width: int = 20
+    flood_latency_ms: float = 50
+    # Tenant A: interactive runs of `a_chain` llm steps, one submitted every `a_interval_s`
+    # for `a_window_s` after the flood starts.
+    a_chain: int = 3
+    a_latency_ms: float = 20
+    a_interval_s: float = 0.1
+    a_window_s: float = 10
+    # How long a phase waits for A's runs; a step of A not started by then counts with the
+    # wait it had so far (so a percentile past that is a lower bound).
+    drain_deadline_s: float = 60
+
+
+@dataclass(frozen=True)
+class Streams:
+    clients: int = 1000
+    steps_per_run: int = 2
+    step_latency_ms: float = 100
+    deadline_s: float = 60
+
+
+@dataclass(frozen=True)
+class Growth:
+    backlogs: tuple[int, ...] = (1_000, 10_000, 100_000)
+    tenants: int = 10
+    steps_per_run: int = 10
+    cycles: int = 15
+    decides: int = 15
+    submissions: int = 60
+
+
+@dataclass(frozen=True)
+class Params:
+    quick: bool = False
+    deployment: Deployment = field(default_factory=Deployment)
+    motivating: Motivating = field(default_factory=Motivating)
+    submission: Submission = field(default_factory=Submission)
+    overhead: Overhead = field(default_factory=Overhead)
+    throughput: Throughput = field(default_factory=Throughput)
+    noisy: Noisy = field(default_factory=Noisy)
+    streams: Streams = field(default_factory=Streams)
+    growth: Growth = field(default_factory=Growth)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+FULL = Params()
+
+QUICK = Params(
+    quick=True,
+    motivating=Motivating(users=100, arrival_real_s=32, follow_deadline_s=30),
+    submission=Submission(clients=200, duration_s=6, single_client_requests=40),
+    overhead=Overhead(switchyard_chains=2, raw_chains=5, idle_dispatch_samples=25),
+    throughput=Throughput(zero_latency_steps=500, llm_steps=300, raw_tasks=3000, budget_s=15),
+    noisy=Noisy(flood_steps=600, a_window_s=2, drain_deadline_s=20),
+    streams=Streams(clients=200, deadline_s=30),
+    growth=Growth(backlogs=(1_000, 10_000, 100_000), cycles=5, decides=5, submissions=20),
+)

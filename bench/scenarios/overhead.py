@@ -1,0 +1,128 @@
+"""Scenario 3: per-step overhead against a raw Celery chain, and idle dispatch latency.
+
+- Switchyard: runs of a chain of 50 zero-latency simulated LLM steps, one run at a time; the
+  run's wall time (created → finished) over 50 is the cost of one step through the engine:
+  scheduler admission, publish, claim, handler, checkpoint, graph advance, events.
+- Raw Celery: a chain of 50 no-op tasks on the same RabbitMQ, each publishing the next
+  (`bench.celery_baseline`: acks late, prefetch 1, priority queue, confirmed publishes).
+- Both on one worker process with the same threads pool.
+- Idle dispatch: single-step runs submitted one at a time on an idle system; from the step's
+  `ready_at` (the transaction that made it ready) to its attempt's `started_at` (the worker's
+  claim, just before the handler runs).
+
+This module is where `bench/chain.py` (a 20-step chain measured alone) went.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import uuid
+from typing import Any
+
+from bench.charts import overhead_chart
+from bench.stats import summary
+from bench.workload import chain_workflow, install
+
+
+def run(bench) -> dict[str, Any]:
+    p = bench.params.overhead
+    d = bench.deployment
+    bench.start_switchyard()
+    chains = bench.tenant("chains", lane="interactive")
+    chain = install(chains.tenant, chain_workflow(p.chain_steps, name="chain"))
+    single = install(chains.tenant, chain_workflow(1, name="single"))
+
+    dispatch_ms = _idle_dispatch(bench, chains.tenant, single, p)
+    with bench.profiled("s3-chain", ("scheduler", "llm")):
+        walls = _switchyard_chains(bench, chains.tenant, chain, p)
+    bench.reset_runs()
+    switchyard_ms = statistics.median(walls) / p.chain_steps * 1000
+
+    bench.raw_worker()
+    raw_walls = _raw_chains(p)
+    raw_ms = statistics.median(raw_walls) / p.chain_steps * 1000
+
+    return {
+        "title": "Per-step overhead against a raw Celery chain; idle dispatch",
+        "params": {
+            "chain": f"{p.chain_steps} zero-latency steps, each after the previous",
+            "Switchyard": f"{p.switchyard_chains} runs one after another (after one warm-up), "
+            f"llm pool: 1 process, threads x {d.llm_threads}; scheduler x1",
+            "raw Celery": f"{p.raw_chains} chains of no-op tasks (after one warm-up), each "
+            f"publishing the next; 1 process, threads x {d.raw_threads}; acks late, "
+            "prefetch 1, x-max-priority 10, confirmed persistent publishes",
+            "idle dispatch": f"{p.idle_dispatch_samples} single-step runs, one at a time, "
+            f"{p.idle_gap_s * 1000:.0f} ms apart: StepRun.ready_at → StepAttempt.started_at",
+        },
+        "switchyard_ms_per_step": round(switchyard_ms, 2),
+        "switchyard_chain_walls_s": [round(w, 3) for w in walls],
+        "raw_ms_per_step": round(raw_ms, 3),
+        "raw_chain_walls_s": [round(w, 4) for w in raw_walls],
+        "ratio": round(switchyard_ms / raw_ms, 1) if raw_ms else None,
+        "idle_dispatch_ms": summary(dispatch_ms),
+        "chart": overhead_chart(
+            bench.outdir / "s3-overhead.png", switchyard_ms, raw_ms, dispatch_ms
+        ),
+    }
+
+
+def _wait_final(run, timeout_s: float = 120, poll_s: float = 0.01):
+    from jobs.models import RUN_FINAL, Run
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = Run.objects.filter(pk=run.pk).values_list("status", flat=True).first()
+        if status in RUN_FINAL:
+            run.refresh_from_db()
+            return run
+        time.sleep(poll_s)
+    raise TimeoutError(f"run {run.public_id} did not finish in {timeout_s:g} s")
+
+
+def _idle_dispatch(bench, tenant, version, p) -> list[float]:
+    from jobs.models import StepAttempt
+    from jobs.services.runs import run_create
+
+    runs = []
+    for index in range(p.idle_dispatch_samples + 3):
+        run = _wait_final(run_create(tenant=tenant, version=version, input={}))
+        if index >= 3:  # the first runs warm connections and caches
+            runs.append(run)
+        time.sleep(p.idle_gap_s)
+    samples = []
+    for attempt in StepAttempt.objects.filter(step_run__run__in=runs, number=1).select_related(
+        "step_run"
+    ):
+        samples.append((attempt.started_at - attempt.step_run.ready_at).total_seconds() * 1000)
+    return samples
+
+
+def _switchyard_chains(bench, tenant, version, p) -> list[float]:
+    from jobs.services.runs import run_create
+
+    walls = []
+    for index in range(p.switchyard_chains + 1):
+        run = _wait_final(run_create(tenant=tenant, version=version, input={}), poll_s=0.05)
+        if run.status != "succeeded":
+            raise RuntimeError(f"chain run {run.public_id} {run.status}: {run.error}")
+        if index:
+            walls.append((run.finished_at - run.created_at).total_seconds())
+    return walls
+
+
+def _raw_chains(p) -> list[float]:
+    from bench.celery_baseline import chain_link, done_key, redis_client
+
+    walls = []
+    r = redis_client()
+    for index in range(p.raw_chains + 1):
+        chain_id = uuid.uuid4().hex
+        started = time.time()
+        chain_link.apply_async((chain_id, 0, p.chain_steps))
+        popped = r.blpop([done_key(chain_id)], timeout=60)
+        if popped is None:
+            raise TimeoutError("a raw Celery chain did not finish in 60 s")
+        if index:
+            walls.append(float(popped[1]) - started)
+    return walls

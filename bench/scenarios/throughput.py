@@ -1,0 +1,131 @@
+"""Scenario 4: completed steps per second at saturation, against raw Celery no-ops.
+
+A backlog of independent steps (runs of `fan_width` parallel steps) is created while the tenant
+is paused, then released at once: the workers are never short of work. The rate is counted over
+the middle 80 % of the completions (the pipeline filling and draining left out), from the steps'
+own `finished_at` checkpoints.
+
+- zero-latency simulated LLM steps: the engine's own cost bounds the rate;
+- 50 ms simulated LLM steps: the pool's concurrency bounds it (threads / 50 ms at best);
+- raw Celery: no-op tasks pre-filled in the queue, then consumed by the same pool (one process,
+  same threads) with the same broker settings; timed by marker tasks before and after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from typing import Any
+
+from bench.charts import RAW_COLOUR, SWITCHYARD_COLOUR, bars_chart
+from bench.stats import rate_between
+from bench.workload import fan_workflow, install
+
+
+def run(bench) -> dict[str, Any]:
+    p = bench.params.throughput
+    d = bench.deployment
+    bench.start_switchyard()
+    tenant = bench.tenant("throughput")
+    zero = install(tenant.tenant, fan_workflow(p.fan_width, 0, name="fan-zero"))
+    slow = install(tenant.tenant, fan_workflow(p.fan_width, p.llm_latency_ms, name="fan-llm"))
+
+    with bench.profiled("s4-zero", ("scheduler", "llm")):
+        zero_rate, zero_n = _saturate(bench, tenant.tenant, zero, p.zero_latency_steps, p)
+    bench.reset_runs()
+    slow_rate, slow_n = _saturate(bench, tenant.tenant, slow, p.llm_steps, p)
+    bench.reset_runs()
+
+    raw_rate = _raw(bench, p.raw_tasks)
+    bench.stop_raw_worker()
+    ceiling = d.llm_threads / (p.llm_latency_ms / 1000)
+    return {
+        "title": "Throughput at saturation",
+        "params": {
+            "backlog": f"runs of {p.fan_width} independent simulated LLM steps, created while "
+            "the tenant is paused, then released at once",
+            "zero-latency": f"{p.zero_latency_steps} steps",
+            f"{p.llm_latency_ms:g} ms llm": f"{p.llm_steps} steps (pool ceiling "
+            f"{d.llm_threads} threads / {p.llm_latency_ms:g} ms = {ceiling:.0f} steps/s)",
+            "pool": f"llm: 1 process, threads x {d.llm_threads}; scheduler x1",
+            "raw Celery": f"{p.raw_tasks} no-op tasks pre-filled, 1 process, threads x "
+            f"{d.raw_threads}, same broker settings",
+            "rate": "completions per second over the middle 80 % of completions (within "
+            f"{p.budget_s:g} s; what is left then is cancelled)",
+        },
+        "zero_latency_steps_per_s": round(zero_rate, 1),
+        "zero_latency_steps_done": zero_n,
+        "llm_steps_per_s": round(slow_rate, 1),
+        "llm_steps_done": slow_n,
+        "llm_ceiling_steps_per_s": round(ceiling, 1),
+        "raw_celery_tasks_per_s": round(raw_rate, 1),
+        "share_of_raw": round(zero_rate / raw_rate, 3) if raw_rate else None,
+        "chart": bars_chart(
+            bench.outdir / "s4-throughput.png",
+            "Completed steps per second at saturation",
+            [
+                "Switchyard\nzero-latency",
+                f"Switchyard\n{p.llm_latency_ms:g} ms llm",
+                "raw Celery\nno-op",
+            ],
+            [zero_rate, slow_rate, raw_rate],
+            "steps / s",
+            [SWITCHYARD_COLOUR, SWITCHYARD_COLOUR, RAW_COLOUR],
+        ),
+    }
+
+
+def _saturate(bench, tenant, version, steps: int, p) -> tuple[float, int]:
+    from jobs.models import StepRun
+    from jobs.services.runs import run_create
+    from tenants.services import tenant_pause, tenant_resume
+
+    tenant_pause(tenant=tenant)
+    runs = [
+        run_create(tenant=tenant, version=version, input={}).pk
+        for _ in range(max(1, steps // p.fan_width))
+    ]
+    tenant_resume(tenant=tenant)
+    bench.wake_scheduler()
+    total = len(runs) * p.fan_width
+    deadline = time.monotonic() + p.budget_s
+    finished = StepRun.objects.filter(run_id__in=runs, finished_at__isnull=False)
+    while finished.count() < total and time.monotonic() < deadline:
+        time.sleep(0.5)
+    times = [t.timestamp() for t in finished.values_list("finished_at", flat=True)]
+    if len(times) < total:  # out of time: stop the rest, the rate is over what finished
+        _cancel(runs)
+    return rate_between(times) or 0.0, len(times)
+
+
+def _cancel(run_pks: list[int]) -> None:
+    from jobs.models import RUN_FINAL, Run
+    from jobs.services.runs import RunError, run_cancel
+
+    for run in Run.objects.filter(pk__in=run_pks).exclude(status__in=RUN_FINAL):
+        with contextlib.suppress(RunError):
+            run_cancel(run=run, reason="bench: out of time")
+    time.sleep(1.0)  # in-flight steps report (and are refused) before the tables are emptied
+
+
+def _raw(bench, tasks: int) -> float:
+    """Pre-fill the queue while the worker does not consume it, then let it drain."""
+    from bench.celery_baseline import QUEUE_NAME, app, done_key, mark, noop, redis_client
+
+    worker = bench.raw_worker()
+    destination = [worker.node]
+    app.control.cancel_consumer(QUEUE_NAME, destination=destination, reply=True, timeout=10)
+    name = uuid.uuid4().hex
+    with app.producer_or_acquire() as producer:
+        mark.apply_async((f"{name}-start",), producer=producer)
+        for _ in range(tasks):
+            noop.apply_async(producer=producer)
+        mark.apply_async((f"{name}-end",), producer=producer)
+    app.control.add_consumer(QUEUE_NAME, destination=destination, reply=True, timeout=10)
+    r = redis_client()
+    start = r.blpop([done_key(f"{name}-start")], timeout=60)
+    end = r.blpop([done_key(f"{name}-end")], timeout=bench.params.throughput.budget_s)
+    if start is None or end is None:
+        return 0.0
+    return tasks / (float(end[1]) - float(start[1]))

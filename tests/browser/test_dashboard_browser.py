@@ -1,0 +1,182 @@
+"""An operator in a real browser (headless Debian Chromium): signs in, lands on the overview,
+watches a chart and a run page update without reloading, and opens every dashboard page with
+seeded data, checking the figures shown against the database. A screenshot of each page is
+kept in tests/browser/artifacts/ (dashboard-*.png)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from dashboard.models import ProcessHeartbeat
+from jobs.models import Run, RunStatus, StepRun
+from tenants.models import Tenant
+from tests.support.approvals import refund_workflow, run_ready_steps
+from tests.support.dashboard import PASSWORD, make_operator
+from tests.support.workflows import submit
+
+pytestmark = pytest.mark.cluster
+
+VIEWPORT = {"width": 1366, "height": 900}  # a laptop screen
+
+
+def triage(name: str = "triage") -> dict:
+    """fetch → (classify, lookup) → reply: a small graph with a fork and a join."""
+    return {
+        "name": name,
+        "input_schema": {"type": "object", "properties": {"nap": {"type": "integer"}}},
+        "steps": [
+            {"id": "fetch", "kind": "tool", "tool": "echo", "args": {"ticket": "T-1"}},
+            {"id": "classify", "kind": "tool", "tool": "test.count", "after": ["fetch"],
+             "args": {"key": "classify", "sleep_ms": "{{ input.nap }}"}},
+            {"id": "lookup", "kind": "tool", "tool": "echo", "after": ["fetch"],
+             "args": {"email": "ann@example.com", "delay_ms": 50}},
+            {"id": "reply", "kind": "tool", "tool": "echo", "after": ["classify", "lookup"],
+             "args": {"text": "done"}},
+        ],
+    }  # fmt: skip
+
+
+@pytest.fixture
+def site(owner, outsider, cluster):
+    """A scheduler sampling every second, a tool worker, and a web process that pushes every
+    second; returns the web's base URL."""
+    cluster.env.update(SWITCHYARD_METRICS_SAMPLE_S="1", SWITCHYARD_WORKER_HEARTBEAT_S="1")
+    cluster.start_scheduler()
+    cluster.start_worker("steps.tool", pool="threads", concurrency=4, name="tools")
+    return cluster.start_web(SWITCHYARD_DASHBOARD_REFRESH_S="1")
+
+
+def seed(owner, outsider, cluster) -> dict[str, Run]:
+    done = [submit(owner.tenant, triage(), {"nap": 10}) for _ in range(3)]
+    failed = submit(
+        outsider.tenant,
+        {"name": "sync", "steps": [
+            {"id": "pull", "kind": "tool", "tool": "echo", "args": {"n": 1}},
+            {"id": "push", "kind": "tool", "tool": "test.fail", "after": ["pull"],
+             "args": {"key": "push", "retryable": False, "code": "upstream_503"}},
+        ]},
+        lane="batch",
+    )  # fmt: skip
+    for run in [*done, failed]:
+        cluster.wait_run(run)
+    review = submit(owner.tenant, refund_workflow(timeout_s=1800), {"customer": "Ann", "amount": 9})
+    run_ready_steps(review)  # an approval waits for a reviewer (no control worker needed)
+    return {"done": done[0], "failed": failed}
+
+
+def sign_in(page, site: str) -> None:
+    page.goto(f"{site}/dashboard/")
+    assert page.url.startswith(f"{site}/accounts/login/")
+    page.fill("#id_username", "olga")
+    page.fill("#id_password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{site}/dashboard/")
+
+
+def figure(page, name: str) -> int:
+    return int(page.locator(f'[data-figure="{name}"]').first.inner_text())
+
+
+def test_an_operator_watches_the_platform_live_and_opens_every_page(
+    owner, outsider, cluster, site, browser, screenshot
+):
+    make_operator("olga")
+    runs = seed(owner, outsider, cluster)
+    page = browser.new_page(viewport=VIEWPORT)
+    sign_in(page, site)
+
+    # Overview: live, figures as in the database, charts filling without a reload.
+    page.wait_for_selector("#live-status[data-state=live]")
+    page.evaluate("window.notReloaded = true")
+    assert figure(page, "waiting-runs") == Run.objects.filter(status=RunStatus.WAITING).count()
+    page.wait_for_function(
+        "document.querySelector('[data-chart=throughput]').dataset.points >= 2", timeout=20_000
+    )
+    points = int(page.locator("[data-chart=throughput]").get_attribute("data-points"))
+    slow = submit(owner.tenant, triage(), {"nap": 6000})
+    page.wait_for_function(
+        f"document.querySelector('[data-chart=throughput]').dataset.points > {points}",
+        timeout=20_000,
+    )
+    page.wait_for_function(
+        "document.querySelector('[data-figure=running-steps]').innerText === '1'", timeout=20_000
+    )
+    assert page.evaluate("window.notReloaded") is True
+    assert page.locator("svg.uplot, .uplot canvas").count() >= 4
+    approvals = page.locator('tr[data-tenant="owner"][data-reviewers="reviewer"]')
+    assert approvals.locator('[data-figure="pending"]').inner_text() == "1"
+    page.wait_for_timeout(1500)  # a few more points in the charts for the screenshot
+    screenshot(page, "dashboard-overview")
+    page.emulate_media(color_scheme="dark")
+    page.wait_for_timeout(300)
+    screenshot(page, "dashboard-overview-dark")
+    page.emulate_media(color_scheme="light")
+
+    # A run page while the run is in progress: the graph and the log follow it live.
+    page.goto(f"{site}/dashboard/runs/{slow.public_id}/")
+    assert page.locator('g.node[data-step="reply"]').get_attribute("data-status") == "pending"
+    page.wait_for_selector("#live-status:not([hidden])")
+    page.evaluate("window.notReloaded = true")
+    classify = page.locator('g.node[data-step="classify"]')
+    page.wait_for_function(
+        "document.querySelector('g.node[data-step=reply]').dataset.status === 'succeeded'",
+        timeout=30_000,
+    )
+    assert classify.get_attribute("data-status") == "succeeded"
+    assert page.evaluate("window.notReloaded") is True
+    shown = page.locator("#events tr[data-seq]").count()
+    assert shown == Run.objects.get(pk=slow.pk).events.count()
+    assert page.locator("#run-status").inner_text() == "succeeded"
+    assert page.locator(".gantt-row").count() == StepRun.objects.filter(run=slow).count()
+    screenshot(page, "dashboard-run")
+
+    # A failed run: its error, the failed step opened, retry offered.
+    page.goto(f"{site}/dashboard/runs/{runs['failed'].public_id}/")
+    assert "failed on purpose (upstream_503)" in page.locator(".run-error").inner_text()
+    assert page.locator('details.step[data-step="push"]').get_attribute("open") is not None
+    assert page.locator("#retry").is_visible()
+    screenshot(page, "dashboard-run-failed")
+
+    # Workers: the worker that is running, from its heartbeat.
+    before = ProcessHeartbeat.objects.get(role="worker")
+    page.goto(f"{site}/dashboard/workers/")
+    after = ProcessHeartbeat.objects.get(role="worker")
+    row = page.locator(f'tr[data-worker="{before.name}"]')
+    assert row.get_attribute("data-state") == "up"
+    done = int(row.locator('[data-figure="succeeded"]').inner_text())
+    assert before.steps_succeeded <= done <= after.steps_succeeded and done > 0
+    assert "threads" in row.inner_text() and "steps.tool" in row.inner_text()
+    screenshot(page, "dashboard-workers")
+
+    # Tenants: usage bars against quotas; pause and resume from the page.
+    page.goto(f"{site}/dashboard/tenants/")
+    outsider_card = page.locator('section[data-tenant="outsider"]')
+    assert outsider_card.locator('[data-figure="state"]').inner_text() == "active"
+    page.once("dialog", lambda dialog: dialog.accept())
+    outsider_card.locator("button", has_text="Pause").click()
+    page.wait_for_selector('section[data-tenant="outsider"].paused')
+    assert Tenant.objects.get(slug="outsider").is_active is False
+    screenshot(page, "dashboard-tenants")
+    page.locator('section[data-tenant="outsider"] button', has_text="Resume").click()
+    page.wait_for_selector('section[data-tenant="outsider"]:not(.paused)')
+    assert Tenant.objects.get(slug="outsider").is_active is True
+
+    # Runs: the list as in the database, then filtered to the failed run.
+    page.goto(f"{site}/dashboard/runs/")
+    assert page.locator("#runs tr[data-run]").count() == Run.objects.count()
+    page.select_option("select[name=status]", "failed")
+    page.click(".filters button[type=submit]")
+    page.wait_for_url(re.compile(r".*status=failed.*"))
+    assert page.locator("#runs tr[data-run]").count() == 1
+    screenshot(page, "dashboard-runs")
+
+    # Failures, grouped; then the bulk retry confirmation of that group.
+    page.goto(f"{site}/dashboard/failures/")
+    group = page.locator("#failure-groups tr[data-fingerprint]")
+    assert group.count() == 1 and "upstream_503" in group.inner_text()
+    screenshot(page, "dashboard-failures")
+    group.locator("a", has_text="Retry all").click()
+    assert "This will retry 1 run" in page.locator("#bulk-count").inner_text()
+    screenshot(page, "dashboard-bulk-confirm")

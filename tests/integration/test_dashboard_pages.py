@@ -1,0 +1,299 @@
+"""The operators' dashboard pages (Django session auth, PostgreSQL and RabbitMQ for real):
+who may open them, what each shows against the database, and the actions on runs and tenants
+that need no worker. Actions that run steps again are proven with real workers in
+test_dashboard_cluster.py; the live sockets in test_dashboard_live.py; pages in a real browser
+in tests/browser/."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from dashboard.models import OperatorAction, ProcessHeartbeat
+from jobs.models import Event, Run, RunStatus, StepRun, StepStatus
+from tenants.models import Role, Tenant
+from tests.support.approvals import make_reviewer
+from tests.support.dashboard import chain, make_operator, make_user, signed_in, work_locally
+from tests.support.workflows import submit
+
+PAGES = ["/dashboard/", "/dashboard/workers/", "/dashboard/tenants/", "/dashboard/runs/",
+         "/dashboard/failures/", "/dashboard/runs/bulk/?action=retry"]  # fmt: skip
+
+
+@pytest.fixture
+def olga(db):
+    return make_operator("olga")
+
+
+@pytest.fixture
+def staff(olga):
+    return signed_in(olga)
+
+
+def text(response) -> str:
+    return response.content.decode()
+
+
+def squash(html: str) -> str:
+    return re.sub(r"\s+", " ", html)
+
+
+# --- who gets in -------------------------------------------------------------------------------
+
+
+def test_anonymous_visitors_are_sent_to_sign_in(client, owner):
+    run = submit(owner.tenant, chain("two", "a", "b"))
+    for url in [*PAGES, f"/dashboard/runs/{run.public_id}/"]:
+        response = client.get(url)
+        assert response.status_code == 302, url
+        assert response["Location"].startswith("/accounts/login/?next="), url
+    response = client.post(f"/dashboard/runs/{run.public_id}/cancel/")
+    assert response.status_code == 302
+    run.refresh_from_db()
+    assert run.status != RunStatus.CANCELLED
+
+
+def test_reviewers_and_other_non_staff_users_get_a_403_and_cannot_act(owner):
+    run = submit(owner.tenant, chain("two", "a", "b"))
+    reviewer = signed_in(make_reviewer("rita", owner.tenant, role=Role.REVIEWER))
+    plain = signed_in(make_user("paul"))
+    for client in (reviewer, plain):
+        for url in [*PAGES, f"/dashboard/runs/{run.public_id}/"]:
+            response = client.get(url)
+            assert response.status_code == 403, url
+            assert "Operators only" in text(response)
+        assert client.post(f"/dashboard/runs/{run.public_id}/cancel/").status_code == 403
+        assert client.post(f"/dashboard/tenants/{owner.tenant.slug}/pause/").status_code == 403
+        assert client.post("/dashboard/runs/bulk/", {"action": "cancel"}).status_code == 403
+    run.refresh_from_db()
+    owner.tenant.refresh_from_db()
+    assert run.status != RunStatus.CANCELLED and owner.tenant.is_active
+
+
+def test_the_root_sends_operators_to_the_dashboard_and_reviewers_to_their_inbox(owner, staff):
+    reviewer = signed_in(make_reviewer("rita", owner.tenant))
+    assert staff.get("/")["Location"] == "/dashboard/"
+    assert reviewer.get("/")["Location"] == "/inbox/"
+
+
+def test_signing_in_lands_operators_on_the_dashboard(client, olga):
+    response = client.post(
+        "/accounts/login/", {"username": "olga", "password": "operator password 1234"}
+    )
+    assert response.status_code == 302 and response["Location"] == "/dashboard/"
+
+
+# --- what each page shows --------------------------------------------------------------------
+
+
+def test_the_overview_shows_backlog_active_runs_and_approval_queues_from_the_database(
+    owner, outsider, staff
+):
+    for _ in range(3):
+        submit(owner.tenant, chain("pair", "a", "b"), lane="interactive")
+    submit(outsider.tenant, chain("solo", "only"), lane="batch")
+
+    page = squash(text(staff.get("/dashboard/")))
+
+    owner_row = re.search(r'data-tenant="owner" data-lane="interactive">(.*?)</tr>', page).group(1)
+    assert re.search(r'data-figure="ready">3<', owner_row)
+    outsider_row = re.search(r'data-tenant="outsider" data-lane="batch">(.*?)</tr>', page).group(1)
+    assert re.search(r'data-figure="ready">1<', outsider_row)
+    ready = StepRun.objects.filter(status=StepStatus.READY).count()
+    assert f'data-figure="ready-steps">{ready}<' in page
+    accepted = Run.objects.filter(status=RunStatus.ACCEPTED).count()
+    assert f'data-figure="accepted-runs">{accepted}<' in page
+    assert 'id="queues"' in page or "RabbitMQ did not answer" in page
+    assert "PostgreSQL" in page and "Redis" in page
+    assert 'title="no scheduler has run a cycle" data-health="Scheduler"' in page
+
+
+def test_the_overview_counts_pending_approvals_per_tenant_and_reviewer_group(owner, staff):
+    from tests.support.approvals import refund_workflow, run_ready_steps
+
+    for amount in (10, 20):
+        run = submit(
+            owner.tenant, refund_workflow(timeout_s=1800), {"customer": "A", "amount": amount}
+        )
+        run_ready_steps(run)
+
+    page = squash(text(staff.get("/dashboard/")))
+
+    row = re.search(r'data-tenant="owner" data-reviewers="reviewer">(.*?)</tr>', page).group(1)
+    assert 'data-figure="pending">2<' in row
+    assert '<td class="num warn">2</td>' in row  # both due within the hour
+
+
+def test_the_workers_page_marks_a_silent_worker_down(staff, settings):
+    now = timezone.now()
+    settings.SWITCHYARD_WORKER_DOWN_AFTER_S = 15
+    for name, seen in (("llm@alive", now), ("tool@silent", now - timedelta(seconds=40))):
+        ProcessHeartbeat.objects.create(
+            role="worker", name=name, queues=["steps.llm"], pool="threads", concurrency=8,
+            started_at=now - timedelta(hours=1), last_seen_at=seen, steps_succeeded=7,
+        )  # fmt: skip
+
+    page = squash(text(staff.get("/dashboard/workers/")))
+
+    assert re.search(r'data-worker="llm@alive" data-state="up"', page)
+    assert re.search(r'data-worker="tool@silent" data-state="down"', page)
+    assert '<td class="num" data-figure="succeeded">7</td>' in page
+
+
+def test_the_workers_page_says_what_to_do_when_none_reported(staff):
+    assert "No worker has reported" in text(staff.get("/dashboard/workers/"))
+
+
+def test_the_tenants_page_shows_usage_against_quotas(owner, staff):
+    owner.tenant.max_queued_runs = 10
+    owner.tenant.save()
+    for _ in range(4):
+        submit(owner.tenant, chain("pair", "a", "b"))
+
+    page = squash(text(staff.get("/dashboard/tenants/")))
+
+    section = re.search(r'data-tenant="owner">(.*?)</section>', page).group(1)
+    queued = re.search(r'data-bar="queued runs".*?data-figure="used">(\d+)</b> / (\d+)', section)
+    assert queued.groups() == ("4", "10")
+    assert 'style="width: 40%"' in section
+    assert f"/admin/tenants/tenant/{owner.tenant.pk}/change/" in section
+
+
+def test_pause_and_resume_go_through_the_services_and_are_audited(owner, staff, olga):
+    response = staff.post(f"/dashboard/tenants/{owner.tenant.slug}/pause/")
+    assert response.status_code == 302
+    assert not Tenant.objects.get(pk=owner.tenant.pk).is_active
+    page = text(staff.get("/dashboard/tenants/"))
+    assert "paused" in page and "Resume" in page
+
+    staff.post(f"/dashboard/tenants/{owner.tenant.slug}/resume/")
+
+    assert Tenant.objects.get(pk=owner.tenant.pk).is_active
+    actions = list(OperatorAction.objects.order_by("at").values_list("operator", "action"))
+    assert actions == [("operator:olga", "tenant.pause"), ("operator:olga", "tenant.resume")]
+
+
+# --- runs -------------------------------------------------------------------------------------
+
+
+def test_the_runs_list_filters_and_pages_by_keyset(owner, outsider, staff):
+    mine = [submit(owner.tenant, chain("pair", "a", "b")) for _ in range(5)]
+    failed = work_locally(submit(owner.tenant, chain("pair", "a", "b")), fail=frozenset({"b"}))
+    theirs = submit(outsider.tenant, chain("other", "x"), lane="batch")
+
+    def shown(query: str) -> list[str]:
+        return re.findall(
+            r'<tr data-run="([0-9a-f-]+)"', text(staff.get(f"/dashboard/runs/{query}"))
+        )
+
+    assert shown("?tenant=outsider") == [str(theirs.public_id)]
+    assert shown("?lane=batch") == [str(theirs.public_id)]
+    assert shown("?status=failed") == [str(failed.public_id)]
+    assert shown("?error=b+broke") == [str(failed.public_id)]
+    assert shown("?workflow=pair&tenant=owner") == [
+        str(r.public_id) for r in [failed, *reversed(mine)]
+    ]
+    future = (timezone.now() + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M")
+    assert shown(f"?since={future}") == []
+
+    from dashboard import selectors
+
+    first = selectors.runs_page(selectors.RunFilters(tenant="owner"), limit=4)
+    second = selectors.runs_page(selectors.RunFilters(tenant="owner"), after=first.older, limit=4)
+    back = selectors.runs_page(selectors.RunFilters(tenant="owner"), before=second.newer, limit=4)
+    everything = [failed, *reversed(mine)]
+    assert [r.pk for r in first.runs] == [r.pk for r in everything[:4]]
+    assert [r.pk for r in second.runs] == [r.pk for r in everything[4:]]
+    assert second.older is None and first.newer is None
+    assert [r.pk for r in back.runs] == [r.pk for r in first.runs]
+
+
+def test_the_runs_list_says_so_when_empty(staff):
+    assert "No run yet" in text(staff.get("/dashboard/runs/"))
+    assert "No run matches" in text(staff.get("/dashboard/runs/?tenant=nobody"))
+
+
+def test_the_run_page_draws_the_graph_timeline_steps_and_log(owner, staff):
+    run = work_locally(
+        submit(owner.tenant, chain("trio", "fetch", "think", "reply")), fail=frozenset({"think"})
+    )
+
+    page = squash(text(staff.get(f"/dashboard/runs/{run.public_id}/")))
+
+    for step_id, status in (("fetch", "succeeded"), ("think", "failed"), ("reply", "cancelled")):
+        assert f'data-step="{step_id}" data-status="{status}"' in page
+    assert page.count('class="edge') == 2
+    assert 'class="gbar gbar-attempt-succeeded"' in page and "gbar-attempt-failed" in page
+    assert "think broke" in page
+    seqs = [int(s) for s in re.findall(r'<tr data-seq="(\d+)"', page)]
+    assert seqs == list(Event.objects.filter(run=run).order_by("seq").values_list("seq", flat=True))
+    assert 'id="retry"' in page and "Cancel run" not in page
+
+
+def test_an_unknown_run_is_a_404(staff):
+    assert staff.get("/dashboard/runs/not-a-uuid/").status_code == 404
+    assert staff.get("/dashboard/runs/6f1c0c9e-0000-4000-8000-000000000000/").status_code == 404
+
+
+def test_cancel_from_the_run_page_names_the_operator(owner, staff):
+    run = submit(owner.tenant, chain("pair", "a", "b"))
+
+    response = staff.post(f"/dashboard/runs/{run.public_id}/cancel/")
+
+    assert response.status_code == 302
+    run.refresh_from_db()
+    assert run.status == RunStatus.CANCELLED
+    event = Event.objects.get(run=run, type="run.cancelled")
+    assert event.data["by"] == "operator:olga"
+
+
+def test_re_run_of_a_step_that_is_being_worked_on_is_refused_with_a_message(owner, staff):
+    run = submit(owner.tenant, chain("pair", "a", "b"))
+    step = StepRun.objects.get(run=run, step_id="a")
+    from jobs.services.steps import step_admit
+
+    step_admit(step_run_id=step.pk)
+    run.refresh_from_db()
+    run.status = RunStatus.RUNNING
+    run.save()
+
+    response = staff.post(f"/dashboard/runs/{run.public_id}/rerun/", {"step": "a"}, follow=True)
+
+    assert "still being worked on" in text(response)
+    assert not Event.objects.filter(run=run, type="run.rerun").exists()
+
+
+def test_bulk_cancel_confirms_the_count_then_cancels_exactly_those(owner, outsider, staff):
+    for _ in range(3):
+        submit(owner.tenant, chain("pair", "a", "b"))
+    other = submit(outsider.tenant, chain("pair", "a", "b"))
+
+    confirm = squash(text(staff.get("/dashboard/runs/bulk/?action=cancel&tenant=owner")))
+    assert "This will cancel <b>3</b> runs" in confirm
+
+    staff.post("/dashboard/runs/bulk/", {"action": "cancel", "tenant": "owner"})
+
+    assert Run.objects.filter(tenant=owner.tenant, status=RunStatus.CANCELLED).count() == 3
+    other.refresh_from_db()
+    assert other.status == RunStatus.ACCEPTED
+    bys = set(Event.objects.filter(type="run.cancelled").values_list("data__by", flat=True))
+    assert bys == {"operator:olga"}
+
+
+def test_the_failures_view_groups_by_workflow_and_error_fingerprint(owner, staff):
+    for _ in range(3):
+        work_locally(submit(owner.tenant, chain("pair", "a", "b")), fail=frozenset({"b"}))
+    work_locally(submit(owner.tenant, chain("pair", "a", "b")), fail=frozenset({"a"}))
+
+    page = squash(text(staff.get("/dashboard/failures/")))
+
+    counts = re.findall(
+        r'<tr data-fingerprint="([0-9a-f]{12})"> <td class="num"><b>(\d+)</b>', page
+    )
+    assert sorted(int(n) for _, n in counts) == [1, 3]
+    fingerprint = next(fp for fp, n in counts if n == "3")
+    listed = text(staff.get(f"/dashboard/runs/?status=failed&fingerprint={fingerprint}"))
+    assert listed.count("<tr data-run=") == 3

@@ -1,0 +1,83 @@
+"""Pure parts of the operators' dashboard: which steps a re-run resets, the log context and
+its JSON format, relative times."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from dashboard.templatetags.dashboard_tags import ago, relative
+from jobs.definitions import parse_definition
+from jobs.services.operations import steps_to_rerun
+from jobs.steps import registry
+from orchestrator.logcontext import (
+    ContextFilter,
+    JsonFormatter,
+    bind_log_context,
+    clear_log_context,
+)
+
+
+@pytest.fixture(autouse=True)
+def isolated_registry(monkeypatch):
+    monkeypatch.setattr(registry, "_kinds", dict(registry._BUILTIN_KINDS))
+    monkeypatch.setattr(registry, "_tools", {})
+    registry.register_tool("echo")(lambda ctx, **args: args)
+
+
+def tool(step_id, after=(), **args):
+    return {"id": step_id, "kind": "tool", "tool": "echo", "after": list(after), "args": args}
+
+
+def test_a_re_run_resets_the_step_and_everything_downstream_of_it_only():
+    definition = parse_definition(
+        {
+            "name": "diamond",
+            "steps": [
+                tool("fetch"),
+                tool("classify", ["fetch"]),
+                tool("lookup", ["fetch"]),
+                # depends on classify through its template, not `after`
+                tool("draft", ["lookup"], label="{{ steps.classify.output }}"),
+                tool("send", ["draft"]),
+                tool("audit", ["fetch"]),
+            ],
+        }
+    )
+
+    assert steps_to_rerun(definition, "classify") == ["classify", "draft", "send"]
+    assert steps_to_rerun(definition, "fetch") == [
+        "fetch", "classify", "lookup", "draft", "send", "audit"
+    ]  # fmt: skip
+    assert steps_to_rerun(definition, "send") == ["send"]
+
+
+def record(message: str = "claimed") -> logging.LogRecord:
+    record = logging.LogRecord("jobs.execution", logging.INFO, __file__, 1, message, (), None)
+    ContextFilter().filter(record)
+    return record
+
+
+def test_log_records_carry_the_bound_tenant_run_and_step():
+    bind_log_context(tenant=7, run="4b1c…", step="classify")
+    try:
+        plain = record()
+        as_json = json.loads(JsonFormatter().format(record("step done")))
+    finally:
+        clear_log_context()
+
+    assert plain.context == " [tenant=7 run=4b1c… step=classify]"
+    assert (as_json["tenant"], as_json["run"], as_json["step"]) == ("7", "4b1c…", "classify")
+    assert as_json["message"] == "step done" and as_json["level"] == "INFO"
+    assert record().context == "" and "tenant" not in json.loads(JsonFormatter().format(record()))
+
+
+def test_times_are_relative_with_the_exact_time_on_hover():
+    now = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+    assert relative(now - timedelta(seconds=12), now) == "12 s ago"
+    assert relative(now - timedelta(minutes=5), now) == "5 min ago"
+    assert relative(now + timedelta(hours=3), now) == "in 3 h"
+    assert 'title="2026-11-28 11:55:00 UTC"' in ago(now - timedelta(minutes=5))
