@@ -10,13 +10,24 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter
 
 SYNC_COLOUR = "#c0504d"
 SWITCHYARD_COLOUR = "#2f6db5"
 RAW_COLOUR = "#7f7f7f"
 
 
+def _plain_log_ticks(fig) -> None:
+    """Log axes labelled 20, 100, 2000 rather than 2x10^1, 10^2, 2x10^3."""
+    for ax in fig.axes:
+        for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
+            if scale == "log":
+                axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+                axis.set_minor_formatter(FuncFormatter(lambda _v, _pos: ""))
+
+
 def _save(fig, path: Path) -> str:
+    _plain_log_ticks(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

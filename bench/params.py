@@ -91,19 +91,19 @@ class Overhead:
 
 @dataclass(frozen=True)
 class Throughput:
-    zero_latency_steps: int = 3000
+    zero_latency_steps: int = 2000
     llm_latency_ms: float = 50
-    llm_steps: int = 2000
+    llm_steps: int = 1500
     fan_width: int = 20
     raw_tasks: int = 10000
     # The longest a saturation measurement waits; the rate is over what finished by then.
-    budget_s: float = 60
+    budget_s: float = 40
 
 
 @dataclass(frozen=True)
 class Noisy:
     flood_steps: int = 5000
-    flood_fan_width: int = 20
+    flood_fan_width: int = 1
     flood_latency_ms: float = 50
     # Tenant A: interactive runs of `a_chain` llm steps, one submitted every `a_interval_s`
     # for `a_window_s` after the flood starts.

@@ -2,8 +2,7 @@
 
 The backlog (ready steps of runs not yet started, spread over several tenants and the three
 lanes) is seeded with bulk SQL: a template run per tenant is created through `run_create`, then
-cloned with `INSERT … SELECT` over `generate_series` (the column lists come from the models, so
-the seed follows the schema). At each size, with no scheduler or worker running:
+copied with `INSERT … SELECT` (`bench.seed`). At each size, with no scheduler or worker running:
 
 - one admission decision (`jobs.admission.decide`), timed in this process;
 - one whole scheduler cycle (`jobs.scheduler.run_cycle`: recovery sweeps, decide, admit and
@@ -24,6 +23,7 @@ from typing import Any
 
 from bench import loadgen
 from bench.charts import growth_chart
+from bench.seed import clone_runs
 from bench.stats import slope_loglog, summary
 from bench.workload import agent_workflow, fan_workflow, install
 
@@ -116,45 +116,13 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
-def _columns(model) -> list[str]:
-    return [field.column for field in model._meta.concrete_fields if field.column != "id"]
-
-
 def _seed(templates: list[int], steps: int, per_run: int) -> int:
-    """Clone the template runs (and their ready steps) until `steps` more steps exist."""
-    from django.db import connection, transaction
-
-    from jobs.models import Run, StepRun
-
+    """Copy the template runs (with their ready steps) until `steps` more steps exist."""
+    per_template = max(1, steps // per_run // len(templates))
     if steps <= 0:
         return 0
-    run_columns = _columns(Run)
-    step_columns = _columns(StepRun)
-    run_select = [
-        "gen_random_uuid()" if c == "public_id" else "now()" if c == "created_at" else f"t.{c}"
-        for c in run_columns
-    ]
-    step_select = ["r.id" if c == "run_id" else f"s.{c}" for c in step_columns]
-    per_template = max(1, steps // per_run // len(templates))
-    # One template at a time: its clones get exactly its steps.
-    with transaction.atomic(), connection.cursor() as cursor:
-        for template in templates:
-            cursor.execute(
-                f"""
-                WITH new_runs AS (
-                    INSERT INTO jobs_run ({", ".join(run_columns)})
-                    SELECT {", ".join(run_select)}
-                    FROM jobs_run t, generate_series(1, %s)
-                    WHERE t.id = %s
-                    RETURNING id
-                )
-                INSERT INTO jobs_steprun ({", ".join(step_columns)})
-                SELECT {", ".join(step_select)}
-                FROM jobs_steprun s, new_runs r
-                WHERE s.run_id = %s
-                """,
-                [per_template, template, template],
-            )
+    for template in templates:
+        clone_runs(template, per_template)
     return per_template * per_run * len(templates)
 
 

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from bench.charts import noisy_chart
+from bench.seed import backlog
 from bench.stats import summary
 from bench.workload import chain_workflow, fan_workflow, install
 
@@ -55,7 +56,7 @@ def run(bench) -> dict[str, Any]:
         "title": "Noisy neighbour: tenant A's queue wait while tenant B floods",
         "params": {
             "tenant B": f"{p.flood_steps} batch steps ({p.flood_latency_ms:g} ms simulated "
-            f"llm, runs of {p.flood_fan_width} parallel steps), all ready at once",
+            f"llm, runs of {p.flood_fan_width} step(s)), all ready at once",
             "tenant A": f"an interactive run of {p.a_chain} chained {p.a_latency_ms:g} ms llm "
             f"steps every {p.a_interval_s * 1000:.0f} ms for {p.a_window_s:g} s",
             "pool": f"llm: 1 process, threads x {d.llm_threads}; broker depth bound "
@@ -83,10 +84,7 @@ def _phase(bench, tenant_a, interactive, flood, p) -> tuple[list[float], float |
     if flood is not None:
         tenant_b, version = flood
         tenant_pause(tenant=tenant_b)
-        flood_runs = [
-            run_create(tenant=tenant_b, version=version, input={}).pk
-            for _ in range(max(1, p.flood_steps // p.flood_fan_width))
-        ]
+        flood_runs = backlog(tenant_b, version, max(1, p.flood_steps // p.flood_fan_width))
         tenant_resume(tenant=tenant_b)
         bench.wake_scheduler()
         time.sleep(0.5)  # the flood fills the pool and the broker's admitted slots

@@ -18,12 +18,13 @@ from typing import Any
 from bench import loadgen
 from bench.charts import streams_chart
 from bench.harness import cpu_seconds, rss_mb
+from bench.seed import backlog
 from bench.stats import summary
 from bench.workload import chain_workflow, install
 
 
 def run(bench) -> dict[str, Any]:
-    from jobs.services.runs import run_create
+    from jobs.models import Run
     from tenants.services import tenant_pause, tenant_resume
 
     p = bench.params.streams
@@ -36,8 +37,10 @@ def run(bench) -> dict[str, Any]:
     )
     tenant_pause(tenant=followed.tenant)
     run_ids = [
-        str(run_create(tenant=followed.tenant, version=version, input={}).public_id)
-        for _ in range(p.clients)
+        str(public_id)
+        for public_id in Run.objects.filter(
+            pk__in=backlog(followed.tenant, version, p.clients)
+        ).values_list("public_id", flat=True)
     ]
 
     samples: list[tuple[float, float]] = []

@@ -1,14 +1,19 @@
 """Scenario 4: completed steps per second at saturation, against raw Celery no-ops.
 
-A backlog of independent steps (runs of `fan_width` parallel steps) is created while the tenant
-is paused, then released at once: the workers are never short of work. The rate is counted over
-the middle 80 % of the completions (the pipeline filling and draining left out), from the steps'
-own `finished_at` checkpoints.
+A backlog is created while its tenant is paused (one run through `run_create`, the rest its
+copies in SQL: `bench.seed`), then released at once, so the workers are never short of work.
+The rate is counted over the middle 80 % of the completions (the pipeline filling and draining
+left out), from the steps' own `finished_at` checkpoints.
 
-- zero-latency simulated LLM steps: the engine's own cost bounds the rate;
-- 50 ms simulated LLM steps: the pool's concurrency bounds it (threads / 50 ms at best);
-- raw Celery: no-op tasks pre-filled in the queue, then consumed by the same pool (one process,
-  same threads) with the same broker settings; timed by marker tasks before and after.
+- zero-latency simulated LLM steps, each in a run of its own: the engine's own cost bounds
+  the rate;
+- the same steps as runs of `fan_width` parallel steps: what sharing a run costs (every
+  transition of a run's steps holds the run's row lock);
+- 50 ms simulated LLM steps, each in a run of its own: the pool's concurrency bounds it
+  (threads / 50 ms at best);
+- raw Celery: no-op tasks pre-filled in the queue while the worker does not consume it, then
+  drained by the same pool (one process, same threads) with the same broker settings; timed by
+  marker tasks before and after.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import uuid
 from typing import Any
 
 from bench.charts import RAW_COLOUR, SWITCHYARD_COLOUR, bars_chart
+from bench.seed import backlog
 from bench.stats import rate_between
 from bench.workload import fan_workflow, install
 
@@ -28,13 +34,17 @@ def run(bench) -> dict[str, Any]:
     d = bench.deployment
     bench.start_switchyard()
     tenant = bench.tenant("throughput")
-    zero = install(tenant.tenant, fan_workflow(p.fan_width, 0, name="fan-zero"))
-    slow = install(tenant.tenant, fan_workflow(p.fan_width, p.llm_latency_ms, name="fan-llm"))
+    zero = install(tenant.tenant, fan_workflow(1, 0, name="zero"))
+    fan = install(tenant.tenant, fan_workflow(p.fan_width, 0, name="fan-zero"))
+    slow = install(tenant.tenant, fan_workflow(1, p.llm_latency_ms, name="llm"))
 
     with bench.profiled("s4-zero", ("scheduler", "llm")):
-        zero_rate, zero_n = _saturate(bench, tenant.tenant, zero, p.zero_latency_steps, p)
+        zero_rate, zero_n = _saturate(bench, tenant.tenant, zero, p.zero_latency_steps, 1, p)
     bench.reset_runs()
-    slow_rate, slow_n = _saturate(bench, tenant.tenant, slow, p.llm_steps, p)
+    fan_steps = p.zero_latency_steps // 3
+    fan_rate, fan_n = _saturate(bench, tenant.tenant, fan, fan_steps, p.fan_width, p)
+    bench.reset_runs()
+    slow_rate, slow_n = _saturate(bench, tenant.tenant, slow, p.llm_steps, 1, p)
     bench.reset_runs()
 
     raw_rate = _raw(bench, p.raw_tasks)
@@ -43,10 +53,11 @@ def run(bench) -> dict[str, Any]:
     return {
         "title": "Throughput at saturation",
         "params": {
-            "backlog": f"runs of {p.fan_width} independent simulated LLM steps, created while "
-            "the tenant is paused, then released at once",
-            "zero-latency": f"{p.zero_latency_steps} steps",
-            f"{p.llm_latency_ms:g} ms llm": f"{p.llm_steps} steps (pool ceiling "
+            "backlog": "created while the tenant is paused (bulk copies of a run_create run), "
+            "then released at once",
+            "zero-latency": f"{p.zero_latency_steps} steps, one per run",
+            "zero-latency fan-out": f"{fan_steps} steps, runs of {p.fan_width} parallel steps",
+            f"{p.llm_latency_ms:g} ms llm": f"{p.llm_steps} steps, one per run (pool ceiling "
             f"{d.llm_threads} threads / {p.llm_latency_ms:g} ms = {ceiling:.0f} steps/s)",
             "pool": f"llm: 1 process, threads x {d.llm_threads}; scheduler x1",
             "raw Celery": f"{p.raw_tasks} no-op tasks pre-filled, 1 process, threads x "
@@ -56,6 +67,8 @@ def run(bench) -> dict[str, Any]:
         },
         "zero_latency_steps_per_s": round(zero_rate, 1),
         "zero_latency_steps_done": zero_n,
+        "fan_out_steps_per_s": round(fan_rate, 1),
+        "fan_out_steps_done": fan_n,
         "llm_steps_per_s": round(slow_rate, 1),
         "llm_steps_done": slow_n,
         "llm_ceiling_steps_per_s": round(ceiling, 1),
@@ -66,29 +79,27 @@ def run(bench) -> dict[str, Any]:
             "Completed steps per second at saturation",
             [
                 "Switchyard\nzero-latency",
+                f"Switchyard\nfan-out of {p.fan_width}",
                 f"Switchyard\n{p.llm_latency_ms:g} ms llm",
                 "raw Celery\nno-op",
             ],
-            [zero_rate, slow_rate, raw_rate],
+            [zero_rate, fan_rate, slow_rate, raw_rate],
             "steps / s",
-            [SWITCHYARD_COLOUR, SWITCHYARD_COLOUR, RAW_COLOUR],
+            [SWITCHYARD_COLOUR, SWITCHYARD_COLOUR, SWITCHYARD_COLOUR, RAW_COLOUR],
+            log=True,
         ),
     }
 
 
-def _saturate(bench, tenant, version, steps: int, p) -> tuple[float, int]:
+def _saturate(bench, tenant, version, steps: int, width: int, p) -> tuple[float, int]:
     from jobs.models import StepRun
-    from jobs.services.runs import run_create
     from tenants.services import tenant_pause, tenant_resume
 
     tenant_pause(tenant=tenant)
-    runs = [
-        run_create(tenant=tenant, version=version, input={}).pk
-        for _ in range(max(1, steps // p.fan_width))
-    ]
+    runs = backlog(tenant, version, max(1, steps // width))
     tenant_resume(tenant=tenant)
     bench.wake_scheduler()
-    total = len(runs) * p.fan_width
+    total = len(runs) * width
     deadline = time.monotonic() + p.budget_s
     finished = StepRun.objects.filter(run_id__in=runs, finished_at__isnull=False)
     while finished.count() < total and time.monotonic() < deadline:

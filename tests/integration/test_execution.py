@@ -62,6 +62,7 @@ def test_the_demo_workflow_succeeds_with_a_gapless_log_and_the_rendered_output(o
     assert types[0] == "run.accepted" and types[-1] == "run.succeeded"
 
 
+@pytest.mark.flaky(reruns=1)
 def test_independent_steps_run_in_parallel(owner, running):
     slow = {"provider": "simulated", "simulated": {"latency_ms": 1000}}
     run = submit(

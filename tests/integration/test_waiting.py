@@ -14,7 +14,7 @@ from django.conf import settings
 
 from tests.support.live import auth, subscribers
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.flaky(reruns=1)]
 
 GREET = {
     "name": "greet",

@@ -77,9 +77,9 @@ PROFILES = {
         gap_s=2.0,
         hold_s=5.0,
         warmup_s=8.0,
-        drain_s=120.0,
-        recovery_timeout_s=60.0,
-        budget_s=380.0,
+        drain_s=100.0,
+        recovery_timeout_s=45.0,
+        budget_s=360.0,
     ),
     "short": Profile(
         name="short",

@@ -1,8 +1,9 @@
 """Private PostgreSQL, RabbitMQ and Redis instances for the chaos suite.
 
 Faults are injected into these, never into the shared services on the standard ports (other
-test sessions use those). Each instance lives in a temporary directory, listens on a port of
-its own, and is stopped by `stop()`; everything started is also killed by pid at exit, so an
+test sessions use those). Each instance lives in a temporary directory, listens on a free
+port picked at start (so that two chaos runs on one machine do not meet), and is stopped by
+`stop()`; everything started is also killed by pid at exit, so an
 aborted run leaves nothing behind. Nothing here ever signals a process it did not start.
 """
 
@@ -19,13 +20,11 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
-PG_PORT = 55432
-RABBIT_PORT = 5673
-RABBIT_DIST_PORT = 25673
-RABBIT_NODE = "chaos@localhost"
-REDIS_PORT = 16379
+from tests.support.cluster import free_port
+
 # RabbitMQ closes a channel whose delivery is unacknowledged for this long (the trap of
 # celery#6760); low so that a step can outlast it within the chaos run.
 CONSUMER_TIMEOUT_MS = 15_000
@@ -78,8 +77,8 @@ def _as(user: str | None) -> list[str]:
 class PrivatePostgres:
     """`initdb` into a temporary directory, trust auth, a Unix socket of its own."""
 
-    def __init__(self, port: int = PG_PORT):
-        self.port = port
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
         self.user = "postgres" if os.geteuid() == 0 else None
         self.bindir = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1])
         self.root = _owned_tempdir("sy-chaos-pg-", self.user)
@@ -193,7 +192,7 @@ def _pid_alive(pid: int | None) -> bool:
 
 
 class PrivateRabbit:
-    """A second RabbitMQ node (`chaos@localhost` by default) with its own ports, data and
+    """A second RabbitMQ node (`chaos-<random>@localhost`) with its own ports, data and
     config.
 
     It shares the machine's epmd and Erlang cookie with the standard node, which is how
@@ -203,14 +202,14 @@ class PrivateRabbit:
     def __init__(
         self,
         *,
-        node: str = RABBIT_NODE,
-        port: int = RABBIT_PORT,
-        dist_port: int = RABBIT_DIST_PORT,
+        node: str | None = None,
+        port: int | None = None,
+        dist_port: int | None = None,
         consumer_timeout_ms: int = CONSUMER_TIMEOUT_MS,
     ):
-        self.node = node
-        self.port = port
-        self.dist_port = dist_port
+        self.node = node or f"chaos-{uuid.uuid4().hex[:8]}@localhost"
+        self.port = port = port or free_port()
+        self.dist_port = dist_port = dist_port or free_port()
         self.user = "rabbitmq" if os.geteuid() == 0 else None
         self.root = _owned_tempdir("sy-chaos-rmq-", self.user)
         self.pid_file = self.root / "node.pid"
@@ -232,7 +231,7 @@ class PrivateRabbit:
         self.env = {
             "HOME": "/var/lib/rabbitmq" if self.user else os.environ.get("HOME", "/tmp"),
             "RABBITMQ_CONF_ENV_FILE": str(self.root / "rabbitmq-env.conf"),
-            "RABBITMQ_NODENAME": node,
+            "RABBITMQ_NODENAME": self.node,
             "RABBITMQ_NODE_PORT": str(port),
             "RABBITMQ_DIST_PORT": str(dist_port),
             "RABBITMQ_MNESIA_BASE": str(self.root / "mnesia"),
@@ -301,8 +300,8 @@ class PrivateRabbit:
 
 
 class PrivateRedis:
-    def __init__(self, port: int = REDIS_PORT):
-        self.port = port
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
         self.root = Path(tempfile.mkdtemp(prefix="sy-chaos-redis-"))
         self.pid_file = self.root / "redis.pid"
         self.pid: int | None = None
