@@ -87,6 +87,9 @@ class Overhead:
     raw_chains: int = 20
     idle_dispatch_samples: int = 60
     idle_gap_s: float = 0.05
+    # Each Switchyard measurement stops taking samples after this long (at least 2 chains,
+    # 10 dispatches), so a slow machine shortens the sample instead of the bench running long.
+    budget_s: float = 30
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ class Throughput:
     fan_width: int = 20
     raw_tasks: int = 10000
     # The longest a saturation measurement waits; the rate is over what finished by then.
-    budget_s: float = 40
+    budget_s: float = 30
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,7 @@ QUICK = Params(
     quick=True,
     motivating=Motivating(users=100, arrival_real_s=32, follow_deadline_s=30),
     submission=Submission(clients=200, duration_s=6, single_client_requests=40),
-    overhead=Overhead(switchyard_chains=2, raw_chains=5, idle_dispatch_samples=25),
+    overhead=Overhead(switchyard_chains=2, raw_chains=5, idle_dispatch_samples=25, budget_s=10),
     throughput=Throughput(zero_latency_steps=500, llm_steps=300, raw_tasks=3000, budget_s=15),
     noisy=Noisy(flood_steps=600, a_window_s=2, drain_deadline_s=20),
     streams=Streams(clients=200, deadline_s=30),

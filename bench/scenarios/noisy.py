@@ -10,7 +10,6 @@ admission policy differs.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
@@ -77,10 +76,11 @@ def _phase(bench, tenant_a, interactive, flood, p) -> tuple[list[float], float |
     from django.utils import timezone
 
     from jobs.models import Run, StepAttempt, StepRun
-    from jobs.services.runs import RunError, run_cancel, run_create
+    from jobs.services.runs import run_create
     from tenants.services import tenant_pause, tenant_resume
 
     flood_runs: list[int] = []
+    tenant_b = None
     if flood is not None:
         tenant_b, version = flood
         tenant_pause(tenant=tenant_b)
@@ -126,12 +126,10 @@ def _phase(bench, tenant_a, interactive, flood, p) -> tuple[list[float], float |
             run_id__in=a_runs, status__in=["ready", "queued"], ready_at__isnull=False
         ).values_list("ready_at", flat=True)
     ]
-    if flood_runs:  # the flood's leftovers (fifo: what A's wait ran out on)
-        for run in Run.objects.filter(pk__in=flood_runs).exclude(
-            status__in=["succeeded", "failed", "cancelled"]
-        ):
-            with contextlib.suppress(RunError):
-                run_cancel(run=run, reason="bench: flood over")
+    if flood_runs:
+        # The flood's leftovers (fifo: what A's wait ran out on) stop being admitted; the
+        # steps in flight report, then the tables are emptied.
+        tenant_pause(tenant=tenant_b)
         time.sleep(1.0)
     bench.reset_runs()
     return waits, flood_rate

@@ -47,12 +47,14 @@ def run(bench) -> dict[str, Any]:
         "title": "Per-step overhead against a raw Celery chain; idle dispatch",
         "params": {
             "chain": f"{p.chain_steps} zero-latency steps, each after the previous",
-            "Switchyard": f"{p.switchyard_chains} runs one after another (after one warm-up), "
+            "Switchyard": f"up to {p.switchyard_chains} runs one after another (after one "
+            f"warm-up; {len(walls)} within the {p.budget_s:g} s budget), "
             f"llm pool: 1 process, threads x {d.llm_threads}; scheduler x1",
             "raw Celery": f"{p.raw_chains} chains of no-op tasks (after one warm-up), each "
             f"publishing the next; 1 process, threads x {d.raw_threads}; acks late, "
             "prefetch 1, x-max-priority 10, confirmed persistent publishes",
-            "idle dispatch": f"{p.idle_dispatch_samples} single-step runs, one at a time, "
+            "idle dispatch": f"up to {p.idle_dispatch_samples} single-step runs "
+            f"({len(dispatch_ms)} within the budget), one at a time, "
             f"{p.idle_gap_s * 1000:.0f} ms apart: StepRun.ready_at → StepAttempt.started_at",
         },
         "switchyard_ms_per_step": round(switchyard_ms, 2),
@@ -85,10 +87,13 @@ def _idle_dispatch(bench, tenant, version, p) -> list[float]:
     from jobs.services.runs import run_create
 
     runs = []
+    stop_at = time.monotonic() + p.budget_s
     for index in range(p.idle_dispatch_samples + 3):
         run = _wait_final(run_create(tenant=tenant, version=version, input={}))
         if index >= 3:  # the first runs warm connections and caches
             runs.append(run)
+        if len(runs) >= 10 and time.monotonic() > stop_at:
+            break
         time.sleep(p.idle_gap_s)
     samples = []
     for attempt in StepAttempt.objects.filter(step_run__run__in=runs, number=1).select_related(
@@ -102,12 +107,15 @@ def _switchyard_chains(bench, tenant, version, p) -> list[float]:
     from jobs.services.runs import run_create
 
     walls = []
+    stop_at = time.monotonic() + p.budget_s
     for index in range(p.switchyard_chains + 1):
         run = _wait_final(run_create(tenant=tenant, version=version, input={}), poll_s=0.05)
         if run.status != "succeeded":
             raise RuntimeError(f"chain run {run.public_id} {run.status}: {run.error}")
         if index:
             walls.append((run.finished_at - run.created_at).total_seconds())
+        if len(walls) >= 2 and time.monotonic() > stop_at:
+            break
     return walls
 
 
