@@ -96,8 +96,7 @@ class Bench:
         if not fresh and self.web_url and self.running("web") and env == self.web_env:
             return self.web_url
         self.stop_web()
-        # Django does not reuse connections under ASGI (a thread per request): close them.
-        self.web_url = self.cluster.start_web(DATABASE_CONN_MAX_AGE="0", **env)
+        self.web_url = self.cluster.start_web(**env)
         self.web_env = env
         return self.web_url
 

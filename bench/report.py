@@ -468,8 +468,7 @@ def _markdown(run: dict[str, Any], rows) -> str:
         "",
         "Settings for every Switchyard process: "
         + ", ".join(f"`{k}={v}`" for k, v in run["environment"].items())
-        + ". The web process also runs with `DATABASE_CONN_MAX_AGE=0` (Django: persistent "
-        "connections are not reused under ASGI, each request runs on a thread of its own).",
+        + " (as `.env.example`, but for DEBUG, the log level and the pool capacities).",
         "",
     ]
     for key, title in SCENARIOS:
