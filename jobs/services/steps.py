@@ -261,13 +261,16 @@ def _fenced(txn: RunTxn, claim: Claim, *, reported: str) -> StepRun | None:
     StepAttempt.objects.filter(
         step_run=step, number=claim.attempt, outcome=AttemptOutcome.LOST
     ).update(outcome=AttemptOutcome.REFUSED)
-    txn.log.add(
-        "step.result_refused",
-        step=step,
-        attempt=claim.attempt,
-        reported=reported,
-        reason=f"the step is now {step.status} at attempt {step.attempt}",
-    )
+    if not txn.run.is_final:
+        # A final run's log ends with its final event (streams end there); the refusal of a
+        # report that arrives later is kept on the attempt (outcome `refused`) and logged.
+        txn.log.add(
+            "step.result_refused",
+            step=step,
+            attempt=claim.attempt,
+            reported=reported,
+            reason=f"the step is now {step.status} at attempt {step.attempt}",
+        )
     log.warning("refused late %s of %s attempt %s", reported, step, claim.attempt)
     return None
 

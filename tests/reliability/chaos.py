@@ -529,12 +529,15 @@ class Chaos:
     def fault_pause_worker(self, result: FaultResult) -> float:
         """SIGSTOP a worker with running steps past their lease, then SIGCONT it: its late
         reports must be refused (fencing)."""
-        from jobs.models import Event
+        from jobs.models import AttemptOutcome, StepAttempt
         from tests.reliability.workload import STEP_TIMEOUT_S
+
+        def refused_count() -> int:
+            return StepAttempt.objects.filter(outcome=AttemptOutcome.REFUSED).count()
 
         proc = self.busy_worker("steps.tool")
         result.notes["running_steps"] = self._running_on(proc)
-        refused_before = self.db(lambda: Event.objects.filter(type="step.result_refused").count())
+        refused_before = self.db(refused_count)
         os.killpg(proc.pid, signal.SIGSTOP)
         try:
             time.sleep(STEP_TIMEOUT_S + 1 + 3)  # the lease (timeout + grace) and a sweep
@@ -543,7 +546,7 @@ class Chaos:
         resumed = time.monotonic()
         deadline = resumed + 15
         while time.monotonic() < deadline:
-            refused = self.db(lambda: Event.objects.filter(type="step.result_refused").count())
+            refused = self.db(refused_count)
             if refused > refused_before or not result.notes["running_steps"]:
                 break
             time.sleep(0.2)

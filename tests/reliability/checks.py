@@ -299,9 +299,14 @@ def check_streams(followed: list[Followed]) -> tuple[dict[str, int], list[str]]:
         )
         got = list(zip(stream.seqs, stream.types, strict=True))
         if got != stored:
+            first = next(
+                (i for i, pair in enumerate(zip(got, stored, strict=False)) if pair[0] != pair[1]),
+                min(len(got), len(stored)),
+            )
             problems.append(
                 f"stream of {stream.run_id}: read {len(got)} events, the log has {len(stored)}"
-                f" (reconnects {stream.reconnects})"
+                f" (reconnects {stream.reconnects}); first difference at #{first}:"
+                f" read {got[first : first + 2]}, stored {stored[first : first + 2]}"
             )
     return {
         "streams_followed": len(followed),
