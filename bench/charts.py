@@ -45,11 +45,14 @@ def _cdf(ax, samples: Sequence[float], label: str, colour: str) -> None:
 def motivating_chart(path: Path, sync: dict, switchyard: dict, *, gateway_ms: float) -> str:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     names = ["synchronous", "Switchyard"]
-    received = [sync["completed_received"], switchyard["completed_received"]]
+    received = [
+        sync["completed_received"],
+        switchyard["completed_received"] + switchyard.get("collected_after_the_stream", 0),
+    ]
     lost = [sync["results_lost"], switchyard["results_lost"]]
     other = [
-        sync["requests"] - sync["completed_received"] - sync["results_lost"],
-        switchyard["requests"] - switchyard["completed_received"] - switchyard["results_lost"],
+        sync["requests"] - received[0] - sync["results_lost"],
+        switchyard["requests"] - received[1] - switchyard["results_lost"],
     ]
     left.bar(names, received, color="#4a9d4a", label="result received")
     left.bar(names, lost, bottom=received, color=SYNC_COLOUR, label="finished, result lost")

@@ -11,7 +11,6 @@ import contextlib
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,6 @@ class Bench:
     profile: bool = False
     web_url: str | None = None
     web_env: dict[str, str] = field(default_factory=dict)
-    results: dict[str, Any] = field(default_factory=dict)
     profiles: list[dict[str, Any]] = field(default_factory=list)
 
     # --- processes -----------------------------------------------------------------------
@@ -208,7 +206,3 @@ def _scheduler_listens() -> bool:
             "AND query LIKE 'LISTEN %%' AND pid <> pg_backend_pid()"
         )
         return cursor.fetchone()[0] > 0
-
-
-def elapsed(since: float) -> float:
-    return time.monotonic() - since

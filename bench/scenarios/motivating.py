@@ -20,6 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from bench import loadgen
 from bench.stats import percentile, summary
 from bench.workload import DOCUMENTS, agent_workflow, install
@@ -68,9 +70,12 @@ def run(bench) -> dict[str, Any]:
     started = time.time()
     with bench.profiled("s1-motivating", ("web", "scheduler", "llm", "tool")):
         users = asyncio.run(_drive_switchyard(url, agents.key, p, idle_timeout_s))
-    # Runs whose clients gave up go on: give the server's side of the work a little longer.
+    # Runs whose clients stopped following go on: give the server's side a little longer, then
+    # those clients come back for their result (GET /api/v1/runs/{id}/): it is stored, so a
+    # client that knows its run's id loses nothing by leaving.
     _wait_runs_final(agents.pk, 10)
-    switchyard = _switchyard_metrics(users, agents.pk, started, p)
+    collected = asyncio.run(_collect_later(url, agents.key, users, p))
+    switchyard = _switchyard_metrics(users, collected, agents.pk, started, p)
     bench.reset_runs()
 
     return {
@@ -208,16 +213,41 @@ def _wait_runs_final(tenant_id: int, timeout_s: float) -> None:
         time.sleep(0.25)
 
 
-def _switchyard_metrics(users: list[dict[str, Any]], tenant_id: int, started: float, p):
+async def _collect_later(url: str, key: str, users: list[dict[str, Any]], p) -> set[str]:
+    """Ids of runs whose client did not see the end live but fetched the succeeded run after."""
+    pending = [u["run_id"] for u in users if u.get("run_id") and u.get("final") != "run.succeeded"]
+    found: set[str] = set()
+    async with loadgen.client(url, key=key, connections=20) as http:
+        slots = asyncio.Semaphore(20)
+
+        async def fetch(run_id: str) -> None:
+            async with slots:
+                try:
+                    response = await http.get(f"/api/v1/runs/{run_id}/", timeout=30)
+                except httpx.HTTPError:
+                    return
+                if response.status_code == 200 and response.json().get("status") == "succeeded":
+                    found.add(run_id)
+
+        await asyncio.gather(*(fetch(run_id) for run_id in pending))
+    return found
+
+
+def _switchyard_metrics(
+    users: list[dict[str, Any]], collected: set[str], tenant_id: int, started: float, p
+):
     from jobs.models import Run
 
     runs = Run.objects.filter(tenant_id=tenant_id, created_at__gte=_dt(started - 1))
     succeeded = set(runs.filter(status="succeeded").values_list("public_id", flat=True))
+    last_finish = max(
+        (t.timestamp() for t in runs.values_list("finished_at", flat=True) if t), default=None
+    )
     by_status: dict[str, int] = {}
     for status in runs.values_list("status", flat=True):
         by_status[status] = by_status.get(status, 0) + 1
     received = [u for u in users if u.get("final") == "run.succeeded"]
-    received_ids = {u["run_id"] for u in received}
+    received_ids = {u["run_id"] for u in received} | collected
     lost = [run_id for run_id in succeeded if str(run_id) not in received_ids]
     submit_timeouts = [u for u in users if u["submit_error"] == "timeout"]
     submit_errors = [u for u in users if u["submit_error"] and u["submit_error"] != "timeout"]
@@ -241,8 +271,12 @@ def _switchyard_metrics(users: list[dict[str, Any]], tenant_id: int, started: fl
         "stream_error_kinds": sorted({u["stream_error"] for u in stream_failures}),
         "runs_by_status": by_status,
         "finished_server_side": len(succeeded),
+        "collected_after_the_stream": len(collected),
         "results_lost": len(lost),
         "completed_per_s": round(len(received) / max(1e-9, last - first), 1),
+        "server_completed_per_s": round(
+            len(succeeded) / max(1e-9, (last_finish or first) - first), 1
+        ),
         "response_ms": summary(submit),
         "end_to_end_ms": summary(e2e),
         "end_to_end_p95_ms": percentile(e2e, 95),
