@@ -156,7 +156,8 @@ def make_cluster(workdir: Path, prefix: str, **env: str):
                 argv = [sys.executable, "-m", "celery", "-A", "orchestrator", "worker"]
                 argv += ["-Q", self.prefix + queue, "-P", "threads", "-c", str(concurrency)]
                 argv += ["-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-l", "info"]
-                started.append((queue, self._spawn(name, argv)))
+                pooled = {"DATABASE_POOL_MAX_SIZE": str(min(concurrency, 8))}  # as the Procfile
+                started.append((queue, self._spawn(name, argv, env=pooled)))
             for queue, proc in started:
                 self.wait_until(
                     lambda q=queue: self.consumers(q) > before[q], 60, f"{proc.name}", proc

@@ -79,6 +79,17 @@ def _recheck_connections() -> None:
             conn.close_if_unusable_or_obsolete()
 
 
+def _release_pooled_connections() -> None:
+    """Before the handler: give a pooled connection back for the handler's duration.
+
+    A threads pool of 64 LLM slots then needs connections only for its claims and reports,
+    not one per step for as long as a model takes to answer. Without a pool the connection is
+    kept (reopening it would cost more than it saves)."""
+    for conn in connections.all(initialized_only=True):
+        if getattr(conn, "pool", None) is not None and not conn.in_atomic_block:
+            conn.close()
+
+
 def _run_handler(claim: Claim) -> Any:
     spec = registry.kind(claim.kind)
     handler = spec.load_handler()
@@ -99,6 +110,7 @@ def _run_handler(claim: Claim) -> Any:
         deadline=claim.deadline,
         emit_delta=deltas.emit,
     )
+    _release_pooled_connections()
     try:
         output = handler(context)
     finally:

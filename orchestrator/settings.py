@@ -76,13 +76,28 @@ TEMPLATES = [
     },
 ]
 
+# A process that serves many threads (daphne runs each request on a thread of its own; a threads
+# worker pool has one per slot) sets DATABASE_POOL_MAX_SIZE: its threads then borrow from a
+# bounded pool of connections, waiting up to DATABASE_POOL_TIMEOUT_S for one, instead of each
+# opening its own until PostgreSQL refuses ("too many clients"). 0 (the default, and required for
+# prefork workers, whose children must not inherit a pool) keeps one persistent connection per
+# thread for DATABASE_CONN_MAX_AGE seconds. See docs/decisions.md.
+DATABASE_POOL_MAX_SIZE = env_int("DATABASE_POOL_MAX_SIZE", 0, minimum=0)
 DATABASES = {
     "default": dj_database_url.parse(
         env_str("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/switchyard"),
-        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60, minimum=0),
+        conn_max_age=(
+            0 if DATABASE_POOL_MAX_SIZE else env_int("DATABASE_CONN_MAX_AGE", 60, minimum=0)
+        ),
         conn_health_checks=True,
     )
 }
+if DATABASE_POOL_MAX_SIZE:
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": min(2, DATABASE_POOL_MAX_SIZE),
+        "max_size": DATABASE_POOL_MAX_SIZE,
+        "timeout": env_float("DATABASE_POOL_TIMEOUT_S", 10.0, minimum=0.1),
+    }
 # Several test sessions on one machine (CI beside a developer) each need a database of their own.
 if env_str("TEST_DATABASE_NAME", ""):
     DATABASES["default"]["TEST"] = {"NAME": env_str("TEST_DATABASE_NAME", "")}

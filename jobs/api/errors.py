@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
+from django.db import OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views import defaults
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(exceptions.APIException):
@@ -95,6 +99,17 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if isinstance(exc, ApiError):
         return error_response(
             exc.status_code, exc.error_code, exc.message, exc.details, exc.headers
+        )
+    if isinstance(exc, OperationalError):
+        # PostgreSQL unreachable or restarting, no pooled connection free within
+        # DATABASE_POOL_TIMEOUT_S, or a deadlock victim: nothing was committed, so the client
+        # may retry (with its Idempotency-Key) and lose nothing.
+        log.warning("answered 503 to %s: %s", context.get("request"), exc)
+        return error_response(
+            503,
+            "database_unavailable",
+            "the database is unavailable or busy; nothing was recorded, retry shortly",
+            headers={"Retry-After": "1"},
         )
     response = drf_exception_handler(exc, context)
     if response is None:

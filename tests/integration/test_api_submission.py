@@ -5,9 +5,11 @@ policy on `webhook_url`, all against the real database.
 
 from __future__ import annotations
 
+import sys
 import threading
 from datetime import timedelta
 
+import httpx
 import pytest
 from django.db import connections
 from django.utils import timezone
@@ -17,6 +19,7 @@ from jobs.models import Run, StepRun
 from jobs.services import submission
 from jobs.services.steps import step_admit, step_claim
 from tenants.services import tenant_pause
+from tests.support.cluster import free_port
 
 GREET = {
     "name": "greet",
@@ -292,3 +295,46 @@ def test_a_yaml_workflow_with_a_value_json_cannot_hold_is_a_400(greet):
     response = greet.api.post("/api/v1/workflows/", text, content_type="application/yaml")
     assert response.status_code == 400
     assert "(at $.steps[0].args.when)" in response.json()["error"]["message"]
+
+
+def test_with_postgresql_unreachable_the_api_answers_503_with_retry_after(owner, cluster):
+    """Nothing can be recorded, so nothing is accepted: the client is told to retry, in the
+    envelope, instead of getting a bare 500."""
+    port = free_port()  # nothing listens there
+    web_port = free_port()
+    cluster._spawn(
+        "web-no-database",
+        [
+            sys.executable,
+            "-m",
+            "daphne",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(web_port),
+            "orchestrator.asgi:application",
+        ],
+        env={
+            "DATABASE_URL": f"postgres://postgres@127.0.0.1:{port}/switchyard",
+            "DATABASE_POOL_MAX_SIZE": "2",
+            "DATABASE_POOL_TIMEOUT_S": "0.5",
+        },
+    )
+    base_url = f"http://127.0.0.1:{web_port}"
+
+    def health() -> int:
+        try:
+            return httpx.get(f"{base_url}/healthz", timeout=5).status_code
+        except httpx.HTTPError:
+            return 0
+
+    cluster.wait_until(lambda: health() == 503, 30, "web never answered /healthz")
+    response = httpx.post(
+        f"{base_url}/api/v1/runs/",
+        json=BODY,
+        headers={"Authorization": f"Bearer {owner.raw_key}", "Idempotency-Key": "k-down"},
+        timeout=30,
+    )
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"] == "1"
+    assert response.json()["error"]["code"] == "database_unavailable"

@@ -143,6 +143,9 @@ class Cluster:
                 "-l",
                 "info",
             ],
+            # As the Procfile: a threads pool borrows from a connection pool; a prefork pool's
+            # children must not inherit one.
+            env={"DATABASE_POOL_MAX_SIZE": str(min(concurrency, 8)) if pool == "threads" else "0"},
         )
 
     def start_all_pools(self) -> None:
@@ -170,7 +173,7 @@ class Cluster:
                 str(port),
                 "orchestrator.asgi:application",
             ],
-            env=env,
+            env={"DATABASE_POOL_MAX_SIZE": "10", **env},
         )
         base_url = f"http://127.0.0.1:{port}"
 
