@@ -32,7 +32,7 @@ run: seed
 
 test: venv services chromium
 	$(PY) -m pytest tests/unit -q -n 2
-	$(PY) -m pytest tests/integration tests/browser tests/reliability -q
+	$(PY) -m pytest tests/integration tests/browser tests/reliability tests/security -q
 
 # Headless Chromium (Debian's package) driving the inbox; screenshots in tests/browser/artifacts/.
 test-browser: venv services chromium
