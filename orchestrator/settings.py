@@ -27,6 +27,35 @@ DEBUG = env_bool("DEBUG", True)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "testserver"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
+# --- Production security (docs/security.md) -------------------------------------------------
+# With DEBUG off the web process is served over HTTPS, normally behind a proxy that terminates
+# TLS and sets X-Forwarded-Proto (overwriting any value a client sent). Every default below
+# follows DEBUG; the environment may override each one, e.g. SECURE_SSL_REDIRECT=false to serve
+# plain http on 127.0.0.1 with DEBUG off (the tests' and the benchmark's web processes do).
+# `manage.py check --deploy` is clean with these defaults (tests/security/test_settings.py).
+_HTTPS = not DEBUG
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", _HTTPS)
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_X_FORWARDED_PROTO", "https") if env_bool("SECURE_PROXY_SSL_HEADER", _HTTPS) else None
+)
+# Health probes come over plain http from inside the network.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000 if _HTTPS else 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", _HTTPS)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", _HTTPS)
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", _HTTPS)
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", _HTTPS)
+CSRF_COOKIE_SAMESITE = "Lax"
+# The development SECRET_KEY above is refused by `check --deploy` (orchestrator/checks.py).
+DEVELOPMENT_SECRET_KEY = "dev-only-insecure-key-change-me-in-production-0123456789"
+# --- end of production security -------------------------------------------------------------
+
 INSTALLED_APPS = [
     "daphne",
     "django.contrib.admin",

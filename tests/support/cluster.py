@@ -76,6 +76,9 @@ class Cluster:
             "SWITCHYARD_POOL_CAPACITY": "steps.llm=8,steps.tool=2,steps.retrieval=2,"
             "steps.control=2",
             "PYTHONUNBUFFERED": "1",
+            # Plain http on 127.0.0.1, also for processes started with DEBUG=false (whose
+            # production settings would redirect every request to https).
+            "SECURE_SSL_REDIRECT": "false",
             **env_overrides,
         }
         if db.get("PASSWORD"):
