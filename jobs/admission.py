@@ -70,6 +70,8 @@ class Decision:
     holds: list[Hold] = field(default_factory=list)
     # (tenant id) → steps-per-minute tokens this decision consumes
     spent: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    # (tenant id) → its bucket's level after them (refilled up to the decision's `now`)
+    levels: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -198,6 +200,7 @@ def decide(now: datetime | None = None) -> Decision:
             quotas[tenant_id].step_tokens -= 1
             decision.spent[tenant_id] += 1
 
+    decision.levels = {tenant_id: quotas[tenant_id].step_tokens for tenant_id in decision.spent}
     decision.admit = _concrete_steps(picks, tenants, quotas)
     decision.holds = _concrete_holds(held)
     return decision

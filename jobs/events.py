@@ -121,6 +121,37 @@ class RunLog:
         payloads = [event_payload(event, public_id) for event in events]
         transaction.on_commit(lambda: publish_live(public_id, payloads))
 
+    @staticmethod
+    def flush_many(logs: list[RunLog]) -> None:
+        """`flush` for the logs of several runs, all locked by this transaction: one INSERT
+        for every event and one UPDATE for every run's `next_seq`."""
+        logs = [run_log for run_log in logs if run_log._pending or run_log._wake_scheduler]
+        if not logs:
+            return
+        if any(run_log._wake_scheduler for run_log in logs):
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_notify(%s, '')", [READY_CHANNEL])
+        pending = [event for run_log in logs for event in run_log._pending]
+        Event.objects.bulk_create(pending)
+        with connection.cursor() as cursor:
+            rows = [(run_log.run.pk, len(run_log._pending)) for run_log in logs]
+            cursor.execute(
+                f"UPDATE {Run._meta.db_table} AS run SET next_seq = run.next_seq + v.n "
+                f"FROM (VALUES {', '.join(['(%s::bigint, %s::integer)'] * len(rows))}) "
+                "AS v(id, n) WHERE run.id = v.id",
+                [value for row in rows for value in row],
+            )
+        for run_log in logs:
+            events, run_log._pending = run_log._pending, []
+            run_log._wake_scheduler = False
+            run_log.run.next_seq += len(events)
+            if events:
+                public_id = run_log.run.public_id
+                payloads = [event_payload(event, public_id) for event in events]
+                transaction.on_commit(
+                    lambda public_id=public_id, payloads=payloads: publish_live(public_id, payloads)
+                )
+
 
 def publish_live(run_public_id: Any, payloads: list[dict[str, Any]]) -> None:
     """Send committed events to live subscribers, without waiting. Never raises.

@@ -6,9 +6,10 @@ speeds up. It is gapless and free of duplicates by construction:
 1. subscribe first: join the run's groups before reading anything, so that an event committed
    while the log is read arrives twice (stored and live), never zero times;
 2. replay: send the stored events after the client's last seq;
-3. forward live events, dropping every seq already sent; a live message that starts past the
-   next expected seq means the channel layer dropped one (it may, under load), so the gap is
-   read again from the database;
+3. forward live events in seq order, dropping every seq already sent; a live message past the
+   next expected seq waits up to GAP_WAIT_S for the missing ones (events of one run are
+   published by several processes, so they may arrive out of order), then the gap is read
+   from the database (the channel layer may drop a message under load);
 4. when nothing arrives for `idle_s`, read the log again: a dropped last message then delays
    a view by at most that long.
 
@@ -47,6 +48,8 @@ REPLAY_PAGE = 500
 # (MaxConnectionsError) instead of waiting once its 100 connections are busy, so a burst of
 # clients (300 waiting requests arriving together) queues here instead of failing there.
 SUBSCRIPTIONS_IN_FLIGHT = 32
+# How long a feed waits for a missing seq to arrive live before reading the log for it.
+GAP_WAIT_S = 0.1
 
 _subscription_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
     weakref.WeakKeyDictionary()
@@ -181,18 +184,33 @@ class RunFeed:
                 async for item in self._live(message.get("events") or []):
                     yield item
 
-    async def _live(self, payloads: list[dict[str, Any]]) -> AsyncIterator[StoredEvent]:
-        fresh = [payload for payload in payloads if payload["seq"] > self.last_seq]
-        if not fresh:
-            return
-        if fresh[0]["seq"] != self.last_seq + 1:
-            # The channel layer dropped an earlier message: the log has what it carried, and
-            # these events too (they were published after their commit).
+    async def _live(self, payloads: list[dict[str, Any]]) -> AsyncIterator[FeedItem]:
+        pending = {p["seq"]: p for p in payloads if p["seq"] > self.last_seq}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + GAP_WAIT_S
+        while pending:
+            while self.last_seq + 1 in pending:
+                yield self._sent(pending.pop(self.last_seq + 1))
+            if not pending:
+                return
+            # A gap: events of one run are published by whichever process committed them
+            # (the scheduler's `step.queued`, then the worker's `step.started`), so they may
+            # arrive out of order. Wait a moment for the missing ones before reading the log.
+            remaining = deadline - loop.time()
+            message = await self._receive(timeout=remaining) if remaining > 0 else None
+            if message is None:
+                break
+            if message.get("type") == "run.delta":
+                yield Delta(message["delta"])
+            elif message.get("type") == "run.events":
+                for payload in message.get("events") or []:
+                    if payload["seq"] > self.last_seq:
+                        pending[payload["seq"]] = payload
+        if pending:
+            # Still missing: the channel layer dropped a message. The log has what it
+            # carried, and these events too (they were published after their commit).
             async for item in self._catch_up():
                 yield item
-            return
-        for payload in fresh:
-            yield self._sent(payload)
 
     async def _catch_up(self) -> AsyncIterator[StoredEvent]:
         payloads, run_final = await db_call(self._read_log)(self.last_seq)

@@ -34,16 +34,16 @@ from jobs.models import StepRun, StepStatus
 from jobs.services.approvals import approvals_escalate_due, approvals_expire_due
 from jobs.services.steps import (
     Dispatch,
-    step_admit,
     step_expire_lease,
     step_hold,
     step_redispatch,
     step_release_retry,
+    steps_admit,
 )
 from jobs.webhooks import webhooks_dispatch_due
 from orchestrator.queues import broker_queue
 from tenants.models import LANE_PRIORITY
-from tenants.quotas import throttle_spend
+from tenants.quotas import throttle_record
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +104,38 @@ def publish(dispatches: list[Dispatch]) -> tuple[int, int]:
     return published, failed
 
 
-def run_cycle() -> CycleStats:
-    """One scheduling cycle. Safe to run from several processes at once."""
+def run_cycle(*, sweeps: bool = True) -> CycleStats:
+    """One scheduling cycle. Safe to run from several processes at once.
+
+    `sweeps=False` only admits (and publishes): the scheduler runs the recovery sweeps on a
+    timer of their own (`SWITCHYARD_SCHEDULER_SWEEP_S`), not on every NOTIFY, so that a step
+    that becomes ready on an idle system is dispatched after a handful of queries.
+    """
     started = time.monotonic()
     stats = CycleStats()
-    batch = settings.SWITCHYARD_SCHEDULER_BATCH
     now = timezone.now()
+    if sweeps:
+        _sweep(stats, now)
 
+    with admission_lock() as acquired:
+        if acquired:
+            decision = admission.decide(now)
+            for hold in decision.holds:
+                step_hold(step_run_id=hold.step_run_id, reason=hold.reason)
+            admitted = steps_admit(step_run_ids=decision.admit)
+            stats.admitted = len(admitted)
+            stats.dispatches.extend(admitted)
+            throttle_record(levels=decision.levels, now=now)
+
+    stats.published, stats.publish_failures = publish(stats.dispatches)
+    webhooks_dispatch_due()
+    stats.duration_s = time.monotonic() - started
+    return stats
+
+
+def _sweep(stats: CycleStats, now) -> None:
+    """Recovery: due retries, expired leases, stale dispatches, approvals past their time."""
+    batch = settings.SWITCHYARD_SCHEDULER_BATCH
     due = StepRun.objects.filter(status=StepStatus.RETRY_WAIT, retry_at__lte=now)
     for step_run_id in due.order_by("retry_at").values_list("id", flat=True)[:batch]:
         stats.released += step_release_retry(step_run_id=step_run_id)
@@ -130,23 +155,6 @@ def run_cycle() -> CycleStats:
     # Approvals past their deadline or escalation time (steps they settle become ready now).
     stats.approvals_expired = approvals_expire_due(now=now)
     stats.approvals_escalated = approvals_escalate_due(now=now)
-
-    with admission_lock() as acquired:
-        if acquired:
-            decision = admission.decide(now)
-            for hold in decision.holds:
-                step_hold(step_run_id=hold.step_run_id, reason=hold.reason)
-            for step_run_id in decision.admit:
-                dispatch = step_admit(step_run_id=step_run_id)
-                if dispatch is not None:
-                    stats.admitted += 1
-                    stats.dispatches.append(dispatch)
-            throttle_spend(spent=decision.spent, now=now)
-
-    stats.published, stats.publish_failures = publish(stats.dispatches)
-    webhooks_dispatch_due()
-    stats.duration_s = time.monotonic() - started
-    return stats
 
 
 # Admission reads occupancy, quotas and buckets, then acts on them: two schedulers doing that
@@ -199,12 +207,17 @@ class Scheduler:
 
     def run_forever(self) -> None:
         listener: psycopg.Connection | None = None
-        log.info("scheduler started (poll %.2fs)", self.poll_s)
+        sweep_s = settings.SWITCHYARD_SCHEDULER_SWEEP_S
+        next_sweep = 0.0
+        log.info("scheduler started (poll %.2fs, sweeps every %.2fs)", self.poll_s, sweep_s)
         while not self.stopping.is_set():
             try:
                 if listener is None:
                     listener = _listen_connection()
-                stats = run_cycle()
+                sweeps = time.monotonic() >= next_sweep
+                stats = run_cycle(sweeps=sweeps)
+                if sweeps:
+                    next_sweep = time.monotonic() + sweep_s
                 self.last_cycle = stats
                 scheduler_cycle_done(stats)  # the dashboard's heartbeat and metric sampler
                 if stats.admitted or stats.redispatched or stats.expired or stats.released:
@@ -220,7 +233,7 @@ class Scheduler:
                     )
                 if stats.admitted >= settings.SWITCHYARD_SCHEDULER_BATCH:
                     continue  # more backlog: no sleep
-                self._wait(listener)
+                self._wait(listener, timeout=min(self.poll_s, next_sweep - time.monotonic()))
             except Exception as exc:
                 log.warning("scheduler cycle failed: %s; retrying in 1s", exc, exc_info=True)
                 if listener is not None:
@@ -235,9 +248,9 @@ class Scheduler:
             listener.close()
         log.info("scheduler stopped")
 
-    def _wait(self, listener: psycopg.Connection) -> None:
+    def _wait(self, listener: psycopg.Connection, *, timeout: float) -> None:
         # Wake on the first NOTIFY, then drain whatever else arrived with it.
-        for _ in listener.notifies(timeout=self.poll_s, stop_after=1):
+        for _ in listener.notifies(timeout=max(0.0, timeout), stop_after=1):
             pass
         for _ in listener.notifies(timeout=0.0):
             pass

@@ -209,6 +209,11 @@ CELERY_TASK_SEND_SENT_EVENT = False
 SWITCHYARD_PLUGINS = env_list("SWITCHYARD_PLUGINS", [])
 SWITCHYARD_SCHEDULER_POLL_S = env_float("SWITCHYARD_SCHEDULER_POLL_S", 1.0, minimum=0.01)
 SWITCHYARD_SCHEDULER_BATCH = env_int("SWITCHYARD_SCHEDULER_BATCH", 200, minimum=1)
+# Recovery sweeps (due retries, expired leases, stale dispatches, approvals' deadlines) run at
+# most this often; a NOTIFY wakes admission alone. Defaults to the poll interval.
+SWITCHYARD_SCHEDULER_SWEEP_S = env_float(
+    "SWITCHYARD_SCHEDULER_SWEEP_S", SWITCHYARD_SCHEDULER_POLL_S, minimum=0.01
+)
 SWITCHYARD_DISPATCH_STALE_S = env_float("SWITCHYARD_DISPATCH_STALE_S", 30.0, minimum=0.1)
 SWITCHYARD_LEASE_GRACE_S = env_float("SWITCHYARD_LEASE_GRACE_S", 10.0, minimum=0.0)
 # A step whose attempt may run longer than this (timeout_s + lease grace) is acknowledged to

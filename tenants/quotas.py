@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import connection
 from django.db.models import Count, Q
 
 from tenants.models import Tenant, TenantThrottle, TenantUsageDay
@@ -73,24 +73,23 @@ def quota_states(tenants: list[Tenant], *, now: datetime) -> dict[int, TenantQuo
     }
 
 
-def throttle_spend(*, spent: dict[int, int], now: datetime) -> None:
-    """Take admitted steps out of each tenant's bucket (refilling it up to `now` first)."""
-    if not spent:
+def throttle_record(*, levels: dict[int, float], now: datetime) -> None:
+    """Write tenants' bucket levels after an admission (`Decision.levels`), in one statement.
+
+    The levels were computed from the buckets as read by the same decision: only the holder of
+    the admission lock writes them, so nothing changed them in between.
+    """
+    if not levels:
         return
-    with transaction.atomic():
-        tenants = Tenant.objects.in_bulk(list(spent))
-        throttles = {
-            t.tenant_id: t
-            for t in TenantThrottle.objects.select_for_update().filter(tenant_id__in=list(spent))
-        }
-        for tenant_id, count in spent.items():
-            tenant = tenants.get(tenant_id)
-            if tenant is None or count <= 0:
-                continue
-            level = _refilled(tenant, throttles.get(tenant_id), now) - count
-            TenantThrottle.objects.update_or_create(
-                tenant_id=tenant_id, defaults={"step_tokens": level, "refilled_at": now}
-            )
+    table = TenantThrottle._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} (tenant_id, step_tokens, refilled_at) VALUES "
+            + ", ".join(["(%s, %s, %s)"] * len(levels))
+            + " ON CONFLICT (tenant_id) DO UPDATE"
+            " SET step_tokens = EXCLUDED.step_tokens, refilled_at = EXCLUDED.refilled_at",
+            [value for tenant_id, level in levels.items() for value in (tenant_id, level, now)],
+        )
 
 
 def llm_tokens_add(*, tenant_id: int, tokens: int, now: datetime) -> None:

@@ -48,10 +48,10 @@ from jobs.models import (
 from jobs.services.runs import RunTxn, definition_of, run_advance, run_locked
 from jobs.services.steps import (
     Claim,
+    _claimed_run_pk,
     _close_attempt,
     _fenced,
     _lock_step,
-    _run_pk_of,
     _step_fail_final,
 )
 from jobs.steps import approval as kind
@@ -106,7 +106,7 @@ def step_request_approval(*, claim: Claim) -> Approval | None:
 
     Returns None when the claim no longer holds the step (it was re-dispatched or cancelled).
     """
-    with run_locked(_run_pk_of(claim.step_run_id)) as txn:
+    with run_locked(_claimed_run_pk(claim)) as txn:
         step = _fenced(txn, claim, reported="approval request")
         if step is None:
             return None

@@ -17,8 +17,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
+from jobs.events import RunLog
 from jobs.models import AttemptOutcome, Run, RunStatus, StepAttempt, StepRun, StepStatus
 from jobs.services.runs import (
     RunError,
@@ -66,6 +68,7 @@ class Claim:
     dispatch_token: uuid.UUID
     input: dict[str, Any]
     deadline: datetime
+    run_pk: int = 0  # the run's row: the report locks it without looking it up
 
     @property
     def idempotency_key(self) -> str:
@@ -75,6 +78,10 @@ class Claim:
 
 def _run_pk_of(step_run_id: int) -> int | None:
     return StepRun.objects.filter(pk=step_run_id).values_list("run_id", flat=True).first()
+
+
+def _claimed_run_pk(claim: Claim) -> int | None:
+    return claim.run_pk or _run_pk_of(claim.step_run_id)
 
 
 def _lock_step(txn: RunTxn, step_run_id: int) -> StepRun:
@@ -115,6 +122,51 @@ def step_admit(*, step_run_id: int) -> Dispatch | None:
             StepRun.objects.filter(pk=step_run_id).update(held_reason="")
         txn.log.add("step.queued", step=step, queue=step.queue)
         return _dispatch(step, token)
+
+
+def steps_admit(*, step_run_ids: list[int]) -> list[Dispatch]:
+    """ready → queued for many steps at once: one transaction, one commit.
+
+    The scheduler's admission is this (a cycle admits up to a broker's worth of steps). Each
+    step's run is locked as `step_admit` would, in id order, with SKIP LOCKED: a run whose row
+    a worker holds right now (claiming or reporting one of its steps) is not waited for inside
+    the batch (that wait could meet a child run's completion, which locks child then parent,
+    in a deadlock); its steps are admitted one by one after the batch commits.
+    """
+    if not step_run_ids:
+        return []
+    dispatches: list[Dispatch] = []
+    with transaction.atomic():
+        wanted = StepRun.objects.filter(pk__in=step_run_ids, status=StepStatus.READY)
+        run_pks = sorted(set(wanted.values_list("run_id", flat=True)))
+        runs = {
+            run.pk: run
+            for run in Run.objects.select_for_update(of=("self",), skip_locked=True)
+            .filter(pk__in=run_pks)
+            .order_by("pk")
+        }
+        # Read after the locks: a step whose run is locked cannot change status under us.
+        steps = list(wanted.filter(run_id__in=list(runs)).order_by("id"))
+        logs = {run_pk: RunLog(run) for run_pk, run in runs.items()}
+        now = timezone.now()
+        for step in steps:
+            step.status = StepStatus.QUEUED
+            step.dispatch_token = uuid.uuid4()
+            step.dispatched_at = now
+            step.held_reason = ""
+            logs[step.run_id].add("step.queued", step=step, queue=step.queue)
+            dispatches.append(_dispatch(step, step.dispatch_token))
+        StepRun.objects.bulk_update(
+            steps, ["status", "dispatch_token", "dispatched_at", "held_reason"]
+        )
+        RunLog.flush_many(list(logs.values()))
+    admitted = {dispatch.step_run_id for dispatch in dispatches}
+    for step_run_id in step_run_ids:
+        if step_run_id not in admitted:
+            dispatch = step_admit(step_run_id=step_run_id)
+            if dispatch is not None:
+                dispatches.append(dispatch)
+    return dispatches
 
 
 def step_hold(*, step_run_id: int, reason: str) -> bool:
@@ -236,6 +288,7 @@ def step_claim(*, step_run_id: int, dispatch_token: str, worker: str) -> Claim |
         txn.log.add("step.started", step=step, attempt=step.attempt, worker=worker)
         txn.log.wake_scheduler()  # a queued slot of this queue is free again
         return Claim(
+            run_pk=txn.run.pk,
             step_run_id=step.pk,
             run_public_id=txn.run.public_id,
             tenant_id=txn.run.tenant_id,
@@ -277,7 +330,7 @@ def _fenced(txn: RunTxn, claim: Claim, *, reported: str) -> StepRun | None:
 
 def step_complete(*, claim: Claim, output: Any) -> bool:
     """Checkpoint a step's output and advance the graph, in one transaction."""
-    with run_locked(_run_pk_of(claim.step_run_id)) as txn:
+    with run_locked(_claimed_run_pk(claim)) as txn:
         step = _fenced(txn, claim, reported="success")
         if step is None:
             return False
@@ -317,7 +370,7 @@ def step_complete(*, claim: Claim, output: Any) -> bool:
 
 def step_fail(*, claim: Claim, error: str, code: str, retryable: bool) -> bool:
     """Record a failed attempt; retry later (in the database) or fail the step."""
-    with run_locked(_run_pk_of(claim.step_run_id)) as txn:
+    with run_locked(_claimed_run_pk(claim)) as txn:
         step = _fenced(txn, claim, reported="failure")
         if step is None:
             return False
@@ -376,7 +429,7 @@ def step_start_child_run(*, claim: Claim) -> bool:
     """Start the child run of a `workflow` step and park the step in `waiting`, atomically."""
     from jobs.selectors import workflow_version_for
 
-    with run_locked(_run_pk_of(claim.step_run_id)) as txn:
+    with run_locked(_claimed_run_pk(claim)) as txn:
         step = _fenced(txn, claim, reported="child start")
         if step is None:
             return False

@@ -1,0 +1,111 @@
+"""A run's live feed (jobs.feeds.RunFeed) against the real Redis channel layer and PostgreSQL:
+events that arrive out of order are put back in order without a read of the log, and an event
+the channel layer dropped is read from the log (DESIGN §3: no event is lost from a stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.db import connection
+
+from jobs.events import event_payload, run_group
+from jobs.feeds import GAP_WAIT_S, RunFeed, StoredEvent
+from jobs.models import Event, Run
+from tests.support.workflows import submit, tool_step
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _append_events(run: Run, count: int) -> list[dict]:
+    """Commit `count` events to the run's log, as a transition would, without publishing."""
+    run.refresh_from_db()
+    first = run.next_seq
+    events = [
+        Event.objects.create(run=run, seq=first + i, type="step.retrying", data={"n": i})
+        for i in range(count)
+    ]
+    Run.objects.filter(pk=run.pk).update(next_seq=first + count)
+    return [event_payload(event, run.public_id) for event in events]
+
+
+async def _follow(run: Run, publish, want: int) -> tuple[list[int], int]:
+    """Seqs a feed yields (the first `want` stored events) and how many times it read the log
+    after its replay. `publish` commits the events and sends them, once the feed listens."""
+    async with RunFeed(run, after=run.next_seq - 1, deltas=False) as feed:
+        reads = 0
+        read_log = feed._read_log
+
+        def counting_read_log(after):
+            nonlocal reads
+            reads += 1
+            return read_log(after)
+
+        feed._read_log = counting_read_log
+        seqs: list[int] = []
+        items = feed.items(idle_s=30)
+        first = asyncio.ensure_future(items.__anext__())  # subscribed; replay done
+        await asyncio.sleep(0.2)
+        await publish()
+        item = await asyncio.wait_for(first, 10)
+        while True:
+            if isinstance(item, StoredEvent):
+                seqs.append(item.seq)
+            if len(seqs) == want:
+                break
+            item = await asyncio.wait_for(items.__anext__(), 10)
+        await items.aclose()
+        return seqs, reads - 1  # the first read is the replay
+
+
+@pytest.fixture(autouse=True)
+def _close_executor_connections():
+    """The feed reads the log on the event loop's executor threads, which are gone after the
+    test with their connections still open: end those, or the test database cannot be dropped.
+    (No other process uses the test database during these tests.)"""
+    yield
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+
+@pytest.fixture
+def run(owner):
+    run = submit(owner.tenant, {"name": "feed", "steps": [tool_step("a", "echo")]})
+    run.refresh_from_db()
+    return run
+
+
+def test_events_published_out_of_order_are_delivered_in_order_without_reading_the_log(run):
+    layer = get_channel_layer()
+    group = run_group(run.public_id)
+    payloads = []
+
+    async def publish():
+        payloads.extend(await database_sync_to_async(_append_events)(run, 2))
+        await layer.group_send(group, {"type": "run.events", "events": [payloads[1]]})
+        await asyncio.sleep(GAP_WAIT_S / 4)
+        await layer.group_send(group, {"type": "run.events", "events": [payloads[0]]})
+
+    seqs, log_reads = asyncio.run(_follow(run, publish, want=2))
+    assert seqs == [payloads[0]["seq"], payloads[1]["seq"]]
+    assert log_reads == 0
+
+
+def test_an_event_the_channel_layer_dropped_is_read_from_the_log(run):
+    layer = get_channel_layer()
+    group = run_group(run.public_id)
+    payloads = []
+
+    async def publish():  # the message carrying the first two events never arrives
+        payloads.extend(await database_sync_to_async(_append_events)(run, 3))
+        await layer.group_send(group, {"type": "run.events", "events": [payloads[2]]})
+
+    seqs, log_reads = asyncio.run(_follow(run, publish, want=3))
+    assert seqs == [p["seq"] for p in payloads]
+    assert log_reads == 1
