@@ -20,7 +20,13 @@ Decisions worth knowing (see also docs/ once written):
   Python reprs (`['a']`), because the text usually goes into a prompt or a URL.
 - The `random` filter is removed: a template must render the same way every time it is rendered
   (map items are rendered as they become ready, possibly long after the map started).
-- `*` and `**` are bounded so that a template cannot allocate gigabytes in the scheduler.
+- Rendering is bounded, so that a template cannot hang the scheduler or a worker or take its
+  memory: one `render` or `evaluate` call may loop `MAX_LOOP_ITERATIONS` times in all, produce
+  `MAX_RENDER_SIZE` characters in all (text output, and the values that operators, filters and
+  methods build), and take `MAX_RENDER_SECONDS`. Operators and filters whose result can dwarf
+  their operands (`*`, `**`, `+`, `%`, `~`, `center`, `join`, `replace`, `batch`, str methods
+  such as `ljust` or `format`...) are checked before they allocate. Recursive loops are
+  refused. Past a bound the render fails with a TemplateError that says which one.
 """
 
 from __future__ import annotations
@@ -30,8 +36,12 @@ import functools
 import json
 import math
 import re
+import string
+import time
 import types
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +50,7 @@ from jinja2.exceptions import TemplateError as JinjaTemplateError
 from jinja2.parser import Parser
 from jinja2.runtime import Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.visitor import NodeTransformer
 
 # The names a template may read, in the order error messages list them.
 NAMES = ("input", "steps", "item", "index")
@@ -49,6 +60,10 @@ STEP_FIELDS = ("output", "status")
 # Bounds on operators that can allocate without limit (see _Environment.call_binop).
 MAX_SEQUENCE_PRODUCT = 1_000_000
 MAX_POWER_BITS = 100_000
+# Bounds on one render (see the module docstring and _Budget).
+MAX_LOOP_ITERATIONS = 100_000
+MAX_RENDER_SIZE = 10_000_000
+MAX_RENDER_SECONDS = 5.0
 
 _FORBIDDEN_TAGS: dict[type[nodes.Node], str] = {
     nodes.Extends: "extends",
@@ -104,13 +119,19 @@ def check(template: str) -> TemplateInfo:
     """Parse a template and report what it reads; raise TemplateError if it is invalid."""
     if not has_template_syntax(template):
         return TemplateInfo()
-    return _analyse(_compile(template).ast)
+    try:
+        return _analyse(_compile(template).ast)
+    except RecursionError:
+        raise TemplateError(TOO_DEEP) from None
 
 
 @functools.lru_cache(maxsize=4096)
 def check_expression(expr: str) -> TemplateInfo:
     """Like `check`, for a bare expression such as a `when` condition."""
-    return _analyse(_compile_expression(expr).ast)
+    try:
+        return _analyse(_compile_expression(expr).ast)
+    except RecursionError:
+        raise TemplateError(TOO_DEEP) from None
 
 
 def render(value: Any, context: Mapping[str, Any]) -> Any:
@@ -119,7 +140,8 @@ def render(value: Any, context: Mapping[str, Any]) -> Any:
     A string that is exactly one `{{ expr }}` becomes the native (JSON) value of `expr`; other
     strings with template syntax render to strings; everything else is returned as it is.
     """
-    return _render(value, context, "")
+    with _bounded():
+        return _render(value, context, "")
 
 
 def evaluate(expr: str, context: Mapping[str, Any]) -> Any:
@@ -127,21 +149,289 @@ def evaluate(expr: str, context: Mapping[str, Any]) -> Any:
 
     The value is not converted to JSON: the caller only takes its truthiness.
     """
-    result = _run(_compile_expression(expr).native, context)
+    with _bounded():
+        result = _run(_compile_expression(expr).native, context)
     return None if isinstance(result, Undefined) else result
+
+
+# --- bounds ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Budget:
+    """What one render may still spend: loop iterations, characters produced, time."""
+
+    deadline: float
+    iterations: int = 0
+    produced: int = 0
+
+
+_budget: ContextVar[_Budget | None] = ContextVar("switchyard_template_budget", default=None)
+
+
+@contextmanager
+def _bounded() -> Iterator[_Budget]:
+    """A budget for the render that starts here (renders nested in it share the outer one)."""
+    current = _budget.get()
+    if current is not None:
+        yield current
+        return
+    budget = _Budget(deadline=time.monotonic() + MAX_RENDER_SECONDS)
+    token = _budget.set(budget)
+    try:
+        yield budget
+    finally:
+        _budget.reset(token)
+
+
+def _spend(*, iterations: int = 0, size: int = 0) -> None:
+    budget = _budget.get()
+    if budget is None:  # a template run outside render/evaluate (not done by this module)
+        return
+    budget.iterations += iterations
+    budget.produced += size
+    if budget.iterations > MAX_LOOP_ITERATIONS:
+        raise SecurityError(f"the template loops more than {MAX_LOOP_ITERATIONS:,} times")
+    if budget.produced > MAX_RENDER_SIZE:
+        raise SecurityError(f"the template produces more than {MAX_RENDER_SIZE:,} characters")
+    if time.monotonic() > budget.deadline:
+        raise SecurityError(f"the template takes longer than {MAX_RENDER_SECONDS:g} s to render")
+
+
+def _size(value: Any, limit: int = MAX_RENDER_SIZE) -> int:
+    """About how many characters `value` stands for as JSON, counting a value shared in
+    several places once per place; stops counting a little past `limit`."""
+    total = 0
+    pending = [value]
+    while pending and total <= limit:
+        item = pending.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, Mapping):
+            total += 2 + 2 * len(item)
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            total += 2 + len(item)
+            pending.extend(item)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            total += item.bit_length() // 3 + 1
+        else:
+            total += 8
+    return total
+
+
+def _check_size(size: int, what: str) -> None:
+    if size > MAX_RENDER_SIZE:
+        raise SecurityError(f"{what} would be longer than {MAX_RENDER_SIZE:,} characters")
+
+
+def _counted(items: Iterable[Any]) -> Iterator[Any]:
+    """`items`, each one spent from the budget as it is taken (lazy filters, loops)."""
+    for item in items:
+        _spend(iterations=1, size=_size(item))
+        yield item
+
+
+_PERCENT_SPEC = re.compile(r"%[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
+
+
+def _check_printf(template: str) -> None:
+    """`'%9999999d' % x` allocates its width before anything could measure the result."""
+    for width, precision in _PERCENT_SPEC.findall(template):
+        for number in (width, precision):
+            if number == "*":
+                raise SecurityError("'*' widths are not available in % formatting")
+            if number and int(number) > MAX_RENDER_SIZE:
+                raise SecurityError(f"a % format width over {MAX_RENDER_SIZE:,}")
+
+
+def _check_format(template: str) -> None:
+    """The same for `'{:>9999999}'.format(x)` (nested `{}` in a spec are refused)."""
+    try:
+        fields = list(string.Formatter().parse(template))
+    except ValueError:
+        return  # str.format will raise the same error
+    for _, _, spec, _ in fields:
+        if not spec:
+            continue
+        if "{" in spec:
+            raise SecurityError("nested {} in a format spec are not available")
+        if any(int(n) > MAX_RENDER_SIZE for n in re.findall(r"\d+", spec)):
+            raise SecurityError(f"a format width over {MAX_RENDER_SIZE:,}")
+
+
+def _int_arg(args: tuple, kwargs: dict, index: int, name: str, default: Any) -> Any:
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+def _check_text_growth(obj: str, name: str, args: tuple, kwargs: dict) -> None:
+    """str methods whose result can be far longer than the string."""
+    if name in ("center", "ljust", "rjust", "zfill"):
+        width = _int_arg(args, kwargs, 0, "width", 0)
+        if isinstance(width, int):
+            _check_size(width, f"'{name}'")
+    elif name == "expandtabs":
+        size = _int_arg(args, kwargs, 0, "tabsize", 8)
+        if isinstance(size, int):
+            _check_size(len(obj) + obj.count("\t") * size, "'expandtabs'")
+    elif name == "replace":
+        _check_replace(obj, args[0] if args else "", args[1] if len(args) > 1 else "")
+    elif name in ("format", "format_map"):
+        _check_format(obj)
+
+
+def _check_replace(text: Any, old: Any, new: Any) -> None:
+    if isinstance(text, str) and isinstance(old, str) and isinstance(new, str):
+        count = text.count(old) if old else len(text) + 1
+        _check_size(len(text) + count * max(0, len(new) - len(old)), "'replace'")
+
+
+def _join(separator: str, items: Iterable[Any]) -> tuple[str, list[Any]]:
+    listed = list(items)
+    _check_size(_size(listed) + len(separator) * len(listed), "'join'")
+    return separator, listed
+
+
+def _filter_value(func: Any, args: tuple) -> tuple[Any, tuple]:
+    """The filtered value and the filter's own arguments (after context/environment)."""
+    skip = 1 if getattr(func, "jinja_pass_arg", None) is not None else 0
+    rest = args[skip:]
+    return (rest[0] if rest else None), rest[1:]
+
+
+def _check_filter(name: str, func: Any, args: tuple, kwargs: dict) -> tuple:
+    """Check a filter's arguments before it runs; returns the arguments to call it with."""
+    value, own = _filter_value(func, args)
+    _check_size(_size(value), f"the value given to '{name}'")
+    if name == "center":
+        width = _int_arg(own, kwargs, 0, "width", 80)
+        if isinstance(width, int):
+            _check_size(width + _size(value), "'center'")
+    elif name == "indent" and isinstance(value, str):
+        width = _int_arg(own, kwargs, 0, "width", 4)
+        per_line = width if isinstance(width, int) else len(str(width))
+        _check_size(len(value) + (value.count("\n") + 1) * per_line, "'indent'")
+    elif name == "format" and isinstance(value, str):
+        _check_printf(value)
+    elif name == "replace":
+        _check_replace(value, *own[:2])
+    elif name == "wordwrap" and isinstance(value, str):
+        width = _int_arg(own, kwargs, 0, "width", 79)
+        wrap = _int_arg(own, kwargs, 2, "wrapstring", None) or "\n"
+        lines = len(value) // max(width, 1) + value.count(" ") + 1 if isinstance(width, int) else 1
+        _check_size(len(value) + lines * len(str(wrap)), "'wordwrap'")
+    elif name in ("batch", "slice"):
+        count = own[0] if own else kwargs.get("linecount", kwargs.get("slices", 1))
+        fill = _int_arg(own, kwargs, 1, "fill_with", None)
+        if isinstance(count, int):
+            if count > MAX_LOOP_ITERATIONS:
+                raise SecurityError(f"'{name}' into more than {MAX_LOOP_ITERATIONS:,}")
+            _check_size(count * _size(fill), f"'{name}'")
+    elif name == "join":
+        if not isinstance(value, (str, list, tuple)):
+            value = list(_counted(value))
+        separator = _int_arg(own, kwargs, 0, "d", "")
+        _join(str(separator), value if isinstance(value, (list, tuple)) else [value])
+        skip = 1 if getattr(func, "jinja_pass_arg", None) is not None else 0
+        return (*args[:skip], value, *own)
+    elif name == "sum":
+        start = _int_arg(own, kwargs, 1, "start", 0)
+        if not isinstance(start, (int, float)):
+            raise SecurityError("'sum' adds numbers (its start must be a number)")
+    return args
+
+
+def _bounded_filter(name: str, func: Any) -> Any:
+    @functools.wraps(func)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _spend()
+        args = _check_filter(name, func, args, kwargs)
+        return _spent(func(*args, **kwargs))
+
+    return bounded
+
+
+def _spent(result: Any) -> Any:
+    """Spend what a filter or call produced; a lazy result is spent as it is consumed."""
+    if isinstance(result, (types.GeneratorType, Iterator)) and not isinstance(result, str):
+        return _counted(result)
+    _spend(size=_size(result))
+    return result
+
+
+def _iterate(iterable: Any) -> Iterator[Any]:
+    """What a `{% for %}` loop iterates: every iteration is spent from the budget."""
+    if isinstance(iterable, Undefined):
+        return iter(())
+    for item in iterable:
+        _spend(iterations=1)
+        yield item
+
+
+def _emit(value: Any) -> str:
+    """One piece of a string template's output, as text, spent from the budget."""
+    text = _finalize(value)
+    text = "" if text is None else str(text)
+    _spend(size=len(text))
+    return text
+
+
+def _concat(*parts: Any) -> str:
+    """`a ~ b ~ c`: checked before the parts are turned into text and joined."""
+    _check_size(sum(_size(part) for part in parts), "the result of '~'")
+    result = "".join(str(_finalize_concat(part)) for part in parts)
+    _spend(size=len(result))
+    return result
+
+
+def _finalize_concat(part: Any) -> Any:
+    return "" if isinstance(part, Undefined) else part
 
 
 # --- the environment -------------------------------------------------------------------------
 
 
 class _Environment(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    # Reached only from nodes that `_Bounds` puts in a template (never by a name).
+    _iterate = staticmethod(_iterate)
+    _emit = staticmethod(_emit)
+    _concat = staticmethod(_concat)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
+        _spend()
         # Definitions address JSON data; `input.items` must be the field, not dict.items.
         if isinstance(obj, Mapping) and attribute in obj:
             return obj[attribute]
         return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        _spend()
+        return super().getitem(obj, argument)
+
+    def wrap_str_format(self, value: Any) -> Any:
+        # The sandbox hands out its own wrapper of str.format, which `call` cannot recognise.
+        wrapped = super().wrap_str_format(value)
+        if wrapped is not None:
+            _check_format(value.__self__)
+        return wrapped
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        if __obj in _BOUND_HELPERS:
+            kwargs.pop("_loop_vars", None)
+            kwargs.pop("_block_vars", None)
+            return __obj(*args)
+        _spend()
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str):
+            name = getattr(__obj, "__name__", "")
+            _check_text_growth(owner, name, args, kwargs)
+            if name == "join" and args:
+                _, listed = _join(owner, args[0])
+                args = (listed, *args[1:])
+        return _spent(super().call(__context, __obj, *args, **kwargs))
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> Undefined:
         # The default returns an undefined that renders as "", which would hide a probe.
@@ -150,17 +440,36 @@ class _Environment(ImmutableSandboxedEnvironment):
         )
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _spend()
         if operator == "*":
             _check_repetition(left, right)
             _check_repetition(right, left)
+            _check_int_product(left, right)
         elif operator == "**":
             _check_power(left, right)
-        return super().call_binop(context, operator, left, right)
+        elif operator == "+":
+            if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+                _check_size(_size(left) + _size(right), "the result of '+'")
+        elif operator == "%" and isinstance(left, str):
+            _check_printf(left)
+        return _spent(super().call_binop(context, operator, left, right))
+
+
+_BOUND_HELPERS = (_iterate, _emit, _concat)
 
 
 def _check_repetition(sequence: Any, times: Any) -> None:
     repeats = isinstance(sequence, (str, list, tuple)) and isinstance(times, int)
     if repeats and len(sequence) * times > MAX_SEQUENCE_PRODUCT:
+        raise SecurityError("the result of '*' would be too large")
+    # A list of a few long strings, repeated: short, but each copy stands for all of them.
+    if repeats and times > 0 and _size(sequence) * times > MAX_RENDER_SIZE:
+        raise SecurityError("the result of '*' would be too large")
+
+
+def _check_int_product(left: Any, right: Any) -> None:
+    integers = isinstance(left, int) and isinstance(right, int)
+    if integers and left.bit_length() + right.bit_length() > MAX_POWER_BITS:
         raise SecurityError("the result of '*' would be too large")
 
 
@@ -182,6 +491,7 @@ def _finalize(value: Any) -> Any:
 _env = _Environment(undefined=ChainableUndefined, finalize=_finalize, autoescape=False)
 _env.globals.clear()
 del _env.filters["random"]
+_env.filters = {name: _bounded_filter(name, func) for name, func in _env.filters.items()}
 
 
 # --- compilation -----------------------------------------------------------------------------
@@ -196,6 +506,9 @@ class _Compiled:
     text: Template | None
 
 
+TOO_DEEP = "the template is nested too deeply"
+
+
 @functools.lru_cache(maxsize=4096)
 def _compile(source: str) -> _Compiled:
     try:
@@ -204,9 +517,11 @@ def _compile(source: str) -> _Compiled:
         expr = _single_expression(ast)
         if expr is not None:
             return _Compiled(ast=ast, native=_native_template(expr), text=None)
-        return _Compiled(ast=ast, native=None, text=_env.from_string(ast))
+        return _Compiled(ast=ast, native=None, text=_env.from_string(_bounded_ast(ast)))
     except TemplateSyntaxError as exc:
         raise TemplateError(_syntax_message(exc, source)) from None
+    except RecursionError:
+        raise TemplateError(TOO_DEEP) from None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -227,6 +542,8 @@ def _compile_expression(source: str) -> _Compiled:
         return _Compiled(ast=ast, native=_native_template(expr), text=None)
     except TemplateSyntaxError as exc:
         raise TemplateError(_syntax_message(exc, source)) from None
+    except RecursionError:
+        raise TemplateError(TOO_DEEP) from None
 
 
 def _single_expression(ast: nodes.Template) -> nodes.Expr | None:
@@ -246,7 +563,47 @@ def _single_expression(ast: nodes.Template) -> nodes.Expr | None:
 def _native_template(expr: nodes.Expr) -> Template:
     # The same construction as Environment.compile_expression, from an already parsed node.
     body = [nodes.Assign(nodes.Name("result", "store"), expr, lineno=1)]
-    return _env.from_string(nodes.Template(body, lineno=1))
+    return _env.from_string(_bounded_ast(nodes.Template(body, lineno=1)))
+
+
+def _helper_call(name: str, args: list[nodes.Expr], lineno: int | None) -> nodes.Call:
+    return nodes.Call(nodes.EnvironmentAttribute(name), args, [], None, None, lineno=lineno)
+
+
+class _Bounds(NodeTransformer):
+    """Route loops, output and `~` through the budget's helpers (see _Environment).
+
+    Loops iterate `_iterate(...)`, every piece of output (literal text too) goes through
+    `_emit`, and `a ~ b` becomes `_concat(a, b)`; what the template means is unchanged.
+    Recursive loops are refused: each level would start loops of its own.
+    """
+
+    def visit_For(self, node: nodes.For) -> nodes.For:
+        if node.recursive:
+            raise TemplateError("recursive loops are not available in workflow templates")
+        node = self.generic_visit(node)
+        node.iter = _helper_call("_iterate", [node.iter], node.lineno)
+        return node
+
+    def visit_Output(self, node: nodes.Output) -> nodes.Output:
+        node = self.generic_visit(node)
+        node.nodes = [
+            _helper_call(
+                "_emit",
+                [nodes.Const(part.data) if isinstance(part, nodes.TemplateData) else part],
+                part.lineno,
+            )
+            for part in node.nodes
+        ]
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Call:
+        node = self.generic_visit(node)
+        return _helper_call("_concat", list(node.nodes), node.lineno)
+
+
+def _bounded_ast(ast: nodes.Template) -> nodes.Template:
+    return _Bounds().visit(ast)
 
 
 def _refuse_forbidden_tags(ast: nodes.Template) -> None:
