@@ -41,6 +41,9 @@ from jobs.templating import TemplateError, TemplateInfo, path_join
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,99}$"
 ID_PATTERN = r"^[a-z_][a-z0-9_]{0,63}$"
 MAX_STEPS = 500
+# Deeper documents are refused before anything walks them: the validators (and Python's json
+# and yaml) recurse, and a document nested thousands of levels deep would exhaust the stack.
+MAX_NESTING = 64
 DEFAULT_MAX_PARALLEL = 10
 MAP_KIND = "map"
 
@@ -220,6 +223,9 @@ def parse_definition(document: dict[str, Any] | str | bytes) -> Definition:
     """Parse and validate a definition; raise DefinitionError listing every fault."""
     if isinstance(document, (str, bytes)):
         document = _load_text(document)
+    too_deep = nesting_fault(document)
+    if too_deep is not None:
+        raise DefinitionError([too_deep])
     faults = list(_non_json_values(document, []))
     if faults:
         raise DefinitionError(faults)
@@ -254,13 +260,46 @@ def validate_input(definition: Definition, value: Any) -> list[Fault]:
 # --- loading ---------------------------------------------------------------------------------
 
 
+def nesting_fault(document: Any, limit: int = MAX_NESTING) -> Fault | None:
+    """A fault at the first place where `document` is nested deeper than `limit`, or None.
+
+    Iterative, so that it is safe on any depth."""
+    pending: list[tuple[Any, list[str | int]]] = [(document, [])]
+    while pending:
+        value, path = pending.pop()
+        if isinstance(value, dict):
+            children = list(value.items())
+        elif isinstance(value, list):
+            children = list(enumerate(value))
+        else:
+            continue
+        if len(path) >= limit:
+            return Fault(_format_path(path), f"nested more than {limit} levels deep")
+        pending.extend((child, [*path, key]) for key, child in children)
+    return None
+
+
 class _JsonLikeLoader(yaml.SafeLoader):
     """YAML read the way JSON users expect (YAML 1.2 rather than 1.1 scalars).
 
     `2024-01-01` stays a string instead of becoming a date, and only true/false are booleans:
     YAML 1.1 also reads `on`, `off`, `yes`, `no`, `y` and `n` as booleans, so a field named
     `on` would become the key True.
+
+    Aliases (`*name`) are refused: JSON has none, and a few lines of nested aliases expand to
+    billions of values ("billion laughs") that every later step would walk.
     """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                "aliases (*name) are not supported: write the value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
 
 
 _JsonLikeLoader.yaml_implicit_resolvers = {
@@ -278,6 +317,14 @@ _JsonLikeLoader.add_implicit_resolver(
 )
 
 
+def load_yaml(text: str) -> Any:
+    """YAML text as JSON-like data (see _JsonLikeLoader); raises yaml.YAMLError."""
+    try:
+        return yaml.load(text, Loader=_JsonLikeLoader)
+    except RecursionError:
+        raise yaml.YAMLError(f"nested more than {MAX_NESTING} levels deep") from None
+
+
 def _load_text(text: str | bytes) -> Any:
     if isinstance(text, bytes):
         try:
@@ -286,9 +333,11 @@ def _load_text(text: str | bytes) -> Any:
             raise DefinitionError([Fault("$", f"not UTF-8 text: {exc}")]) from None
     try:
         return json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise DefinitionError([Fault("$", f"nested more than {MAX_NESTING} levels deep")]) from None
     except ValueError as json_error:
         try:
-            return yaml.load(text, Loader=_JsonLikeLoader)
+            return load_yaml(text)
         except yaml.YAMLError as yaml_error:
             # Text that starts like JSON was meant to be JSON: its error is the useful one.
             if text.lstrip()[:1] in ("{", "["):

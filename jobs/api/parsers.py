@@ -4,6 +4,10 @@ Python's `json` accepts strings that PostgreSQL cannot hold: NUL characters (`\\
 by `text` and `jsonb`) and unpaired UTF-16 surrogates (`\\ud800`, not encodable as UTF-8).
 Left alone they pass validation and fail at the INSERT, as a 500. They are refused here, at
 parse time, with a 400 that names where they are. (Schemathesis found this.)
+
+So are documents nested deeper than `MAX_NESTING`: Python's json, the validators and the
+templates recurse, and a body of a few thousand `[` raised RecursionError, a 500 (found by
+tests/security/test_fuzz_definitions.py).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import Any
 
 from rest_framework.exceptions import ParseError
 from rest_framework.parsers import JSONParser
+
+from jobs.definitions import MAX_NESTING, nesting_fault
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
@@ -49,6 +55,9 @@ def unstorable_path(value: Any, path: str = "$") -> str | None:
 
 def check_storable(value: Any) -> None:
     """Raise ParseError (400 `malformed_request`) if `value` cannot be stored as JSON."""
+    too_deep = nesting_fault(value)
+    if too_deep is not None:
+        raise ParseError(f"the body is nested more than {MAX_NESTING} levels deep")
     path = unstorable_path(value)
     if path:
         raise ParseError(
@@ -61,6 +70,9 @@ class StrictJSONParser(JSONParser):
     """DRF's JSON parser, refusing what PostgreSQL cannot store (see the module docstring)."""
 
     def parse(self, stream, media_type=None, parser_context=None):
-        data = super().parse(stream, media_type, parser_context)
+        try:
+            data = super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            raise ParseError(f"the body is nested more than {MAX_NESTING} levels deep") from None
         check_storable(data)
         return data

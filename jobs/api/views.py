@@ -27,7 +27,7 @@ from jobs.api.serializers import (
     run_summary,
     version_repr,
 )
-from jobs.definitions import DefinitionError
+from jobs.definitions import DefinitionError, load_yaml
 from jobs.services.documents import documents_add
 from jobs.services.runs import RunError, request_fingerprint, run_cancel, run_retry
 from jobs.services.submission import Backpressure, IdempotencyConflict, run_submit
@@ -127,7 +127,7 @@ class WorkflowListView(APIView):
         document = request.data
         if isinstance(document, str):
             try:
-                document = yaml.safe_load(document)
+                document = load_yaml(document)
             except yaml.YAMLError as exc:
                 raise ApiError(
                     status_code=400, code="malformed_request", message=f"not valid YAML: {exc}"
