@@ -318,11 +318,20 @@ _JsonLikeLoader.add_implicit_resolver(
 
 
 def load_yaml(text: str) -> Any:
-    """YAML text as JSON-like data (see _JsonLikeLoader); raises yaml.YAMLError."""
-    try:
-        return yaml.load(text, Loader=_JsonLikeLoader)
-    except RecursionError:
-        raise yaml.YAMLError(f"nested more than {MAX_NESTING} levels deep") from None
+    """YAML text as JSON-like data (see _JsonLikeLoader); raises yaml.YAMLError.
+
+    The events are read first (PyYAML's parser is iterative, its composer recursive), so that
+    a document nested too deeply is refused before the composer would exhaust the stack.
+    """
+    depth = 0
+    for event in yaml.parse(text, Loader=_JsonLikeLoader):
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_NESTING:
+                raise yaml.YAMLError(f"nested more than {MAX_NESTING} levels deep")
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
+    return yaml.load(text, Loader=_JsonLikeLoader)
 
 
 def _load_text(text: str | bytes) -> Any:
