@@ -385,7 +385,7 @@ def test_deep_or_self_multiplying_documents_are_refused_at_once(document):
     with pytest.raises(DefinitionError) as caught:
         parse_definition(document)
     # Before: RecursionError (a 500) for the deep ones, a minute of CPU for the aliases.
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 5
     _assert_faults_name_paths(caught.value)
     message = str(caught.value)
     assert f"nested more than {MAX_NESTING} levels deep" in message or "aliases" in message

@@ -20,7 +20,7 @@ def rendered_error(template: str) -> str:
     started = time.monotonic()
     with pytest.raises(TemplateError) as caught:
         render(template, CONTEXT)
-    assert time.monotonic() - started < 2, "the bound was hit only after seconds of work"
+    assert time.monotonic() - started < 5, "the bound was hit only after seconds of work"
     return caught.value.message
 
 
