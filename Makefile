@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export HOST PORT
 
-.PHONY: run test chaos test-scale test-unit test-integration test-browser lint format services chromium venv migrate seed clean
+.PHONY: run test load chaos test-scale test-unit test-integration test-browser lint format services chromium venv migrate seed clean
 
 $(VENV)/.installed: requirements.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -32,7 +32,12 @@ run: seed
 
 test: venv services chromium
 	$(PY) -m pytest tests/unit -q -n 2
-	$(PY) -m pytest tests/integration tests/browser tests/reliability tests/security -q
+	$(PY) -m pytest tests/integration tests/browser tests/security -q -n 2 -m "not serial"
+	$(PY) -m pytest tests/integration tests/reliability -q -m serial
+
+# Issue 8's load: 500 clients submitting and streaming for 2 minutes; no 5xx, no lost run.
+load: venv services
+	SWITCHYARD_LOAD_CLIENTS=500 SWITCHYARD_LOAD_SECONDS=120 $(PY) -m pytest tests/reliability/test_load.py -q -s
 
 # Headless Chromium (Debian's package) driving the inbox; screenshots in tests/browser/artifacts/.
 test-browser: venv services chromium

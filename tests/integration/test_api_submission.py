@@ -289,12 +289,22 @@ def test_a_string_postgresql_cannot_store_is_a_400_not_a_500(greet, escape):
     assert not Run.objects.exists()
 
 
+YAML_WORKFLOW = "name: {name}\nsteps:\n  - id: one\n    kind: tool\n    tool: echo\n    args:\n"
+
+
 def test_a_yaml_workflow_with_a_value_json_cannot_hold_is_a_400(greet):
-    text = "name: dated\nsteps:\n  - id: one\n    kind: tool\n    tool: echo\n    args:\n"
-    text += "      when: 2020-01-01\n"
+    text = YAML_WORKFLOW.format(name="binary") + "      blob: !!binary aGVsbG8=\n"
     response = greet.api.post("/api/v1/workflows/", text, content_type="application/yaml")
     assert response.status_code == 400
-    assert "(at $.steps[0].args.when)" in response.json()["error"]["message"]
+    assert "(at $.steps[0].args.blob)" in response.json()["error"]["message"]
+
+
+def test_a_yaml_date_is_read_as_the_string_it_looks_like(greet):
+    """YAML is read as JSON-like data: `2020-01-01` stays text, as it would in JSON."""
+    text = YAML_WORKFLOW.format(name="dated") + "      when: 2020-01-01\n"
+    response = greet.api.post("/api/v1/workflows/", text, content_type="application/yaml")
+    assert response.status_code == 201, response.content
+    assert response.json()["definition"]["steps"][0]["args"]["when"] == "2020-01-01"
 
 
 def test_with_postgresql_unreachable_the_api_answers_503_with_retry_after(owner, cluster):

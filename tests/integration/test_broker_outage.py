@@ -25,7 +25,7 @@ from kombu import Connection
 from jobs.models import RUN_FINAL, Run
 from tests.support.workflows import event_types
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.serial]
 
 GREET = {
     "name": "greet",

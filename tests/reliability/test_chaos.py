@@ -21,7 +21,7 @@ from tests.reliability.chaos import format_report
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.serial]
 
 
 def _can_start_private_services() -> bool:
