@@ -184,6 +184,12 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
+# After a broker reconnection with tasks still running, Celery lowers the prefetch count and
+# raises it again as those tasks are acknowledged; their acknowledgements belong to the closed
+# connection and fail, so it is never raised and the consumer can stall (celery#9512, seen by
+# the chaos suite as a worker that consumed nothing after a RabbitMQ restart). The documented
+# workaround: keep the full prefetch (one message per slot) across reconnections.
+CELERY_WORKER_ENABLE_PREFETCH_COUNT_REDUCTION = False
 # A channel error (RabbitMQ closing a channel whose delivery outlived its consumer_timeout)
 # restarts the consumer; without this, Celery treats it as unrecoverable and the worker exits
 # with every step it was running (celery#6760, found by the chaos suite).
