@@ -30,8 +30,8 @@ from tests.support.cluster import Cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.serial]
 
-CLIENTS = int(os.environ.get("SWITCHYARD_LOAD_CLIENTS", "150"))
-SECONDS = float(os.environ.get("SWITCHYARD_LOAD_SECONDS", "20"))
+CLIENTS = int(os.environ.get("SWITCHYARD_LOAD_CLIENTS", "100"))
+SECONDS = float(os.environ.get("SWITCHYARD_LOAD_SECONDS", "10"))
 FINAL = frozenset({"run.succeeded", "run.failed", "run.cancelled"})
 
 ASSISTANT = {

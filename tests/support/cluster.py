@@ -152,11 +152,26 @@ class Cluster:
         )
 
     def start_all_pools(self) -> None:
-        self.start_worker("steps.llm", pool="threads", concurrency=8)
-        self.start_worker("steps.tool", pool="prefork", concurrency=2)
-        self.start_worker("steps.retrieval", pool="threads", concurrency=2)
-        self.start_worker("steps.control", pool="threads", concurrency=2)
-        self.start_worker("webhooks", pool="threads", concurrency=4)
+        """One worker per queue, started together (each takes seconds to boot)."""
+        pools = [
+            ("steps.llm", "threads", 8),
+            ("steps.tool", "prefork", 2),
+            ("steps.retrieval", "threads", 2),
+            ("steps.control", "threads", 2),
+            ("webhooks", "threads", 4),
+        ]
+        before = {queue: self.consumers(queue) for queue, _, _ in pools}
+        started = [
+            (queue, self.spawn_worker(queue, pool=pool, concurrency=concurrency))
+            for queue, pool, concurrency in pools
+        ]
+        for queue, proc in started:
+            self.wait_until(
+                lambda queue=queue: self.consumers(queue) > before[queue],
+                60,
+                f"worker {proc.name} never consumed {queue}",
+                proc,
+            )
 
     def start_web(self, port: int | None = None, **env: str) -> str:
         """Start a daphne web process on 127.0.0.1; returns its base URL once /healthz answers.
