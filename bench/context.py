@@ -94,7 +94,8 @@ class Bench:
         if not fresh and self.web_url and self.running("web") and env == self.web_env:
             return self.web_url
         self.stop_web()
-        self.web_url = self.cluster.start_web(**env)
+        # The web process's connection pool as `make run` sizes it (the Procfile).
+        self.web_url = self.cluster.start_web(**{"DATABASE_POOL_MAX_SIZE": "20", **env})
         self.web_env = env
         return self.web_url
 

@@ -14,8 +14,9 @@ class Deployment:
     """The processes the bench starts, the same for every Switchyard scenario.
 
     One process of each kind, threads pools (I/O-bound kinds, DESIGN §2), sized to fit the
-    bench's share of PostgreSQL connections (`db_connection_limit`): workers keep one
-    connection per thread (DATABASE_CONN_MAX_AGE=60, as in `.env.example`).
+    bench's share of PostgreSQL connections (`db_connection_limit`): as in the Procfile, the
+    web process and each threads pool borrow from a connection pool (web 20, a worker at most
+    8; DATABASE_POOL_MAX_SIZE), the scheduler keeps its connections (DATABASE_CONN_MAX_AGE=60).
     """
 
     llm_threads: int = 24

@@ -7,6 +7,7 @@ session so that a test can SIGKILL, SIGSTOP or stop them, and `stop_all` always 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -223,12 +224,25 @@ class Cluster:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.popen.wait(timeout=15)
 
-    def stop_all(self) -> None:
-        for proc in self.procs:
+    def stop_all(self, grace_s: float = 3.0) -> None:
+        """Stop every process at once: SIGTERM to all, SIGKILL to what is left after
+        `grace_s` (one at a time, each worker's warm shutdown took seconds)."""
+        alive = [proc for proc in self.procs if proc.alive()]
+        for proc in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGCONT)
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in alive:
             try:
-                self.stop(proc)
-            except ProcessLookupError:
+                proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 pass
+        for proc in alive:
+            # Also whatever the group still holds once its leader is gone (prefork children).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.popen.wait(timeout=15)
         self.delete_queues()
 
     # --- broker -------------------------------------------------------------------------
