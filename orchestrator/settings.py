@@ -125,7 +125,7 @@ if DATABASE_POOL_MAX_SIZE:
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": min(2, DATABASE_POOL_MAX_SIZE),
         "max_size": DATABASE_POOL_MAX_SIZE,
-        "timeout": env_float("DATABASE_POOL_TIMEOUT_S", 10.0, minimum=0.1),
+        "timeout": env_float("DATABASE_POOL_TIMEOUT_S", 30.0, minimum=0.1),
     }
 # Several test sessions on one machine (CI beside a developer) each need a database of their own.
 if env_str("TEST_DATABASE_NAME", ""):

@@ -21,7 +21,9 @@ receivers, middleware), idle while the view waits: `LongLivedRequests` (ASGI mid
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -29,6 +31,7 @@ from urllib.parse import parse_qs
 
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.conf import settings
+from django.db import OperationalError
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.urls import Resolver404, resolve
 from django.views.decorators.csrf import csrf_exempt
@@ -43,6 +46,8 @@ from jobs.feeds import Delta, Idle, RunFeed, StoredEvent, db_call, run_wait_fina
 from jobs.models import Run
 from tenants.auth import ApiKeyAuthentication
 from tenants.models import Tenant
+
+log = logging.getLogger(__name__)
 
 EVENT_STREAM = "text/event-stream"
 
@@ -76,13 +81,33 @@ def _front_of(view_class: type[APIView], holds_open: HoldsOpen):
     """
 
     def decorate(view):
-        view = csrf_exempt(view)
+        view = csrf_exempt(_database_unavailable_is_503(view))
         view.cls = view_class
         view.initkwargs = {}
         view.holds_request_open = holds_open
         return view
 
     return decorate
+
+
+def _database_unavailable_is_503(view):
+    """As the DRF views answer (`jobs.api.errors`): no connection to be had is a 503 with
+    Retry-After, never a 500; nothing was recorded, so a retry is safe."""
+
+    @functools.wraps(view)
+    async def guarded(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        try:
+            return await view(request, *args, **kwargs)
+        except OperationalError as exc:
+            log.warning("answered 503 to %s %s: %s", request.method, request.path, exc)
+            return _error(
+                503,
+                "database_unavailable",
+                "the database is unavailable or busy; nothing was recorded, retry shortly",
+                headers={"Retry-After": "1"},
+            )
+
+    return guarded
 
 
 # --- responses ------------------------------------------------------------------------------

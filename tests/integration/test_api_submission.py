@@ -348,3 +348,15 @@ def test_with_postgresql_unreachable_the_api_answers_503_with_retry_after(owner,
     assert response.status_code == 503, response.text
     assert response.headers["Retry-After"] == "1"
     assert response.json()["error"]["code"] == "database_unavailable"
+    # The long-lived views (SSE, ?wait=) are async views of their own: the same answer.
+    for path, accept in (
+        ("/api/v1/runs/7d4f0e3e-53f4-4b53-9d0e-8a3f8f6d2a10/events/", "text/event-stream"),
+        ("/api/v1/runs/7d4f0e3e-53f4-4b53-9d0e-8a3f8f6d2a10/?wait=5", "application/json"),
+    ):
+        response = httpx.get(
+            f"{base_url}{path}",
+            headers={"Authorization": f"Bearer {owner.raw_key}", "Accept": accept},
+            timeout=30,
+        )
+        assert response.status_code == 503, (path, response.text)
+        assert response.json()["error"]["code"] == "database_unavailable"

@@ -75,7 +75,7 @@ async def _submit(http: httpx.AsyncClient, tally: Tally, n: int, stop_at: float)
                 "/api/v1/runs/",
                 json={"workflow": "assistant", "input": {"n": n}},
                 headers={"Idempotency-Key": key},
-                timeout=30,
+                timeout=90,  # a patient client: the API queues requests rather than refuse them
             )
         except httpx.HTTPError:
             tally.no_answer += 1

@@ -192,7 +192,7 @@ class Cluster:
                 str(port),
                 "orchestrator.asgi:application",
             ],
-            env={"DATABASE_POOL_MAX_SIZE": "10", **env},
+            env={"DATABASE_POOL_MAX_SIZE": "20", **env},  # as the Procfile
         )
         base_url = f"http://127.0.0.1:{port}"
 
