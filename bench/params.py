@@ -160,11 +160,11 @@ FULL = Params()
 
 QUICK = Params(
     quick=True,
-    motivating=Motivating(users=60, arrival_real_s=20, follow_deadline_s=25),
-    submission=Submission(clients=200, duration_s=5, single_client_requests=30),
-    overhead=Overhead(switchyard_chains=2, raw_chains=5, idle_dispatch_samples=20, budget_s=6),
-    throughput=Throughput(zero_latency_steps=400, llm_steps=300, raw_tasks=3000, budget_s=10),
-    noisy=Noisy(flood_steps=400, a_window_s=2, drain_deadline_s=12),
-    streams=Streams(clients=150, deadline_s=20),
+    motivating=Motivating(users=40, arrival_real_s=12, follow_deadline_s=15),
+    submission=Submission(clients=200, duration_s=3, single_client_requests=20),
+    overhead=Overhead(switchyard_chains=2, raw_chains=5, idle_dispatch_samples=10, budget_s=4),
+    throughput=Throughput(zero_latency_steps=200, llm_steps=150, raw_tasks=2000, budget_s=6),
+    noisy=Noisy(flood_steps=200, a_window_s=2, drain_deadline_s=8),
+    streams=Streams(clients=100, deadline_s=12),
     growth=Growth(backlogs=(1_000, 10_000, 100_000), cycles=3, decides=3, submissions=10),
 )
