@@ -106,33 +106,23 @@ class RunLog:
         self._wake_scheduler = True
 
     def flush(self) -> None:
-        if self._wake_scheduler:
-            # NOTIFY is transactional: the scheduler hears it only if this commits.
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_notify(%s, '')", [READY_CHANNEL])
-            self._wake_scheduler = False
-        if not self._pending:
-            return
-        events = Event.objects.bulk_create(self._pending)
-        self.run.next_seq += len(events)
-        Run.objects.filter(pk=self.run.pk).update(next_seq=self.run.next_seq)
-        self._pending = []
-        public_id = self.run.public_id
-        payloads = [event_payload(event, public_id) for event in events]
-        transaction.on_commit(lambda: publish_live(public_id, payloads))
+        RunLog.flush_many([self])
 
     @staticmethod
     def flush_many(logs: list[RunLog]) -> None:
-        """`flush` for the logs of several runs, all locked by this transaction: one INSERT
-        for every event and one UPDATE for every run's `next_seq`."""
-        logs = [run_log for run_log in logs if run_log._pending or run_log._wake_scheduler]
-        if not logs:
-            return
+        """Write the logs of one or several runs, all locked by this transaction: one INSERT
+        for every event and one UPDATE for every run's `next_seq`; wake the scheduler if any
+        asked. Each run's events are published live after the commit."""
         if any(run_log._wake_scheduler for run_log in logs):
+            # NOTIFY is transactional: the scheduler hears it only if this commits.
             with connection.cursor() as cursor:
                 cursor.execute("SELECT pg_notify(%s, '')", [READY_CHANNEL])
-        pending = [event for run_log in logs for event in run_log._pending]
-        Event.objects.bulk_create(pending)
+        for run_log in logs:
+            run_log._wake_scheduler = False
+        logs = [run_log for run_log in logs if run_log._pending]
+        if not logs:
+            return
+        Event.objects.bulk_create([event for run_log in logs for event in run_log._pending])
         with connection.cursor() as cursor:
             rows = [(run_log.run.pk, len(run_log._pending)) for run_log in logs]
             cursor.execute(
@@ -143,14 +133,12 @@ class RunLog:
             )
         for run_log in logs:
             events, run_log._pending = run_log._pending, []
-            run_log._wake_scheduler = False
             run_log.run.next_seq += len(events)
-            if events:
-                public_id = run_log.run.public_id
-                payloads = [event_payload(event, public_id) for event in events]
-                transaction.on_commit(
-                    lambda public_id=public_id, payloads=payloads: publish_live(public_id, payloads)
-                )
+            public_id = run_log.run.public_id
+            payloads = [event_payload(event, public_id) for event in events]
+            transaction.on_commit(
+                lambda public_id=public_id, payloads=payloads: publish_live(public_id, payloads)
+            )
 
 
 def publish_live(run_public_id: Any, payloads: list[dict[str, Any]]) -> None:
