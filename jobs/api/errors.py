@@ -16,6 +16,16 @@ from rest_framework.views import exception_handler as drf_exception_handler
 
 log = logging.getLogger(__name__)
 
+# The answer to a request that could not get a database connection (PostgreSQL unreachable or
+# restarting, the pool exhausted past its timeout, a deadlock victim), from the DRF views here
+# and from the async long-lived views (`jobs.api.streams`): nothing was recorded, retry.
+DATABASE_UNAVAILABLE = (
+    503,
+    "database_unavailable",
+    "the database is unavailable or busy; nothing was recorded, retry shortly",
+)
+DATABASE_RETRY_AFTER = {"Retry-After": "1"}
+
 
 class ApiError(exceptions.APIException):
     def __init__(
@@ -105,12 +115,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         # DATABASE_POOL_TIMEOUT_S, or a deadlock victim: nothing was committed, so the client
         # may retry (with its Idempotency-Key) and lose nothing.
         log.warning("answered 503 to %s: %s", context.get("request"), exc)
-        return error_response(
-            503,
-            "database_unavailable",
-            "the database is unavailable or busy; nothing was recorded, retry shortly",
-            headers={"Retry-After": "1"},
-        )
+        return error_response(*DATABASE_UNAVAILABLE, headers=dict(DATABASE_RETRY_AFTER))
     response = drf_exception_handler(exc, context)
     if response is None:
         return None

@@ -40,6 +40,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.views import APIView
 
 from jobs import selectors
+from jobs.api.errors import DATABASE_RETRY_AFTER, DATABASE_UNAVAILABLE
 from jobs.api.serializers import run_detail as run_detail_repr
 from jobs.api.views import RunDetailView, RunEventsView, RunListView
 from jobs.feeds import Delta, Idle, RunFeed, StoredEvent, db_call, run_wait_final
@@ -100,12 +101,7 @@ def _database_unavailable_is_503(view):
             return await view(request, *args, **kwargs)
         except OperationalError as exc:
             log.warning("answered 503 to %s %s: %s", request.method, request.path, exc)
-            return _error(
-                503,
-                "database_unavailable",
-                "the database is unavailable or busy; nothing was recorded, retry shortly",
-                headers={"Retry-After": "1"},
-            )
+            return _error(*DATABASE_UNAVAILABLE, headers=dict(DATABASE_RETRY_AFTER))
 
     return guarded
 
