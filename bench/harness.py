@@ -147,22 +147,11 @@ def make_cluster(workdir: Path, prefix: str, **env: str):
             self.procs.append(proc)
             return proc
 
-        def start_pools(self, pools: dict[str, int]) -> list[Proc]:
+        def start_pools(self, pools: dict[str, int]) -> list[Proc]:  # type: ignore[override]
             """One threads worker per queue, `pools` = {queue: concurrency}, started together."""
-            before = {queue: self.consumers(queue) for queue in pools}
-            started = []
-            for queue, concurrency in pools.items():
-                name = f"{queue.split('.')[-1]}-{uuid.uuid4().hex[:6]}"
-                argv = [sys.executable, "-m", "celery", "-A", "orchestrator", "worker"]
-                argv += ["-Q", self.prefix + queue, "-P", "threads", "-c", str(concurrency)]
-                argv += ["-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-l", "info"]
-                pooled = {"DATABASE_POOL_MAX_SIZE": str(min(concurrency, 8))}  # as the Procfile
-                started.append((queue, self._spawn(name, argv, env=pooled)))
-            for queue, proc in started:
-                self.wait_until(
-                    lambda q=queue: self.consumers(q) > before[q], 60, f"{proc.name}", proc
-                )
-            return [proc for _, proc in started]
+            return super().start_pools(
+                [(queue, "threads", concurrency) for queue, concurrency in pools.items()]
+            )
 
         def start_gunicorn(self, *, workers: int, threads: int, **env: str) -> str:
             port = free_port()

@@ -153,14 +153,19 @@ class Cluster:
         )
 
     def start_all_pools(self) -> None:
-        """One worker per queue, started together (each takes seconds to boot)."""
-        pools = [
-            ("steps.llm", "threads", 8),
-            ("steps.tool", "prefork", 2),
-            ("steps.retrieval", "threads", 2),
-            ("steps.control", "threads", 2),
-            ("webhooks", "threads", 4),
-        ]
+        self.start_pools(
+            [
+                ("steps.llm", "threads", 8),
+                ("steps.tool", "prefork", 2),
+                ("steps.retrieval", "threads", 2),
+                ("steps.control", "threads", 2),
+                ("webhooks", "threads", 4),
+            ]
+        )
+
+    def start_pools(self, pools: list[tuple[str, str, int]]) -> list[Proc]:
+        """A worker per (queue, pool, concurrency), started together (each takes seconds to
+        boot), once every one of them consumes."""
         before = {queue: self.consumers(queue) for queue, _, _ in pools}
         started = [
             (queue, self.spawn_worker(queue, pool=pool, concurrency=concurrency))
@@ -173,6 +178,7 @@ class Cluster:
                 f"worker {proc.name} never consumed {queue}",
                 proc,
             )
+        return [proc for _, proc in started]
 
     def start_web(self, port: int | None = None, **env: str) -> str:
         """Start a daphne web process on 127.0.0.1; returns its base URL once /healthz answers.
