@@ -20,6 +20,14 @@ gets one `step.held` event saying why.
 
 With `SWITCHYARD_ADMISSION_POLICY=fifo` the scheduler admits by readiness time alone (quotas
 still hold): the baseline the benchmark compares fairness against.
+
+Direct admission (`admit_directly`): a transaction that makes steps ready (a worker's report,
+a submission) admits them itself when no other step waits in their queue, so that on a
+system that is not saturated a step does not wait for a scheduler cycle. With nothing else
+waiting, the fair choice is that step whatever the policy; the quotas are checked as the
+scheduler checks them, under the same admission lock (taken without waiting: when the
+scheduler holds it, the scheduler is woken instead). Under contention every step goes
+through `decide`.
 """
 
 from __future__ import annotations
@@ -34,10 +42,16 @@ from django.db import connection
 from django.db.models import Count
 from django.utils import timezone
 
-from jobs.models import RunStatus, StepRun, StepStatus
+from jobs.models import Run, RunStatus, StepRun, StepStatus
 from jobs.steps import registry
-from tenants.models import LANE_RANK, Lane, Tenant
-from tenants.quotas import TenantQuotaState, quota_states
+from tenants.models import LANE_RANK, Lane, Tenant, TenantThrottle, TenantUsageDay
+from tenants.quotas import TenantQuotaState, quota_states, refilled, throttle_record, usage_day
+
+# Admission reads occupancy, quotas and buckets, then acts on them: two processes doing that
+# at once could both admit a tenant's last free slot. One at a time admits: the scheduler takes
+# this advisory lock for its session while it decides and admits (released when its connection
+# ends, so a killed scheduler cannot keep it); a direct admission takes it for its transaction.
+ADMISSION_LOCK_ID = 0x5357_4144  # "SWAD"
 
 LANES_BY_URGENCY = sorted(LANE_RANK, key=LANE_RANK.get, reverse=True)
 LOWER_LANES = [Lane.STANDARD, Lane.BATCH]
@@ -135,16 +149,22 @@ def _bucket_steps(queue: str, tenant_id: int, lane: str, *, started_only: bool =
     return steps.order_by("ready_at", "id")
 
 
+def _ready_buckets(room: dict[str, int]) -> list[tuple[str, int, str]]:
+    with connection.cursor() as cursor:
+        cursor.execute(_BUCKETS)
+        return [row for row in cursor.fetchall() if row[0] in room]
+
+
 def _backlog(
-    room: dict[str, int], tenants: dict[int, Tenant], quotas: dict[int, TenantQuotaState]
+    buckets: list[tuple[str, int, str]],
+    room: dict[str, int],
+    tenants: dict[int, Tenant],
+    quotas: dict[int, TenantQuotaState],
 ) -> dict[tuple[str, int, str], _Backlog]:
     """Admissible ready steps per bucket, each count capped at its queue's free room.
 
     A tenant at its `max_active_runs` can only use steps of runs already started.
     """
-    with connection.cursor() as cursor:
-        cursor.execute(_BUCKETS)
-        buckets = [row for row in cursor.fetchall() if row[0] in room]
     backlog = {}
     for queue, tenant_id, lane in buckets:
         tenant = tenants.get(tenant_id)
@@ -167,9 +187,12 @@ def decide(now: datetime | None = None) -> Decision:
     room = {q: free for q, free in room.items() if free > 0}
     if not room:
         return decision
+    buckets = _ready_buckets(room)
+    if not buckets:  # nothing waits: no tenant or quota needs reading
+        return decision
     tenants = Tenant.objects.in_bulk()
     quotas = quota_states(list(tenants.values()), now=now)
-    backlog = _backlog(room, tenants, quotas)
+    backlog = _backlog(buckets, room, tenants, quotas)
     if not backlog:
         return decision
     in_flight_qt, in_flight_t, in_flight_ql = _in_flight()
@@ -315,3 +338,83 @@ def _concrete_holds(held) -> list[Hold]:
         if len(holds) >= 100:
             break
     return holds
+
+
+# --- direct admission ---------------------------------------------------------------------
+
+# What a direct admission of `tenant`'s ready steps in `queue` needs to know, in one round
+# trip: the queue's admitted-but-unstarted steps, the tenant's steps in flight, whether any
+# other step waits in the queue, the tenant's bucket and LLM tokens today, its active runs.
+_DIRECT_STATE = f"""
+SELECT
+  (SELECT count(*) FROM {StepRun._meta.db_table}
+    WHERE status = 'queued' AND queue = %(queue)s),
+  (SELECT count(*) FROM {StepRun._meta.db_table}
+    WHERE status IN ('queued', 'running') AND tenant_id = %(tenant)s),
+  EXISTS (SELECT 1 FROM {StepRun._meta.db_table}
+    WHERE status = 'ready' AND queue = %(queue)s AND NOT (id = ANY(%(ids)s))),
+  (SELECT step_tokens FROM {TenantThrottle._meta.db_table} WHERE tenant_id = %(tenant)s),
+  (SELECT refilled_at FROM {TenantThrottle._meta.db_table} WHERE tenant_id = %(tenant)s),
+  (SELECT llm_tokens FROM {TenantUsageDay._meta.db_table}
+    WHERE tenant_id = %(tenant)s AND day = %(day)s),
+  CASE WHEN %(accepted)s THEN (SELECT count(*) FROM {Run._meta.db_table}
+    WHERE tenant_id = %(tenant)s AND status IN ('running', 'waiting')) ELSE 0 END
+"""
+
+
+def admit_directly(
+    *, tenant: Tenant, run_accepted: bool, steps: list[StepRun], now: datetime
+) -> list[StepRun]:
+    """Of the ready `steps` of one run, those this transaction may admit now (see the module
+    docstring); their bucket tokens are spent. Call inside the transaction that made them
+    ready; the caller moves them to `queued`. Empty when the admission lock is busy, the
+    setting is off, or any other step waits in a step's queue."""
+    if not (settings.SWITCHYARD_DIRECT_ADMISSION and tenant.is_active and steps):
+        return []
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [ADMISSION_LOCK_ID])
+        if not cursor.fetchone()[0]:
+            return []
+    by_queue: dict[str, list[StepRun]] = defaultdict(list)
+    for step in steps:
+        by_queue[step.queue].append(step)
+    admitted: list[StepRun] = []
+    tokens: float | None = None
+    for queue, candidates in sorted(by_queue.items()):
+        with connection.cursor() as cursor:
+            cursor.execute(
+                _DIRECT_STATE,
+                {
+                    "queue": queue,
+                    "tenant": tenant.pk,
+                    "ids": [step.pk for step in candidates],
+                    "day": usage_day(now),
+                    "accepted": run_accepted,
+                },
+            )
+            queued, in_flight, others, level, refilled_at, llm_today, active = cursor.fetchone()
+        if others:
+            continue
+        if run_accepted and active >= tenant.max_active_runs:
+            return []
+        if queue == registry.QUEUE_LLM and (llm_today or 0) >= tenant.llm_tokens_per_day:
+            continue
+        if tokens is None:
+            throttle = (
+                None
+                if level is None
+                else TenantThrottle(step_tokens=level, refilled_at=refilled_at)
+            )
+            tokens = refilled(tenant, throttle, now)
+        n = min(
+            len(candidates),
+            max_queued(queue) - queued,
+            tenant.max_concurrent_steps - in_flight - len(admitted),
+            math.floor(tokens),
+        )
+        if n > 0:
+            admitted.extend(candidates[:n])
+            tokens -= n
+    if admitted and tokens is not None:
+        throttle_record(levels={tenant.pk: tokens}, now=now)
+    return admitted

@@ -89,6 +89,7 @@ class RunLog:
         self.run = run
         self._pending: list[Event] = []
         self._wake_scheduler = False
+        self._wake_if_ready = False
 
     def add(self, type: str, *, step: StepRun | None = None, **data: Any) -> None:
         self._pending.append(
@@ -102,8 +103,13 @@ class RunLog:
             )
         )
 
-    def wake_scheduler(self) -> None:
-        self._wake_scheduler = True
+    def wake_scheduler(self, *, only_if_ready: bool = False) -> None:
+        """NOTIFY the scheduler at commit; `only_if_ready`: only if some step waits for
+        admission (a freed slot matters to nobody otherwise, and every NOTIFY costs a cycle)."""
+        if only_if_ready:
+            self._wake_if_ready = True
+        else:
+            self._wake_scheduler = True
 
     def flush(self) -> None:
         RunLog.flush_many([self])
@@ -113,12 +119,19 @@ class RunLog:
         """Write the logs of one or several runs, all locked by this transaction: one INSERT
         for every event and one UPDATE for every run's `next_seq`; wake the scheduler if any
         asked. Each run's events are published live after the commit."""
+        # NOTIFY is transactional: the scheduler hears it only if this commits.
         if any(run_log._wake_scheduler for run_log in logs):
-            # NOTIFY is transactional: the scheduler hears it only if this commits.
             with connection.cursor() as cursor:
                 cursor.execute("SELECT pg_notify(%s, '')", [READY_CHANNEL])
+        elif any(run_log._wake_if_ready for run_log in logs):
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT pg_notify(%s, '') WHERE EXISTS "
+                    f"(SELECT 1 FROM {StepRun._meta.db_table} WHERE status = 'ready')",
+                    [READY_CHANNEL],
+                )
         for run_log in logs:
-            run_log._wake_scheduler = False
+            run_log._wake_scheduler = run_log._wake_if_ready = False
         logs = [run_log for run_log in logs if run_log._pending]
         if not logs:
             return

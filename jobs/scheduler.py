@@ -29,11 +29,11 @@ from django.utils import timezone
 
 from dashboard.heartbeats import scheduler_cycle_done
 from jobs import admission
+from jobs.dispatch import Dispatch, publish
 from jobs.events import READY_CHANNEL
 from jobs.models import StepRun, StepStatus
 from jobs.services.approvals import approvals_escalate_due, approvals_expire_due
 from jobs.services.steps import (
-    Dispatch,
     step_expire_lease,
     step_hold,
     step_redispatch,
@@ -41,8 +41,6 @@ from jobs.services.steps import (
     steps_admit,
 )
 from jobs.webhooks import webhooks_dispatch_due
-from orchestrator.queues import broker_queue
-from tenants.models import LANE_PRIORITY
 from tenants.quotas import throttle_record
 
 log = logging.getLogger(__name__)
@@ -58,50 +56,10 @@ class CycleStats:
     publish_failures: int = 0
     approvals_expired: int = 0
     approvals_escalated: int = 0
+    # Another process held the admission lock (a direct admission, another scheduler).
+    admission_busy: bool = False
     duration_s: float = 0.0
     dispatches: list[Dispatch] = field(default_factory=list, repr=False)
-
-
-def publish(dispatches: list[Dispatch]) -> tuple[int, int]:
-    """Publish step messages (confirmed, persistent). Returns (published, failed).
-
-    A failed publish leaves the step `queued`; the stale-dispatch sweep re-publishes it.
-    """
-    from jobs.tasks import execute_step, execute_step_unheld
-    from orchestrator.celery import app
-
-    if not dispatches:
-        return 0, 0
-    published = failed = 0
-    prefix = settings.SWITCHYARD_QUEUE_PREFIX
-    try:
-        with app.producer_or_acquire() as producer:
-            for dispatch in dispatches:
-                # A step that may outlast RabbitMQ's consumer_timeout must not hold its
-                # delivery: the broker would close the worker's channel (celery#6760).
-                held = dispatch.lease_s <= settings.SWITCHYARD_HELD_DELIVERY_MAX_S
-                task = execute_step if held else execute_step_unheld
-                try:
-                    task.apply_async(
-                        args=[dispatch.step_run_id, str(dispatch.dispatch_token)],
-                        queue=broker_queue(dispatch.queue, prefix),
-                        priority=LANE_PRIORITY[dispatch.lane],
-                        producer=producer,
-                    )
-                    published += 1
-                except Exception:
-                    failed += 1
-                    log.warning(
-                        "publish failed for step run %s", dispatch.step_run_id, exc_info=True
-                    )
-    except Exception:
-        log.warning(
-            "broker unavailable; %d dispatches left for the stale sweep",
-            len(dispatches) - published,
-            exc_info=True,
-        )
-        failed = len(dispatches) - published
-    return published, failed
 
 
 def run_cycle(*, sweeps: bool = True) -> CycleStats:
@@ -126,6 +84,8 @@ def run_cycle(*, sweeps: bool = True) -> CycleStats:
             stats.admitted = len(admitted)
             stats.dispatches.extend(admitted)
             throttle_record(levels=decision.levels, now=now)
+        else:
+            stats.admission_busy = True
 
     stats.published, stats.publish_failures = publish(stats.dispatches)
     webhooks_dispatch_due()
@@ -157,24 +117,21 @@ def _sweep(stats: CycleStats, now) -> None:
     stats.approvals_escalated = approvals_escalate_due(now=now)
 
 
-# Admission reads occupancy, quotas and buckets, then acts on them: two schedulers doing that
-# at once could both admit a tenant's last free slot. One at a time admits (a session-level
-# advisory lock, released when its connection ends, so a killed scheduler cannot keep it); the
-# others still run every recovery sweep, which are compare-and-set per step.
-ADMISSION_LOCK_ID = 0x5357_4144  # "SWAD"
+# How soon a cycle that found the admission lock held looks again.
+ADMISSION_RETRY_S = 0.01
 
 
 @contextmanager
 def admission_lock() -> Iterator[bool]:
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_lock(%s)", [ADMISSION_LOCK_ID])
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [admission.ADMISSION_LOCK_ID])
         acquired = cursor.fetchone()[0]
     try:
         yield acquired
     finally:
         if acquired:
             with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_unlock(%s)", [ADMISSION_LOCK_ID])
+                cursor.execute("SELECT pg_advisory_unlock(%s)", [admission.ADMISSION_LOCK_ID])
 
 
 def _listen_connection() -> psycopg.Connection:
@@ -233,6 +190,12 @@ class Scheduler:
                     )
                 if stats.admitted >= settings.SWITCHYARD_SCHEDULER_BATCH:
                     continue  # more backlog: no sleep
+                if stats.admission_busy:
+                    # The NOTIFY that woke this cycle may be for steps the lock's holder
+                    # (a worker's direct admission, for milliseconds) leaves ready: look again
+                    # soon rather than at the next poll.
+                    self._wait(listener, timeout=ADMISSION_RETRY_S)
+                    continue
                 self._wait(listener, timeout=min(self.poll_s, next_sweep - time.monotonic()))
             except Exception as exc:
                 log.warning("scheduler cycle failed: %s; retrying in 1s", exc, exc_info=True)

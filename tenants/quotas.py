@@ -34,7 +34,7 @@ def bucket_capacity(tenant: Tenant) -> float:
     return max(1.0, tenant.steps_per_minute / 60.0 * settings.SWITCHYARD_RATE_BURST_S)
 
 
-def _refilled(tenant: Tenant, throttle: TenantThrottle | None, now: datetime) -> float:
+def refilled(tenant: Tenant, throttle: TenantThrottle | None, now: datetime) -> float:
     capacity = bucket_capacity(tenant)
     if throttle is None:
         return capacity
@@ -64,7 +64,7 @@ def quota_states(tenants: list[Tenant], *, now: datetime) -> dict[int, TenantQuo
     }
     return {
         tenant.pk: TenantQuotaState(
-            step_tokens=_refilled(tenant, throttles.get(tenant.pk), now),
+            step_tokens=refilled(tenant, throttles.get(tenant.pk), now),
             llm_tokens_today=tokens.get(tenant.pk, 0),
             active_runs=runs.get(tenant.pk, {}).get("active", 0),
             queued_runs=runs.get(tenant.pk, {}).get("queued", 0),

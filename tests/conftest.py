@@ -43,3 +43,12 @@ def ledger(tmp_path, monkeypatch):
     path.mkdir()
     monkeypatch.setenv("SWITCHYARD_TEST_LEDGER", str(path))
     return path
+
+
+@pytest.fixture(autouse=True)
+def _admission_by_the_scheduler_only(settings):
+    """In-process tests drive each transition themselves (`step_admit` of ready steps); a
+    direct admission would queue steps whose messages a test's rolled-back transaction never
+    publishes. Cluster processes keep the default (on); tests/integration/test_direct_admission.py
+    tests it, in process and with real workers."""
+    settings.SWITCHYARD_DIRECT_ADMISSION = False

@@ -14,14 +14,15 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
-from jobs import engine
+from jobs import admission, engine
 from jobs.definitions import Definition, Fault, parse_definition, validate_input
+from jobs.dispatch import Dispatch, publish_after_commit
 from jobs.events import RunLog
 from jobs.models import (
     RUN_FINAL,
@@ -63,6 +64,8 @@ def definition_of(version: WorkflowVersion) -> Definition:
 class RunTxn:
     run: Run
     log: RunLog
+    # Steps this transaction made ready: admitted directly or left to the scheduler at its end.
+    ready: list[StepRun] = field(default_factory=list)
 
 
 _open = threading.local()
@@ -90,9 +93,44 @@ def run_locked(run_pk: int) -> Iterator[RunTxn]:
         open_txns[run_pk] = txn
         try:
             yield txn
+            _admit_ready(txn)
             txn.log.flush()
         finally:
             del open_txns[run_pk]
+
+
+def _admit_ready(txn: RunTxn) -> None:
+    """The steps this transaction made ready go to `queued` now if nothing else waits in their
+    queue and their tenant's quotas allow (`admission.admit_directly`; published after the
+    commit); the scheduler is woken for the others."""
+    ready, txn.ready = txn.ready, []
+    if not ready:
+        return
+    now = timezone.now()
+    admitted = admission.admit_directly(
+        tenant=txn.run.tenant,
+        run_accepted=txn.run.status == RunStatus.ACCEPTED,
+        steps=ready,
+        now=now,
+    )
+    if admitted:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {StepRun._meta.db_table} SET status = %s, dispatched_at = %s, "
+                "dispatch_token = gen_random_uuid(), held_reason = '' "
+                "WHERE id = ANY(%s) AND status = %s RETURNING id, dispatch_token",
+                [StepStatus.QUEUED, now, [step.pk for step in admitted], StepStatus.READY],
+            )
+            tokens = dict(cursor.fetchall())
+        admitted = [step for step in admitted if step.pk in tokens]
+        for step in admitted:
+            step.status = StepStatus.QUEUED
+            step.dispatch_token = tokens[step.pk]
+            step.dispatched_at = now
+            txn.log.add("step.queued", step=step, queue=step.queue)
+        publish_after_commit([Dispatch.of(step) for step in admitted])
+    if len(admitted) < len(ready):
+        txn.log.wake_scheduler()
 
 
 def _states(steps: list[StepRun]) -> dict[engine.StepKey, engine.StepState]:
@@ -135,7 +173,7 @@ def run_advance(txn: RunTxn) -> None:
         step.ready_at = now
         step.save(update_fields=["status", "input", "ready_at"])
         txn.log.add("step.ready", step=step)
-        txn.log.wake_scheduler()
+        txn.ready.append(step)
 
     for key in plan.skipped:
         step = by_key[key]

@@ -20,6 +20,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from jobs.dispatch import Dispatch
 from jobs.events import RunLog
 from jobs.models import AttemptOutcome, Run, RunStatus, StepAttempt, StepRun, StepStatus
 from jobs.services.runs import (
@@ -34,26 +35,6 @@ from jobs.services.runs import (
 from tenants.quotas import llm_tokens_add
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Dispatch:
-    """A message to publish after commit: the step's id, token, queue and AMQP priority.
-
-    `lease_s` is how long an attempt may hold a worker (timeout + grace): the scheduler keeps
-    the delivery of a step that may outlast RabbitMQ's consumer_timeout unheld.
-    """
-
-    step_run_id: int
-    dispatch_token: uuid.UUID
-    queue: str
-    lane: str
-    lease_s: float = 0.0
-
-
-def _dispatch(step: StepRun, token: uuid.UUID) -> Dispatch:
-    lease_s = step.timeout_s + settings.SWITCHYARD_LEASE_GRACE_S
-    return Dispatch(step.pk, token, step.queue, step.lane, lease_s)
 
 
 @dataclass(frozen=True)
@@ -121,7 +102,7 @@ def step_admit(*, step_run_id: int) -> Dispatch | None:
         if step.held_reason:
             StepRun.objects.filter(pk=step_run_id).update(held_reason="")
         txn.log.add("step.queued", step=step, queue=step.queue)
-        return _dispatch(step, token)
+        return Dispatch.of(step)
 
 
 def steps_admit(*, step_run_ids: list[int]) -> list[Dispatch]:
@@ -155,7 +136,7 @@ def steps_admit(*, step_run_ids: list[int]) -> list[Dispatch]:
             step.dispatched_at = now
             step.held_reason = ""
             logs[step.run_id].add("step.queued", step=step, queue=step.queue)
-            dispatches.append(_dispatch(step, step.dispatch_token))
+            dispatches.append(Dispatch.of(step))
         StepRun.objects.bulk_update(
             steps, ["status", "dispatch_token", "dispatched_at", "held_reason"]
         )
@@ -200,7 +181,7 @@ def step_redispatch(*, step_run_id: int, stale_before: datetime) -> Dispatch | N
             return None
         step = StepRun.objects.get(pk=step_run_id)
         txn.log.add("step.redispatched", step=step, queue=step.queue)
-        return _dispatch(step, token)
+        return Dispatch.of(step)
 
 
 def step_release_retry(*, step_run_id: int) -> bool:
@@ -214,8 +195,9 @@ def step_release_retry(*, step_run_id: int) -> bool:
             pk=step_run_id, status=StepStatus.RETRY_WAIT, retry_at__lte=now
         ).update(status=StepStatus.READY, ready_at=now, retry_at=None)
         if updated:
-            txn.log.add("step.ready", step=StepRun.objects.get(pk=step_run_id), retry=True)
-            txn.log.wake_scheduler()
+            step = StepRun.objects.get(pk=step_run_id)
+            txn.log.add("step.ready", step=step, retry=True)
+            txn.ready.append(step)
         return bool(updated)
 
 
@@ -286,7 +268,7 @@ def step_claim(*, step_run_id: int, dispatch_token: str, worker: str) -> Claim |
         )
         run_mark_started(txn)
         txn.log.add("step.started", step=step, attempt=step.attempt, worker=worker)
-        txn.log.wake_scheduler()  # a queued slot of this queue is free again
+        txn.log.wake_scheduler(only_if_ready=True)  # a queued slot of this queue is free
         return Claim(
             run_pk=txn.run.pk,
             step_run_id=step.pk,
@@ -363,7 +345,7 @@ def step_complete(*, claim: Claim, output: Any) -> bool:
             llm_tokens_add(
                 tenant_id=step.tenant_id, tokens=int(usage.get("total_tokens") or 0), now=now
             )
-        txn.log.wake_scheduler()  # a slot of this tenant and queue is free
+        txn.log.wake_scheduler(only_if_ready=True)  # a slot of this tenant and queue is free
         run_advance(txn)
         return True
 
@@ -376,7 +358,7 @@ def step_fail(*, claim: Claim, error: str, code: str, retryable: bool) -> bool:
             return False
         _close_attempt(step, AttemptOutcome.FAILED, error=error, code=code)
         _after_failed_attempt(txn, step, error=error, code=code, retryable=retryable)
-        txn.log.wake_scheduler()
+        txn.log.wake_scheduler(only_if_ready=True)
         return True
 
 

@@ -1,0 +1,138 @@
+"""Direct admission: a transaction that makes steps ready admits them itself when nothing else
+waits in their queue, within the tenant's quotas, under the scheduler's admission lock
+(jobs/admission.py `admit_directly`); everything else is left to the scheduler's cycle."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from django.db import connection, transaction
+
+from jobs import admission, dispatch
+from jobs.models import Run, StepRun
+from jobs.services.runs import run_cancel
+from tenants.models import Tenant, TenantThrottle
+from tests.conftest import make_tenant_client
+from tests.support.workflows import event_types, submit
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _llm(step_id: str, **fields) -> dict:
+    return {"id": step_id, "kind": "llm", "provider": "simulated", "prompt": step_id, **fields}
+
+
+CHAIN = {"name": "chain", "steps": [_llm("a"), _llm("b", after=["a"])]}
+FAN = {"name": "fan", "steps": [_llm("x"), _llm("y"), _llm("z")]}
+
+
+@pytest.fixture
+def published(settings, monkeypatch):
+    """Direct admission on (the in-process tests' default is off); what the process hands to
+    its publisher thread after each commit."""
+    settings.SWITCHYARD_DIRECT_ADMISSION = True
+    batches: list[list[dispatch.Dispatch]] = []
+    monkeypatch.setattr(dispatch._publisher, "submit", batches.append)
+    return batches
+
+
+def _status(run: Run) -> dict[str, str]:
+    return dict(StepRun.objects.filter(run=run).values_list("step_id", "status"))
+
+
+def test_a_step_made_ready_on_an_idle_system_is_queued_and_published_after_commit(owner, published):
+    run = submit(owner.tenant, CHAIN)
+
+    assert _status(run) == {"a": "queued", "b": "pending"}
+    assert event_types(run) == ["run.accepted", "step.ready", "step.queued"]
+    step = StepRun.objects.get(run=run, step_id="a")
+    [[message]] = published
+    assert (message.step_run_id, message.dispatch_token) == (step.pk, step.dispatch_token)
+    assert message.queue == "steps.llm" and message.lane == owner.tenant.default_lane
+
+
+def test_a_rolled_back_transaction_publishes_nothing(owner, published):
+    with pytest.raises(RuntimeError), transaction.atomic():
+        submit(owner.tenant, CHAIN)
+        raise RuntimeError("the request failed after the submission")
+
+    assert not Run.objects.exists() and published == []
+
+
+def test_a_step_waiting_in_the_queue_leaves_the_next_one_to_the_scheduler(
+    owner, outsider, settings, published
+):
+    settings.SWITCHYARD_DIRECT_ADMISSION = False
+    waiting = submit(outsider.tenant, CHAIN)  # another tenant's step, ready, not admitted
+    settings.SWITCHYARD_DIRECT_ADMISSION = True
+
+    run = submit(owner.tenant, CHAIN)
+
+    assert _status(waiting)["a"] == "ready"
+    assert _status(run)["a"] == "ready"  # the fair choice between the two is the scheduler's
+    assert published == []
+
+
+def test_direct_admission_keeps_the_concurrency_quota(published):
+    capped = make_tenant_client("capped", max_concurrent_steps=2)
+    run = submit(capped.tenant, FAN)
+    assert sorted(_status(run).values()) == ["queued", "queued", "ready"]
+
+
+def test_direct_admission_spends_the_rate_quota_s_tokens(published):
+    metered = make_tenant_client("metered", steps_per_minute=6)  # a bucket of one token
+    run = submit(metered.tenant, FAN)
+    assert sorted(_status(run).values()) == ["queued", "ready", "ready"]
+    assert TenantThrottle.objects.get(tenant=metered.tenant).step_tokens < 1
+    assert _status(submit(metered.tenant, {**CHAIN, "name": "later"}))["a"] == "ready"
+
+
+def test_a_paused_tenant_s_step_is_left_ready(published):
+    paused = make_tenant_client("paused")
+    Tenant.objects.filter(pk=paused.tenant.pk).update(is_active=False)
+    paused.tenant.refresh_from_db()
+    assert _status(submit(paused.tenant, CHAIN))["a"] == "ready"
+    assert published == []
+
+
+def test_a_run_over_the_active_runs_quota_is_left_to_the_scheduler(published):
+    single = make_tenant_client("single", max_active_runs=1)
+    first = submit(single.tenant, CHAIN)
+    Run.objects.filter(pk=first.pk).update(status="running")
+    assert _status(submit(single.tenant, {**CHAIN, "name": "second"}))["a"] == "ready"
+    assert [len(batch) for batch in published] == [1]  # the first run's step only
+
+
+def test_while_the_scheduler_holds_the_admission_lock_the_step_is_left_ready(owner, published):
+    params = connection.settings_dict
+    with psycopg.connect(
+        dbname=params["NAME"],
+        user=params["USER"] or None,
+        host=params["HOST"] or None,
+        port=params["PORT"] or None,
+        autocommit=True,
+    ) as scheduler:
+        scheduler.execute("SELECT pg_advisory_lock(%s)", [admission.ADMISSION_LOCK_ID])
+        held = submit(owner.tenant, CHAIN)
+        scheduler.execute("SELECT pg_advisory_unlock(%s)", [admission.ADMISSION_LOCK_ID])
+    assert _status(held)["a"] == "ready"
+
+    run_cancel(run=held)  # nothing waits any more
+    free = submit(owner.tenant, {**CHAIN, "name": "after"})
+    assert _status(free)["a"] == "queued"
+
+
+@pytest.mark.cluster
+def test_a_chain_runs_to_its_end_with_no_scheduler_on_an_idle_system(owner, cluster, settings):
+    """Each step's report admits the next one: with no scheduler process at all, a run of
+    ten steps ends (with direct admission off it would wait for ever in `ready`)."""
+    settings.SWITCHYARD_DIRECT_ADMISSION = True
+    settings.SWITCHYARD_QUEUE_PREFIX = cluster.prefix
+    cluster.start_worker("steps.llm", concurrency=2)
+    steps = [_llm("s0")] + [_llm(f"s{i}", after=[f"s{i - 1}"]) for i in range(1, 10)]
+
+    run = cluster.wait_run(submit(owner.tenant, {"name": "ten", "steps": steps}), timeout=60)
+
+    assert run.status == "succeeded", run.error
+    types = event_types(run)
+    assert types.count("step.queued") == 10 and types.count("step.succeeded") == 10
