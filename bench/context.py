@@ -38,6 +38,7 @@ class Bench:
     profile: bool = False
     web_url: str | None = None
     web_env: dict[str, str] = field(default_factory=dict)
+    web_processes: int = 0
     profiles: list[dict[str, Any]] = field(default_factory=list)
 
     # --- processes -----------------------------------------------------------------------
@@ -88,16 +89,35 @@ class Bench:
             for proc in self.running(name):
                 self.cluster.stop(proc)
 
-    def start_web(self, *, fresh: bool = False, **env: str) -> str:
-        """One daphne process; restarted when `env` differs from the running one's (or
-        `fresh`: a scenario that measures the web process starts from a new one)."""
-        if not fresh and self.web_url and self.running("web") and env == self.web_env:
+    def start_web(self, *, fresh: bool = False, processes: int | None = None, **env: str) -> str:
+        """The web: `processes` daphne processes behind one socket (default: the deployment's
+        `web_processes`). The running one is kept when it has the same processes and `env`;
+        otherwise, or when `fresh` (a scenario that measures the web starts from a new one),
+        it is restarted."""
+        processes = processes or self.deployment.web_processes
+        if (
+            not fresh
+            and self.web_url
+            and self.running("web")
+            and env == self.web_env
+            and processes == self.web_processes
+        ):
             return self.web_url
         self.stop_web()
-        # The web process's connection pool as `make run` sizes it (the Procfile).
-        self.web_url = self.cluster.start_web(**{"DATABASE_POOL_MAX_SIZE": "20", **env})
+        # The web's connection pools as `make run` sizes them (the Procfile): ~20 in all.
+        pool = str(self.deployment.web_pool(processes))
+        self.web_url = self.cluster.start_web(
+            processes=processes, **{"DATABASE_POOL_MAX_SIZE": pool, **env}
+        )
         self.web_env = env
+        self.web_processes = processes
         return self.web_url
+
+    def web_pids(self) -> list[int]:
+        """The daphne processes serving the API: the web process itself, or the children of
+        its supervisor (`orchestrator.web`) when it runs several."""
+        web = self.running("web")[0]
+        return web.children() if self.web_processes > 1 else [web.pid]
 
     def stop_web(self) -> None:
         for proc in self.running("web"):
@@ -152,33 +172,39 @@ class Bench:
             return
         folder = self.outdir / "profiles"
         folder.mkdir(exist_ok=True)
-        recorders = []
+        targets = []
         for name in names:
             for proc in self.running(name):
-                path = folder / f"{label}-{proc.name}.txt"
-                recorders.append(
-                    (
-                        path,
-                        subprocess.Popen(
-                            [
-                                spy,
-                                "record",
-                                "-p",
-                                str(proc.pid),
-                                "-f",
-                                "raw",
-                                "-r",
-                                "100",
-                                "-o",
-                                str(path),
-                                "--nonblocking",
-                            ],
-                            stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL,
-                            start_new_session=True,
-                        ),
-                    )
+                # The web's supervisor does no work; its daphne children do.
+                pids = self.web_pids() if name == "web" else [proc.pid]
+                for index, pid in enumerate(pids):
+                    suffix = f"-{index + 1}" if len(pids) > 1 else ""
+                    targets.append((folder / f"{label}-{proc.name}{suffix}.txt", pid))
+        recorders = []
+        for path, pid in targets:
+            recorders.append(
+                (
+                    path,
+                    subprocess.Popen(
+                        [
+                            spy,
+                            "record",
+                            "-p",
+                            str(pid),
+                            "-f",
+                            "raw",
+                            "-r",
+                            "100",
+                            "-o",
+                            str(path),
+                            "--nonblocking",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                        start_new_session=True,
+                    ),
                 )
+            )
         try:
             yield
         finally:

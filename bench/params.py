@@ -13,12 +13,19 @@ from dataclasses import asdict, dataclass, field
 class Deployment:
     """The processes the bench starts, the same for every Switchyard scenario.
 
-    One process of each kind, threads pools (I/O-bound kinds, DESIGN §2), sized to fit the
-    bench's share of PostgreSQL connections (`db_connection_limit`): as in the Procfile, the
-    web process and each threads pool borrow from a connection pool (web 20, a worker at most
-    8; DATABASE_POOL_MAX_SIZE), the scheduler keeps its connections (DATABASE_CONN_MAX_AGE=60).
+    One process of each kind but the web (`web_processes`), threads pools (I/O-bound kinds,
+    DESIGN §2), sized to fit the bench's share of PostgreSQL connections
+    (`db_connection_limit`): as in the Procfile, the web processes and each threads pool borrow
+    from a connection pool (the web 20 in all, a worker at most 8; DATABASE_POOL_MAX_SIZE), the
+    scheduler keeps its connections (DATABASE_CONN_MAX_AGE=60).
     """
 
+    # The synchronous baseline runs 2 gunicorn workers (a process per core), so Switchyard's
+    # web is 2 daphne processes behind one socket too (orchestrator.web). Together they keep
+    # the one process's 20 connections: web_connections / processes each, rounded up. The
+    # streams scenario keeps one process (the issue's "on one web process").
+    web_processes: int = 2
+    web_connections: int = 20
     llm_threads: int = 24
     tool_threads: int = 12
     retrieval_threads: int = 4
@@ -31,6 +38,10 @@ class Deployment:
     # The bench's own database refuses connections past this (CREATE DATABASE ... CONNECTION
     # LIMIT), so that a bench never starves other users of the same PostgreSQL.
     db_connection_limit: int = 70
+
+    def web_pool(self, processes: int) -> int:
+        """DATABASE_POOL_MAX_SIZE of each of `processes` web processes."""
+        return -(-self.web_connections // processes)
 
     def pool_capacity(self) -> str:
         return (

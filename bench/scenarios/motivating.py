@@ -65,8 +65,11 @@ def run(bench) -> dict[str, Any]:
     sync = _sync_metrics(sync_clients, ledger, p)
 
     # (b) Switchyard ----------------------------------------------------------------------
-    bench.start_switchyard()
-    url = bench.start_web(SWITCHYARD_SSE_HEARTBEAT_S=f"{heartbeat_s:.3f}")
+    bench.start_scheduler()
+    bench.start_pools()
+    url = bench.start_web(
+        processes=d.web_processes, SWITCHYARD_SSE_HEARTBEAT_S=f"{heartbeat_s:.3f}"
+    )
     started = time.time()
     with bench.profiled("s1-motivating", ("web", "scheduler", "llm", "tool")):
         users = asyncio.run(_drive_switchyard(url, agents.key, p, idle_timeout_s))
@@ -91,7 +94,8 @@ def run(bench) -> dict[str, Any]:
             f"{p.arrival_s:.2f} s, one workflow each",
             "synchronous": f"gunicorn gthread {d.gunicorn_workers} workers x "
             f"{d.gunicorn_threads} threads, the workflow inside the request",
-            "Switchyard": f"daphne x1, scheduler x1, llm {d.llm_threads} + tool "
+            "web processes": d.web_processes,
+            "Switchyard": f"daphne x{d.web_processes}, scheduler x1, llm {d.llm_threads} + tool "
             f"{d.tool_threads} + retrieval {d.retrieval_threads} worker threads; "
             f"submit, then SSE (proxy read timeout {p.proxy_idle_real_s:g} s → "
             f"{idle_timeout_s:.2f} s, heartbeat {p.heartbeat_real_s:g} s → {heartbeat_s:.2f} s)",

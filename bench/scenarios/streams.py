@@ -28,9 +28,12 @@ def run(bench) -> dict[str, Any]:
     from tenants.services import tenant_pause, tenant_resume
 
     p = bench.params.streams
-    bench.start_switchyard()
-    url = bench.start_web(fresh=True)
-    web_pid = bench.running("web")[0].pid
+    bench.start_scheduler()
+    bench.start_pools()
+    # One web process, as the issue asks ("on one web process"): its memory and CPU are the
+    # cost of these streams, not divided between processes.
+    url = bench.start_web(fresh=True, processes=1)
+    (web_pid,) = bench.web_pids()
     followed = bench.tenant("streams")
     version = install(
         followed.tenant, chain_workflow(p.steps_per_run, p.step_latency_ms, name="streamed")
@@ -94,6 +97,7 @@ def run(bench) -> dict[str, Any]:
             "clients": f"{p.clients}, one per run, all connected before the runs start",
             "runs": f"{p.steps_per_run} chained simulated llm steps of {p.step_latency_ms:g} ms "
             "each (with token deltas)",
+            "web processes": 1,
             "web": "daphne x1 (default SSE heartbeat 15 s)",
             "latency": "client receive time - event `at`, for events committed after release",
         },

@@ -2,12 +2,15 @@
 
 Every process gets the test database, a queue prefix of its own (so tests never consume the
 queues of a `make run` on the same machine) and the test tools. Processes run in their own
-session so that a test can SIGKILL, SIGSTOP or stop them, and `stop_all` always cleans up.
+session so that a test can SIGKILL, SIGSTOP or stop them, and `stop_all` always cleans up. A web
+started with several processes is the supervisor `orchestrator.web`, whose daphne children stay
+in its process group: what signals the group (`kill`, `stop`, `stop_all`) reaches them too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import signal
 import socket
@@ -50,6 +53,47 @@ class Proc:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def children(self) -> list[int]:
+        """The pids of this process's children (a web supervisor's daphne processes)."""
+        with contextlib.suppress(OSError):
+            path = Path(f"/proc/{self.pid}/task/{self.pid}/children")
+            return [int(pid) for pid in path.read_text().split()]
+        return []
+
+
+def answering_pids(base_url: str, pids: list[int], connections: int = 20) -> set[int]:
+    """Which of `pids` accepted connections to `base_url`: `connections` keep-alive
+    connections each GET /healthz, one after another, and while all are open the server side
+    of each ESTABLISHED connection is looked up in /proc (its socket inode, then the process
+    holding it). The kernel spreads connections over the processes, so nothing in the
+    application is needed to tell them apart."""
+    url = httpx.URL(base_url)
+    opened = [
+        http.client.HTTPConnection(url.host, url.port, timeout=10) for _ in range(connections)
+    ]
+    try:
+        for conn in opened:
+            conn.request("GET", "/healthz")
+            conn.getresponse().read()  # answered: a process has accepted the connection
+        server_sockets = set()
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port, state, inode = int(fields[1].rsplit(":", 1)[1], 16), fields[3], fields[9]
+            if local_port == url.port and state == "01":  # 01: ESTABLISHED
+                server_sockets.add(f"socket:[{inode}]")
+        answering = set()
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    with contextlib.suppress(OSError):
+                        if os.readlink(fd) in server_sockets:
+                            answering.add(pid)
+                            break
+        return answering
+    finally:
+        for conn in opened:
+            conn.close()
 
 
 class Cluster:
@@ -180,25 +224,25 @@ class Cluster:
             )
         return [proc for _, proc in started]
 
-    def start_web(self, port: int | None = None, **env: str) -> str:
-        """Start a daphne web process on 127.0.0.1; returns its base URL once /healthz answers.
+    def start_web(self, port: int | None = None, *, processes: int = 1, **env: str) -> str:
+        """Start the web on 127.0.0.1; returns its base URL once /healthz answers.
 
-        `env` adds variables for this process only (e.g. a short SSE heartbeat).
+        One process is daphne itself. Several are `orchestrator.web`'s supervisor and its
+        daphne children (`self.web.children()`), each with a connection pool of 20/processes
+        (rounded up), returned once every one of them accepts connections. `env` adds
+        variables for this process only (e.g. a short SSE heartbeat).
         """
         port = port or free_port()
+        if processes == 1:
+            argv = ["daphne", "-b", "127.0.0.1", "-p", str(port), "orchestrator.asgi:application"]
+        else:
+            argv = ["orchestrator.web", "--processes", str(processes)]
+            argv += ["--host", "127.0.0.1", "--port", str(port)]
         proc = self._spawn(
             "web",
-            [
-                sys.executable,
-                "-m",
-                "daphne",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "orchestrator.asgi:application",
-            ],
-            env={"DATABASE_POOL_MAX_SIZE": "20", **env},  # as the Procfile
+            [sys.executable, "-m", *argv],
+            # As the Procfile: about 20 connections for the web, whatever its processes.
+            env={"DATABASE_POOL_MAX_SIZE": str(-(-20 // processes)), **env},
         )
         base_url = f"http://127.0.0.1:{port}"
 
@@ -208,7 +252,18 @@ class Cluster:
             except httpx.HTTPError:
                 return False
 
+        def all_answer() -> bool:
+            children = proc.children()
+            if len(children) != processes:
+                return False
+            try:
+                return answering_pids(base_url, children) == set(children)
+            except (OSError, http.client.HTTPException):
+                return False
+
         self.wait_until(healthy, 30, f"web on port {port} never answered /healthz", proc)
+        if processes > 1:
+            self.wait_until(all_answer, 30, f"not all {processes} web processes answered", proc)
         self.web = proc
         return base_url
 
