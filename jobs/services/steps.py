@@ -18,6 +18,8 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import F, Value
+from django.db.models.functions import Extract
 from django.utils import timezone
 
 from jobs.dispatch import Dispatch
@@ -70,16 +72,16 @@ def _lock_step(txn: RunTxn, step_run_id: int) -> StepRun:
 
 
 def _close_attempt(step: StepRun, outcome: str, *, error: str = "", code: str = "") -> None:
+    """The step's current attempt ends with `outcome` (one UPDATE; its duration computed from
+    its start)."""
     now = timezone.now()
-    attempt = StepAttempt.objects.filter(step_run=step, number=step.attempt).first()
-    if attempt is None:
-        return
-    attempt.outcome = outcome
-    attempt.error = error
-    attempt.error_code = code
-    attempt.finished_at = now
-    attempt.duration_ms = (now - attempt.started_at).total_seconds() * 1000
-    attempt.save(update_fields=["outcome", "error", "error_code", "finished_at", "duration_ms"])
+    StepAttempt.objects.filter(step_run=step, number=step.attempt).update(
+        outcome=outcome,
+        error=error,
+        error_code=code,
+        finished_at=now,
+        duration_ms=Extract(Value(now) - F("started_at"), "epoch") * 1000,
+    )
 
 
 # --- admission (scheduler) ----------------------------------------------------------------
