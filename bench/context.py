@@ -65,22 +65,27 @@ class Bench:
 
     def start_pools(self) -> None:
         d = self.deployment
-        wanted = {
-            "steps.llm": d.llm_threads,
-            "steps.tool": d.tool_threads,
-            "steps.retrieval": d.retrieval_threads,
-        }
-        missing = {q: n for q, n in wanted.items() if not self.running(q.split(".")[-1])}
+        per_llm = d.llm_threads // d.llm_processes
+        wanted = [("steps.llm", per_llm)] * d.llm_processes + [
+            ("steps.tool", d.tool_threads),
+            ("steps.retrieval", d.retrieval_threads),
+        ]
+        missing = []
+        for queue in dict(wanted):
+            have = len(self.running(queue.split(".")[-1]))
+            missing += [item for item in wanted if item[0] == queue][have:]
         if missing:
             self.cluster.start_pools(missing)
 
-    def raw_worker(self):
-        """The raw Celery baseline's worker (one process, same pool), started once."""
-        if not self.running("celery-raw"):
-            self.cluster.start_celery_baseline(concurrency=self.deployment.raw_threads)
-        return self.running("celery-raw")[0]
+    def raw_workers(self) -> list:
+        """The raw Celery baseline's workers (the llm pool's processes and threads), started
+        once."""
+        d = self.deployment
+        for _ in range(d.llm_processes - len(self.running("celery-raw"))):
+            self.cluster.start_celery_baseline(concurrency=d.raw_threads // d.llm_processes)
+        return self.running("celery-raw")
 
-    def stop_raw_worker(self) -> None:
+    def stop_raw_workers(self) -> None:
         for proc in self.running("celery-raw"):
             self.cluster.stop(proc)
 

@@ -147,10 +147,10 @@ def make_cluster(workdir: Path, prefix: str, **env: str):
             self.procs.append(proc)
             return proc
 
-        def start_pools(self, pools: dict[str, int]) -> list[Proc]:  # type: ignore[override]
-            """One threads worker per queue, `pools` = {queue: concurrency}, started together."""
+        def start_pools(self, pools: list[tuple[str, int]]) -> list[Proc]:  # type: ignore[override]
+            """A threads worker per (queue, concurrency) of `pools`, started together."""
             return super().start_pools(
-                [(queue, "threads", concurrency) for queue, concurrency in pools.items()]
+                [(queue, "threads", concurrency) for queue, concurrency in pools]
             )
 
         def start_gunicorn(self, *, workers: int, threads: int, **env: str) -> str:

@@ -59,9 +59,18 @@ def clone_runs(template_pk: int, copies: int) -> list[int]:
     return new_runs
 
 
-def backlog(tenant, version, runs: int) -> list[int]:
-    """`runs` runs of `version` for `tenant`: one made by `run_create`, the rest its copies."""
+def template_run(tenant, version) -> int:
+    """A run made by `run_create` whose first steps stay `ready` (a backlog's template: no
+    direct admission, which would queue them, and its copies with them)."""
+    from django.test.utils import override_settings
+
     from jobs.services.runs import run_create
 
-    template = run_create(tenant=tenant, version=version, input={}).pk
+    with override_settings(SWITCHYARD_DIRECT_ADMISSION=False):
+        return run_create(tenant=tenant, version=version, input={}).pk
+
+
+def backlog(tenant, version, runs: int) -> list[int]:
+    """`runs` runs of `version` for `tenant`: one made by `run_create`, the rest its copies."""
+    template = template_run(tenant, version)
     return [template, *clone_runs(template, runs - 1)]

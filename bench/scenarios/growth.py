@@ -23,7 +23,7 @@ from typing import Any
 
 from bench import loadgen
 from bench.charts import growth_chart
-from bench.seed import clone_runs
+from bench.seed import clone_runs, template_run
 from bench.stats import slope_loglog, summary
 from bench.workload import agent_workflow, fan_workflow, install
 
@@ -32,8 +32,6 @@ LANES = ("interactive", "standard", "batch")
 
 def run(bench) -> dict[str, Any]:
     from django.db import connection
-
-    from jobs.services.runs import run_create
 
     p = bench.params.growth
     bench.stop_switchyard()
@@ -44,7 +42,7 @@ def run(bench) -> dict[str, Any]:
     for index in range(p.tenants):
         handle = bench.tenant(f"backlog-{index}", lane=LANES[index % len(LANES)])
         version = install(handle.tenant, fan_workflow(p.steps_per_run, 0, name="backlog"))
-        templates.append(run_create(tenant=handle.tenant, version=version, input={}).pk)
+        templates.append(template_run(handle.tenant, version))
 
     rows = []
     seeded = len(templates) * p.steps_per_run

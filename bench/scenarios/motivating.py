@@ -95,7 +95,8 @@ def run(bench) -> dict[str, Any]:
             "synchronous": f"gunicorn gthread {d.gunicorn_workers} workers x "
             f"{d.gunicorn_threads} threads, the workflow inside the request",
             "web processes": d.web_processes,
-            "Switchyard": f"daphne x{d.web_processes}, scheduler x1, llm {d.llm_threads} + tool "
+            "Switchyard": f"daphne x{d.web_processes}, scheduler x1, llm {d.llm_threads} (in "
+            f"{d.llm_processes} processes) + tool "
             f"{d.tool_threads} + retrieval {d.retrieval_threads} worker threads; "
             f"submit, then SSE (proxy read timeout {p.proxy_idle_real_s:g} s → "
             f"{idle_timeout_s:.2f} s, heartbeat {p.heartbeat_real_s:g} s → {heartbeat_s:.2f} s)",

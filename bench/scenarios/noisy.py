@@ -58,7 +58,8 @@ def run(bench) -> dict[str, Any]:
             f"llm, runs of {p.flood_fan_width} step(s)), all ready at once",
             "tenant A": f"an interactive run of {p.a_chain} chained {p.a_latency_ms:g} ms llm "
             f"steps every {p.a_interval_s * 1000:.0f} ms for {p.a_window_s:g} s",
-            "pool": f"llm: 1 process, threads x {d.llm_threads}; broker depth bound "
+            "pool": f"llm: {d.llm_processes} processes, threads x {d.llm_threads} in all; "
+            "broker depth bound "
             f"{max_queued('steps.llm')} admitted steps",
             "phases": "A alone; A under the flood with admission policy fair; with fifo",
             "weights": "A 1, B 1; quotas do not bind",

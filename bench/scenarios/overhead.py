@@ -39,7 +39,7 @@ def run(bench) -> dict[str, Any]:
     bench.reset_runs()
     switchyard_ms = statistics.median(walls) / p.chain_steps * 1000
 
-    bench.raw_worker()
+    bench.raw_workers()
     raw_walls = _raw_chains(p)
     raw_ms = statistics.median(raw_walls) / p.chain_steps * 1000
 
@@ -49,9 +49,11 @@ def run(bench) -> dict[str, Any]:
             "chain": f"{p.chain_steps} zero-latency steps, each after the previous",
             "Switchyard": f"up to {p.switchyard_chains} runs one after another (after one "
             f"warm-up; {len(walls)} within the {p.budget_s:g} s budget), "
-            f"llm pool: 1 process, threads x {d.llm_threads}; scheduler x1",
+            f"llm pool: {d.llm_processes} processes, threads x {d.llm_threads} in all; "
+            "scheduler x1",
             "raw Celery": f"{p.raw_chains} chains of no-op tasks (after one warm-up), each "
-            f"publishing the next; 1 process, threads x {d.raw_threads}; acks late, "
+            f"publishing the next; {d.llm_processes} processes, threads x {d.raw_threads} in "
+            "all; acks late, "
             "prefetch 1, x-max-priority 10, confirmed persistent publishes",
             "idle dispatch": f"up to {p.idle_dispatch_samples} single-step runs "
             f"({len(dispatch_ms)} within the budget), one at a time, "

@@ -47,7 +47,7 @@ def run(bench) -> dict[str, Any]:
     bench.reset_runs()
 
     raw_rate = _raw(bench, p.raw_tasks)
-    bench.stop_raw_worker()
+    bench.stop_raw_workers()
     ceiling = d.llm_threads / (p.llm_latency_ms / 1000)
     return {
         "title": "Throughput at saturation",
@@ -58,8 +58,10 @@ def run(bench) -> dict[str, Any]:
             "zero-latency fan-out": f"{fan_steps} steps, runs of {p.fan_width} parallel steps",
             f"{p.llm_latency_ms:g} ms llm": f"{p.llm_steps} steps, one per run (pool ceiling "
             f"{d.llm_threads} threads / {p.llm_latency_ms:g} ms = {ceiling:.0f} steps/s)",
-            "pool": f"llm: 1 process, threads x {d.llm_threads}; scheduler x1",
-            "raw Celery": f"{p.raw_tasks} no-op tasks pre-filled, 1 process, threads x "
+            "pool": f"llm: {d.llm_processes} processes, threads x {d.llm_threads} in all; "
+            "scheduler x1",
+            "raw Celery": f"{p.raw_tasks} no-op tasks pre-filled, {d.llm_processes} processes, "
+            "threads x "
             f"{d.raw_threads}, same broker settings",
             "rate": "completions per second over the middle 80 % of completions (within "
             f"{p.budget_s:g} s; what is left then is dropped)",
@@ -114,8 +116,7 @@ def _raw(bench, tasks: int) -> float:
     """Pre-fill the queue while the worker does not consume it, then let it drain."""
     from bench.celery_baseline import QUEUE_NAME, app, done_key, mark, noop, redis_client
 
-    worker = bench.raw_worker()
-    destination = [worker.node]
+    destination = [worker.node for worker in bench.raw_workers()]
     app.control.cancel_consumer(QUEUE_NAME, destination=destination, reply=True, timeout=10)
     name = uuid.uuid4().hex
     with app.producer_or_acquire() as producer:
