@@ -6,7 +6,8 @@ PORT=${PORT:-8000}
 URL="http://$HOST:$PORT"
 KEY=$(grep '^API key for acme:' .demo-credentials | awk '{print $NF}')
 
-.venv/bin/honcho start -f Procfile &
+# The llm pool runs LLM_PROCESSES workers (one process's Python uses one core at a time).
+.venv/bin/honcho start -f Procfile -c "llm=${LLM_PROCESSES:-2}" &
 HONCHO=$!
 trap 'kill $HONCHO 2>/dev/null; wait $HONCHO 2>/dev/null' INT TERM EXIT
 
