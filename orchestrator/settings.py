@@ -165,6 +165,12 @@ CHANNEL_LAYERS = {
             ],
             "prefix": env_str("CHANNEL_LAYER_PREFIX", "switchyard"),
             "capacity": 1000,
+            # Every consumer of one process (a daphne with a thousand SSE clients) receives
+            # through one Redis key ("specific.<process>!"), and the capacity counts that key's
+            # pending messages: at 1,000, a burst of events for many clients was dropped
+            # (silently, by group_send) and those clients waited for their next heartbeat's
+            # resync. Messages still expire after `expiry`, which bounds the key's memory.
+            "channel_capacity": {"specific.*": 100_000},
             "expiry": 30,
         },
     }

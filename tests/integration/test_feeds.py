@@ -109,3 +109,30 @@ def test_an_event_the_channel_layer_dropped_is_read_from_the_log(run):
     seqs, log_reads = asyncio.run(_follow(run, publish, want=3))
     assert seqs == [p["seq"] for p in payloads]
     assert log_reads == 1
+
+
+def test_a_burst_for_many_subscribers_of_one_process_is_not_dropped():
+    """All the consumers of one process share one Redis key; a burst for more subscribers than
+    the default capacity (1,000 pending messages) reaches every one of them (it used to drop
+    the rest, leaving those streams to their next heartbeat)."""
+    subscribers = 1_500
+
+    async def burst() -> int:
+        layer = get_channel_layer()
+        channels = [await layer.new_channel() for _ in range(subscribers)]
+        for index, channel in enumerate(channels):
+            await layer.group_add(f"burst-{index}", channel)
+        try:
+            for index in range(subscribers):
+                await layer.group_send(f"burst-{index}", {"type": "run.events", "n": index})
+            received = 0
+            for channel in channels:
+                async with asyncio.timeout(5):
+                    message = await layer.receive(channel)
+                received += message["type"] == "run.events"
+            return received
+        finally:
+            for index, channel in enumerate(channels):
+                await layer.group_discard(f"burst-{index}", channel)
+
+    assert asyncio.run(burst()) == subscribers
