@@ -64,9 +64,13 @@ class Motivating:
     # multiplies the rates the engine must sustain (submissions and steps per second) by the
     # same factor while the CPU each costs stays the same: at 1/40 this scenario would ask two
     # cores for ~125 submissions/s and ~750 steps/s, measuring the machine rather than the
-    # architecture; at 1/10 it asks for ~31 and ~190, and the synchronous deployment (40 slots,
-    # 2 s workflows: 20 workflows/s) is still overloaded by the same arrivals.
-    time_divisor: float = 10
+    # architecture. At 1/10 (~31 submissions/s, ~190 steps/s) it asks 2.5x the steps/s this
+    # machine completes (scenario 4: ~75/s), and Switchyard's queue outgrows the 60 s a client
+    # follows a run (29 November: 46 results lost, 319 timeouts; docs/performance.md). At 1/4
+    # (12.5 submissions/s, 75 steps/s, 5 s workflows, a 7.5 s gateway) the engine keeps up on
+    # this machine, and the synchronous deployment (40 slots of 5 s: 8 workflows/s) is still
+    # overloaded by the same arrivals. The quick run keeps 1/10 with 40 users.
+    time_divisor: float = 4
     gateway_timeout_real_s: float = 30
     # Users arrive uniformly over this window (real time before scaling: 160 s).
     arrival_real_s: float = 160
@@ -178,7 +182,7 @@ FULL = Params()
 
 QUICK = Params(
     quick=True,
-    motivating=Motivating(users=40, arrival_real_s=12, follow_deadline_s=15),
+    motivating=Motivating(users=40, time_divisor=10, arrival_real_s=12, follow_deadline_s=15),
     submission=Submission(clients=200, duration_s=3, single_client_requests=20),
     overhead=Overhead(switchyard_chains=2, raw_chains=5, idle_dispatch_samples=10, budget_s=4),
     throughput=Throughput(zero_latency_steps=200, llm_steps=150, raw_tasks=2000, budget_s=6),
