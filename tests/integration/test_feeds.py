@@ -6,6 +6,7 @@ the channel layer dropped is read from the log (DESIGN §3: no event is lost fro
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from channels.db import database_sync_to_async
@@ -13,7 +14,7 @@ from channels.layers import get_channel_layer
 from django.db import connection
 
 from jobs.events import event_payload, run_group
-from jobs.feeds import GAP_WAIT_S, RunFeed, StoredEvent
+from jobs.feeds import GAP_WAIT_S, Idle, RunFeed, StoredEvent
 from jobs.models import Event, Run
 from tests.support.workflows import submit, tool_step
 
@@ -136,3 +137,30 @@ def test_a_burst_for_many_subscribers_of_one_process_is_not_dropped():
                 await layer.group_discard(f"burst-{index}", channel)
 
     assert asyncio.run(burst()) == subscribers
+
+
+def test_the_heartbeat_is_not_held_back_by_a_slow_log_read(run):
+    """A stream's heartbeat keeps a proxy from closing it; it goes out when the feed is idle,
+    before the log is read again, however long that read waits (a busy connection pool)."""
+    read_may_finish = threading.Event()
+
+    async def follow() -> bool:
+        async with RunFeed(run, after=run.next_seq - 1, deltas=False) as feed:
+            items = feed.items(idle_s=0.2)
+            read_log = feed._read_log
+
+            def slow_read_log(after):
+                read_may_finish.wait(10)
+                return read_log(after)
+
+            first = asyncio.ensure_future(items.__anext__())
+            await asyncio.sleep(0.1)  # the replay is done: later reads are slow
+            feed._read_log = slow_read_log
+            try:
+                item = await asyncio.wait_for(first, 5)
+                return isinstance(item, Idle) and not read_may_finish.is_set()
+            finally:
+                read_may_finish.set()
+                await items.aclose()
+
+    assert asyncio.run(follow())
