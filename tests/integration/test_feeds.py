@@ -164,3 +164,28 @@ def test_the_heartbeat_is_not_held_back_by_a_slow_log_read(run):
                 await items.aclose()
 
     assert asyncio.run(follow())
+
+
+def test_messages_that_add_nothing_do_not_hold_the_heartbeat_back(run):
+    """Live messages carrying only events already sent (the log was read first) yield nothing;
+    the heartbeat is due `idle_s` after the last thing sent, however many of them arrive."""
+    layer = get_channel_layer()
+    group = run_group(run.public_id)
+    stale = event_payload(Event.objects.filter(run=run).order_by("-seq").first(), run.public_id)
+
+    async def follow() -> bool:
+        async with RunFeed(run, after=run.next_seq - 1, deltas=False) as feed:
+            items = feed.items(idle_s=0.3)
+            first = asyncio.ensure_future(items.__anext__())
+            try:
+                for _ in range(30):  # 3 s of a stale message every 100 ms
+                    await layer.group_send(group, {"type": "run.events", "events": [stale]})
+                    await asyncio.sleep(0.1)
+                    if first.done():
+                        return isinstance(first.result(), Idle)
+                return False
+            finally:
+                first.cancel()
+                await items.aclose()
+
+    assert asyncio.run(follow())
