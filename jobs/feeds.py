@@ -11,7 +11,9 @@ speeds up. It is gapless and free of duplicates by construction:
    published by several processes, so they may arrive out of order), then the gap is read
    from the database (the channel layer may drop a message under load);
 4. when nothing arrives for `idle_s`, read the log again: a dropped last message then delays
-   a view by at most that long.
+   a view by at most that long;
+5. when the channel layer cannot be reached at subscription (Redis down), poll the log every
+   POLL_S instead: the stream stays whole, only slower, and without token deltas.
 
 The feed ends after the run's final event (`run.succeeded`, `run.failed`, `run.cancelled`).
 Token deltas pass through as they come; they carry no seq and take no part in the above.
@@ -50,6 +52,8 @@ REPLAY_PAGE = 500
 SUBSCRIPTIONS_IN_FLIGHT = 32
 # How long a feed waits for a missing seq to arrive live before reading the log for it.
 GAP_WAIT_S = 0.1
+# How often a feed that could not subscribe (the channel layer is down) reads the log.
+POLL_S = 1.0
 
 _subscription_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
     weakref.WeakKeyDictionary()
@@ -133,9 +137,17 @@ class RunFeed:
 
     async def __aenter__(self) -> RunFeed:
         channel = await self._layer.new_channel()
-        async with _subscription_slot():
-            for group in self._groups():
-                await self._layer.group_add(group, channel)
+        try:
+            async with _subscription_slot():
+                for group in self._groups():
+                    await self._layer.group_add(group, channel)
+        except Exception:
+            # Redis is down: follow the log by polling it (every POLL_S) instead of failing
+            # the request; live deltas are lost meanwhile, stored events are not.
+            log.warning(
+                "subscribing to run %s failed; polling its log", self.run.public_id, exc_info=True
+            )
+            return self
         self._channel = channel
         return self
 
@@ -176,13 +188,16 @@ class RunFeed:
         quiet_since = loop.time()
         while not self.finished:
             remaining = idle_s - (loop.time() - quiet_since)
+            if self._channel is None:  # not subscribed (Redis down): poll the log
+                remaining = min(remaining, POLL_S)
             message = await self._receive(timeout=remaining) if remaining > 0 else None
             if message is None:
                 # The heartbeat first: it needs no database, and a proxy closes a stream that
                 # stays silent past its read timeout however long the log read below waits
                 # for a connection (found by the bench: 24 of 500 streams, under saturation).
-                yield Idle()
-                quiet_since = loop.time()
+                if loop.time() - quiet_since >= idle_s:
+                    yield Idle()
+                    quiet_since = loop.time()
                 async for item in self._catch_up():
                     yield item
                     quiet_since = loop.time()
@@ -252,6 +267,9 @@ class RunFeed:
         return [event_payload(event, self.run.public_id) for event in events], self.run.is_final
 
     async def _receive(self, *, timeout: float) -> dict[str, Any] | None:
+        if self._channel is None:
+            await asyncio.sleep(timeout)
+            return None
         # One receive stays pending across timeouts and across `items()` calls: cancelling a
         # channels_redis receive discards what it had buffered for the channel.
         if self._receiving is None:
