@@ -34,7 +34,7 @@ from jobs.services.webhooks import (
     webhook_delivery_claim,
     webhook_delivery_dispatch,
 )
-from jobs.steps.netguard import ForbiddenURL, check_outbound_url
+from jobs.steps.netguard import ForbiddenURL, check_outbound_url, guarded_client
 from orchestrator.encryption import DecryptionError
 from orchestrator.queues import broker_queue
 from tenants.services import tenant_webhook_secret_ensure
@@ -176,13 +176,13 @@ def _post(claim: WebhookClaim) -> tuple[int | None, float | None, str, bool]:
     started = time.monotonic()
     try:
         with (
-            httpx.Client(
-                timeout=settings.SWITCHYARD_WEBHOOK_TIMEOUT_S, follow_redirects=False
-            ) as client,
+            guarded_client(timeout=settings.SWITCHYARD_WEBHOOK_TIMEOUT_S) as client,
             client.stream("POST", claim.url, content=claim.payload.encode(), headers=headers) as r,
         ):
             excerpt = _excerpt(r)
             latency_ms = round((time.monotonic() - started) * 1000, 1)
+    except ForbiddenURL as exc:  # the address changed since the check (rebinding)
+        return None, None, str(exc), True
     except httpx.HTTPError as exc:
         latency_ms = round((time.monotonic() - started) * 1000, 1)
         return None, latency_ms, f"{type(exc).__name__}: {exc or 'no detail'}", False

@@ -14,17 +14,23 @@ A host that cannot be resolved is not a policy refusal (DNS fails transiently), 
 `check_outbound_url` lets `socket.gaierror` through and `check_public_url` turns it into a
 retryable `http_error`.
 
-Known limit: the host is resolved here and again by the HTTP client, so a DNS server that
-answers differently the second time (DNS rebinding) could slip past. Closing that needs the
-client to connect to the address checked here; redirects are not followed for the same reason.
+The check before a request gives a clear refusal early; the connection itself is guarded too:
+`guarded_client()` is an httpx client whose network backend resolves the host once, refuses if
+any address is not public (unless `SWITCHYARD_ALLOW_PRIVATE_URLS`), and connects to an address
+it checked, so a DNS server that answers differently on a second lookup (DNS rebinding) gains
+nothing. TLS still verifies the certificate against the host name. Redirects are not followed
+(a redirect is a new request the caller has not checked).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+from typing import Any
 from urllib.parse import urlsplit
 
+import httpcore
+import httpx
 from django.conf import settings
 
 from jobs.steps.registry import StepFailure
@@ -169,3 +175,43 @@ def check_public_url(url: str) -> None:
         raise StepFailure(
             f"cannot resolve the host of {url}: {exc}", code="http_error", retryable=True
         ) from None
+
+
+class _GuardedBackend(httpcore.SyncBackend):
+    """Connects only to addresses it has checked: one lookup, every answer public, then a
+    connection to one of those answers (no second lookup a rebinding DNS could answer)."""
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, **kwargs: Any):
+        if private_urls_allowed():
+            return super().connect_tcp(host, port, timeout, **kwargs)
+        literal = _literal(host.strip("[]"))
+        try:
+            addresses = [literal] if literal is not None else _resolve(host, port)
+        except OSError as exc:
+            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
+        for address in addresses:
+            kind = non_public_kind(address)
+            if kind is not None:
+                raise ForbiddenURL(f"refusing to connect to {host}: {_shown(address)} is {kind}")
+        error: Exception = httpcore.ConnectError(f"no address for {host}")
+        for address in addresses:
+            try:
+                return super().connect_tcp(str(address), port, timeout, **kwargs)
+            except httpcore.ConnectError as exc:
+                error = exc
+        raise error
+
+
+class _GuardedTransport(httpx.HTTPTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(), network_backend=_GuardedBackend()
+        )
+
+
+def guarded_client(**kwargs: Any) -> httpx.Client:
+    """An httpx client for requests a tenant aims (the `http` tool, webhooks): it connects only
+    to public addresses, checked at connection time (`ForbiddenURL` otherwise), and follows no
+    redirect."""
+    return httpx.Client(transport=_GuardedTransport(), follow_redirects=False, **kwargs)

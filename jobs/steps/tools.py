@@ -128,12 +128,14 @@ def http(
     deadline = time.monotonic() + timeout
     try:
         with (
-            httpx.Client(timeout=timeout, follow_redirects=False) as client,
+            netguard.guarded_client(timeout=timeout) as client,
             client.stream(
                 method, url, headers=request_headers, json=json, params=params
             ) as response,
         ):
             body, truncated = _read_capped(response, max_bytes, deadline)
+    except netguard.ForbiddenURL as exc:  # the address changed since the check (rebinding)
+        raise StepFailure(str(exc), code="forbidden_address", retryable=False) from None
     except httpx.TimeoutException as exc:
         raise StepFailure(
             f"http: {method} {url} timed out after {timeout:.1f} s ({type(exc).__name__})",

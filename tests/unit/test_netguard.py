@@ -149,3 +149,50 @@ def test_check_outbound_url_raises_a_plain_value_error_for_other_callers(private
     with pytest.raises(ValueError, match=r"169\.254\.169\.254 is a link-local address"):
         netguard.check_outbound_url("http://169.254.169.254/")
     assert issubclass(netguard.ForbiddenURL, ValueError)
+
+
+def _local_server():
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.server.hits += 1
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.hits = 0
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    return httpd
+
+
+def test_the_guarded_client_refuses_a_connection_to_a_rebound_address(settings, monkeypatch):
+    """What webhooks and the http tool connect with: the address is checked when connecting,
+    so a name that passed the earlier check and now resolves to loopback is refused."""
+    settings.SWITCHYARD_ALLOW_PRIVATE_URLS = False
+    httpd = _local_server()
+    port = httpd.server_address[1]
+    monkeypatch.setattr(
+        socket,
+        "getaddrinfo",
+        lambda host, p, *a, **k: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", p))],
+    )
+    try:
+        with (
+            pytest.raises(netguard.ForbiddenURL, match=r"127\.0\.0\.1 is a loopback address"),
+            netguard.guarded_client(timeout=2) as client,
+        ):
+            client.post(f"http://hooks.example:{port}/in")
+        assert httpd.hits == 0
+
+        settings.SWITCHYARD_ALLOW_PRIVATE_URLS = True  # local development: allowed
+        with netguard.guarded_client(timeout=2) as client:
+            assert client.post(f"http://hooks.example:{port}/in").status_code == 204
+        assert httpd.hits == 1
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

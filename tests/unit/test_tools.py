@@ -7,6 +7,7 @@ The `http` tests talk to a real HTTP server on 127.0.0.1, which the guard refuse
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -324,6 +325,27 @@ def test_http_connection_errors_are_retryable(private_urls_allowed):
 
     assert failure.value.code == "http_error"
     assert failure.value.retryable is True
+
+
+def test_http_connects_only_to_the_address_it_checked(server, settings, monkeypatch):
+    """DNS rebinding: the name resolves to a public address for the check, then to the local
+    server for the connection. The connection is refused; the server sees nothing."""
+    settings.SWITCHYARD_ALLOW_PRIVATE_URLS = False
+    port = server.server_address[1]
+    answers = iter(["93.184.215.14", "127.0.0.1", "127.0.0.1", "127.0.0.1"])
+
+    def rebinding_getaddrinfo(host, port_, *args, **kwargs):
+        address = next(answers)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port_))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding_getaddrinfo)
+
+    with pytest.raises(StepFailure) as failure:
+        run_tool("http", url=f"http://rebind.example:{port}/json")
+
+    assert failure.value.code == "forbidden_address" and failure.value.retryable is False
+    assert "127.0.0.1 is a loopback address" in failure.value.message
+    assert server.requests == []
 
 
 def test_http_refuses_an_unknown_method():
