@@ -120,6 +120,35 @@ def _queued_by_queue() -> dict[str, int]:
     )
 
 
+def _unheld_threshold_s() -> float:
+    """A step whose `timeout_s` is above this runs unheld (its delivery acknowledged at start:
+    `jobs.dispatch.publish`)."""
+    return settings.SWITCHYARD_HELD_DELIVERY_MAX_S - settings.SWITCHYARD_LEASE_GRACE_S
+
+
+def _unheld_running_by_queue() -> dict[str, int]:
+    return dict(
+        StepRun.objects.filter(status=StepStatus.RUNNING, timeout_s__gt=_unheld_threshold_s())
+        .values_list("queue")
+        .annotate(n=Count("id"))
+        .values_list("queue", "n")
+    )
+
+
+def queue_room(queue: str, *, queued: int, unheld_running: int) -> int:
+    """How many more steps `queue` may have admitted now.
+
+    At most `max_queued(queue)` wait in the broker; and no more than the pool's slots that
+    unheld steps do not take. A worker prefetches up to its free slots, and a step running
+    unheld (acknowledged at its start, it may run for hours) frees its prefetch credit at once:
+    a held message prefetched behind it would wait for the slot, past RabbitMQ's
+    consumer_timeout (found by the chaos suite, with a prefork pool of two both running 20 s
+    steps).
+    """
+    capacity = pool_capacity().get(queue, settings.SWITCHYARD_QUEUE_MAX_QUEUED)
+    return min(max_queued(queue) - queued, capacity - unheld_running - queued)
+
+
 # The distinct (queue, tenant, lane) buckets with ready steps, by a skip scan over the partial
 # index `steprun_ready_bucket`: one index probe per bucket, not one row per ready step, so a
 # cycle costs the same with a thousand or a million steps waiting.
@@ -183,7 +212,11 @@ def decide(now: datetime | None = None) -> Decision:
     now = now or timezone.now()
     decision = Decision()
     queued = _queued_by_queue()
-    room = {q: max_queued(q) - queued.get(q, 0) for q in step_queues()}
+    unheld = _unheld_running_by_queue()
+    room = {
+        q: queue_room(q, queued=queued.get(q, 0), unheld_running=unheld.get(q, 0))
+        for q in step_queues()
+    }
     room = {q: free for q, free in room.items() if free > 0}
     if not room:
         return decision
@@ -344,7 +377,8 @@ def _concrete_holds(held) -> list[Hold]:
 
 # What a direct admission of `tenant`'s ready steps in `queue` needs to know, in one round
 # trip: the queue's admitted-but-unstarted steps, the tenant's steps in flight, whether any
-# other step waits in the queue, the tenant's bucket and LLM tokens today, its active runs.
+# other step waits in the queue, the tenant's bucket and LLM tokens today, its active runs,
+# the queue's steps running unheld.
 _DIRECT_STATE = f"""
 SELECT
   (SELECT count(*) FROM {StepRun._meta.db_table}
@@ -358,7 +392,9 @@ SELECT
   (SELECT llm_tokens FROM {TenantUsageDay._meta.db_table}
     WHERE tenant_id = %(tenant)s AND day = %(day)s),
   CASE WHEN %(accepted)s THEN (SELECT count(*) FROM {Run._meta.db_table}
-    WHERE tenant_id = %(tenant)s AND status IN ('running', 'waiting')) ELSE 0 END
+    WHERE tenant_id = %(tenant)s AND status IN ('running', 'waiting')) ELSE 0 END,
+  (SELECT count(*) FROM {StepRun._meta.db_table}
+    WHERE status = 'running' AND queue = %(queue)s AND timeout_s > %(unheld_s)s)
 """
 
 
@@ -390,9 +426,11 @@ def admit_directly(
                     "ids": [step.pk for step in candidates],
                     "day": usage_day(now),
                     "accepted": run_accepted,
+                    "unheld_s": _unheld_threshold_s(),
                 },
             )
-            queued, in_flight, others, level, refilled_at, llm_today, active = cursor.fetchone()
+            row = cursor.fetchone()
+            queued, in_flight, others, level, refilled_at, llm_today, active, unheld = row
         if others:
             continue
         if run_accepted and active >= tenant.max_active_runs:
@@ -408,7 +446,7 @@ def admit_directly(
             tokens = refilled(tenant, throttle, now)
         n = min(
             len(candidates),
-            max_queued(queue) - queued,
+            queue_room(queue, queued=queued, unheld_running=unheld),
             tenant.max_concurrent_steps - in_flight - len(admitted),
             math.floor(tokens),
         )

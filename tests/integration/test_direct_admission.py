@@ -136,3 +136,29 @@ def test_a_chain_runs_to_its_end_with_no_scheduler_on_an_idle_system(owner, clus
     assert run.status == "succeeded", run.error
     types = event_types(run)
     assert types.count("step.queued") == 10 and types.count("step.succeeded") == 10
+
+
+def test_steps_running_unheld_leave_no_room_for_held_messages_behind_them(
+    owner, settings, published
+):
+    """A worker prefetches up to its free slots, and a step running unheld (acknowledged at
+    start, it may run for hours) frees its prefetch credit at once: a held message admitted
+    behind it would wait for the slot past RabbitMQ's consumer_timeout. So the slots that
+    unheld steps take are not offered, by the scheduler or by a direct admission."""
+    settings.SWITCHYARD_POOL_CAPACITY = {"steps.tool": 2, "steps.llm": 8}
+    settings.SWITCHYARD_DIRECT_ADMISSION = False
+    slow = {
+        "name": "slow",
+        "steps": [{"id": name, "kind": "tool", "tool": "echo", "timeout_s": 3600} for name in "ab"],
+    }
+    long_run = submit(owner.tenant, slow)
+    StepRun.objects.filter(run=long_run).update(status="running")  # both slots, unheld
+    quick = {"name": "quick", "steps": [{"id": "q", "kind": "tool", "tool": "echo"}]}
+
+    assert admission.decide().admit == []
+    settings.SWITCHYARD_DIRECT_ADMISSION = True
+    run = submit(owner.tenant, quick)
+    assert _status(run)["q"] == "ready" and published == []
+
+    StepRun.objects.filter(run=long_run, step_id="a").update(status="succeeded")
+    assert admission.decide().admit == [StepRun.objects.get(run=run).pk]
