@@ -36,3 +36,18 @@ def stepping(cluster):
     cluster.start_worker("steps.tool", pool="threads", concurrency=4)
     cluster.start_worker("steps.llm", pool="threads", concurrency=4)
     return cluster
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_connection_outlives_the_session(django_db_setup, django_db_blocker):
+    """End the connections still open on the test database when the session ends (an event
+    loop's executor thread, a process stopped a moment ago), so that pytest-django can drop
+    it instead of warning that it is in use and leaving it behind."""
+    yield
+    from django.db import connection
+
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
