@@ -65,6 +65,15 @@
   const PALETTE = ["--accent", "--ok", "--warn", "--violet", "--bad", "--idle"];
   const LANE_COLOR = { interactive: "--violet", standard: "--accent", batch: "--idle" };
 
+  // What a chart says when the samples of its window have nothing for it.
+  const EMPTY_IN_WINDOW = {
+    queue_depth: "No messages waited in the broker in this window.",
+    backlog: "No steps waited for admission in this window.",
+    backlog_tenant: "No tenant had steps waiting for admission in this window.",
+    throughput: "No step finished in this window.",
+    wait: "No step started in this window.",
+  };
+
   // Which stored series each chart draws: [name, label, colour variable, dashed].
   function chartSeries(chart) {
     const names = Object.keys(store.series).sort();
@@ -135,7 +144,11 @@
       el.dataset.points = String(store.t.length);
       if (!store.t.length || !series.length) {
         if (charts[name]) { charts[name].plot.destroy(); delete charts[name]; }
-        el.innerHTML = '<p class="empty">No samples yet: the scheduler samples every few seconds.</p>';
+        // Samples without a series of this chart: nothing of it happened in the window (on an
+        // idle system steps are admitted as they become ready, so no tenant has a backlog).
+        el.innerHTML = store.t.length
+          ? '<p class="empty" data-empty="window">' + (EMPTY_IN_WINDOW[name] || "Nothing in this window.") + "</p>"
+          : '<p class="empty" data-empty="no-samples">No samples yet: the scheduler samples every few seconds.</p>';
         return;
       }
       if (charts[name] && charts[name].key === key) {

@@ -104,7 +104,14 @@ def test_an_operator_watches_the_platform_live_and_opens_every_page(
         "document.querySelector('[data-figure=running-steps]').innerText === '1'", timeout=20_000
     )
     assert page.evaluate("window.notReloaded") is True
-    assert page.locator("svg.uplot, .uplot canvas").count() >= 4
+    # Every chart draws its samples, or says that its window had nothing for it (on this idle
+    # system steps are admitted as they become ready: no tenant may have had a backlog).
+    charts = page.locator("[data-chart]")
+    for index in range(charts.count()):
+        chart = charts.nth(index)
+        drawn = chart.locator(".uplot").count() == 1
+        assert drawn or chart.locator('[data-empty="window"]').count() == 1, chart.inner_html()
+    assert page.locator('[data-chart="throughput"] .uplot').count() == 1
     approvals = page.locator('tr[data-tenant="owner"][data-reviewers="reviewer"]')
     assert approvals.locator('[data-figure="pending"]').inner_text() == "1"
     page.wait_for_timeout(1500)  # a few more points in the charts for the screenshot
