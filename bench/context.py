@@ -109,11 +109,8 @@ class Bench:
         ):
             return self.web_url
         self.stop_web()
-        # The web's connection pools as `make run` sizes them (the Procfile): ~20 in all.
-        pool = str(self.deployment.web_pool(processes))
-        self.web_url = self.cluster.start_web(
-            processes=processes, **{"DATABASE_POOL_MAX_SIZE": pool, **env}
-        )
+        # The cluster sizes the web's connection pools as `make run` does: ~20 in all.
+        self.web_url = self.cluster.start_web(processes=processes, **env)
         self.web_env = env
         self.web_processes = processes
         return self.web_url

@@ -23,10 +23,9 @@ class Deployment:
 
     # The synchronous baseline runs 2 gunicorn workers (a process per core), so Switchyard's
     # web is 2 daphne processes behind one socket too (orchestrator.web). Together they keep
-    # the one process's 20 connections: web_connections / processes each, rounded up. The
-    # streams scenario keeps one process (the issue's "on one web process").
+    # the one process's 20 connections (`Cluster.start_web` gives each 20 / processes, rounded
+    # up). The streams scenario keeps one process (the issue's "on one web process").
     web_processes: int = 2
-    web_connections: int = 20
     # The llm pool is `llm_processes` threads workers of `llm_threads / llm_processes` threads
     # each: one process's Python runs on one core at a time (the GIL), and a zero-latency
     # step is mostly the worker's own CPU (claim, report), so one process per core (measured:
@@ -45,10 +44,6 @@ class Deployment:
     # The bench's own database refuses connections past this (CREATE DATABASE ... CONNECTION
     # LIMIT), so that a bench never starves other users of the same PostgreSQL.
     db_connection_limit: int = 70
-
-    def web_pool(self, processes: int) -> int:
-        """DATABASE_POOL_MAX_SIZE of each of `processes` web processes."""
-        return -(-self.web_connections // processes)
 
     def pool_capacity(self) -> str:
         return (
