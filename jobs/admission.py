@@ -42,6 +42,7 @@ from django.db import connection
 from django.db.models import Count
 from django.utils import timezone
 
+from jobs.dispatch import unheld_timeout_above_s
 from jobs.models import Run, RunStatus, StepRun, StepStatus
 from jobs.steps import registry
 from tenants.models import LANE_RANK, Lane, Tenant, TenantThrottle, TenantUsageDay
@@ -120,15 +121,9 @@ def _queued_by_queue() -> dict[str, int]:
     )
 
 
-def _unheld_threshold_s() -> float:
-    """A step whose `timeout_s` is above this runs unheld (its delivery acknowledged at start:
-    `jobs.dispatch.publish`)."""
-    return settings.SWITCHYARD_HELD_DELIVERY_MAX_S - settings.SWITCHYARD_LEASE_GRACE_S
-
-
 def _unheld_running_by_queue() -> dict[str, int]:
     return dict(
-        StepRun.objects.filter(status=StepStatus.RUNNING, timeout_s__gt=_unheld_threshold_s())
+        StepRun.objects.filter(status=StepStatus.RUNNING, timeout_s__gt=unheld_timeout_above_s())
         .values_list("queue")
         .annotate(n=Count("id"))
         .values_list("queue", "n")
@@ -426,7 +421,7 @@ def admit_directly(
                     "ids": [step.pk for step in candidates],
                     "day": usage_day(now),
                     "accepted": run_accepted,
-                    "unheld_s": _unheld_threshold_s(),
+                    "unheld_s": unheld_timeout_above_s(),
                 },
             )
             row = cursor.fetchone()

@@ -47,6 +47,12 @@ class Dispatch:
         return cls(step.pk, step.dispatch_token, step.queue, step.lane, lease_s)
 
 
+def unheld_timeout_above_s() -> float:
+    """Steps with a `timeout_s` above this are published unheld (`publish`): their lease,
+    timeout + grace, passes `SWITCHYARD_HELD_DELIVERY_MAX_S`. Admission counts them apart."""
+    return settings.SWITCHYARD_HELD_DELIVERY_MAX_S - settings.SWITCHYARD_LEASE_GRACE_S
+
+
 def publish(dispatches: list[Dispatch]) -> tuple[int, int]:
     """Publish step messages (confirmed, persistent). Returns (published, failed).
 
