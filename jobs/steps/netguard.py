@@ -115,6 +115,15 @@ def _resolve(host: str, port: int) -> list[IPAddress]:
     return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
 
 
+def _first_non_public(addresses: list[IPAddress]) -> tuple[IPAddress, str] | None:
+    """The first of `addresses` that is not public, with what kind it is; None if all are."""
+    for address in addresses:
+        kind = non_public_kind(address)
+        if kind is not None:
+            return address, kind
+    return None
+
+
 def _refusal(url: str) -> str | None:
     """Why `url` is refused (scheme, shape or addresses), or None. Raises socket.gaierror."""
     try:
@@ -123,14 +132,13 @@ def _refusal(url: str) -> str | None:
         addresses = [literal] if literal is not None else _resolve(host, port)
     except ForbiddenURL as exc:
         return str(exc)
-    for address in addresses:
-        kind = non_public_kind(address)
-        if kind is None:
-            continue
-        if literal is not None:
-            return f"{_shown(address)} is {kind}"
-        return f"{host} resolves to {_shown(address)}, {kind}"
-    return None
+    refused = _first_non_public(addresses)
+    if refused is None:
+        return None
+    address, kind = refused
+    if literal is not None:
+        return f"{_shown(address)} is {kind}"
+    return f"{host} resolves to {_shown(address)}, {kind}"
 
 
 def is_public_url(url: str) -> tuple[bool, str]:
@@ -189,10 +197,10 @@ class _GuardedBackend(httpcore.SyncBackend):
             addresses = [literal] if literal is not None else _resolve(host, port)
         except OSError as exc:
             raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
-        for address in addresses:
-            kind = non_public_kind(address)
-            if kind is not None:
-                raise ForbiddenURL(f"refusing to connect to {host}: {_shown(address)} is {kind}")
+        refused = _first_non_public(addresses)
+        if refused is not None:
+            address, kind = refused
+            raise ForbiddenURL(f"refusing to connect to {host}: {_shown(address)} is {kind}")
         error: Exception = httpcore.ConnectError(f"no address for {host}")
         for address in addresses:
             try:
