@@ -37,11 +37,12 @@ from dashboard import selectors
 from dashboard.models import MetricCounter
 from dashboard.sampling import DURATION_BOUNDS, WAIT_BOUNDS
 from jobs.models import Run
+from jobs.selectors import in_flight_sql
 
-_STEP_COUNTS = """
+_STEP_COUNTS = f"""
 SELECT t.slug, s.lane, s.status, count(*)
 FROM jobs_steprun s JOIN tenants_tenant t ON t.id = s.tenant_id
-WHERE s.status IN ('ready', 'queued', 'running')
+WHERE s.status = 'ready' OR {in_flight_sql("s")}
 GROUP BY 1, 2, 3
 """
 

@@ -37,6 +37,7 @@ from jobs.models import (
     StepStatus,
     WorkflowVersion,
 )
+from jobs.selectors import in_flight_steps
 from jobs.services.runs import definition_of
 from tenants.admin import with_usage
 from tenants.models import Lane, Tenant
@@ -357,7 +358,8 @@ def workers(now: datetime | None = None) -> list[WorkerFigure]:
     now = now or timezone.now()
     running: dict[str, list[CurrentStep]] = defaultdict(list)
     for step in (
-        StepRun.objects.filter(status=StepStatus.RUNNING)
+        in_flight_steps()
+        .filter(status=StepStatus.RUNNING)
         .select_related("run", "tenant")
         .order_by("started_at")
     ):

@@ -13,7 +13,9 @@ Each free slot of a queue goes, in order:
    slots until it holds its share, with no credit hoarded while it was idle;
 3. within the chosen tenant, to its most urgent lane, then its oldest ready step.
 
-A tenant is eligible while it is active (not paused), below `max_concurrent_steps` in flight,
+A tenant is eligible while it is active (not paused), below `max_concurrent_steps` in flight
+(steps that occupy a worker: `jobs.selectors.in_flight_steps`; a map's own row, a step waiting
+for a child run, people or its retry time holds no slot),
 has a steps-per-minute token left, and, for llm steps, has LLM tokens left today. Steps of runs
 that have not started wait while the tenant has `max_active_runs` active runs. A held step
 gets one `step.held` event saying why.
@@ -44,9 +46,24 @@ from django.utils import timezone
 
 from jobs.dispatch import unheld_timeout_above_s
 from jobs.models import Run, RunStatus, StepRun, StepStatus
+from jobs.selectors import in_flight_sql, in_flight_steps
 from jobs.steps import registry
-from tenants.models import LANE_RANK, Lane, Tenant, TenantThrottle, TenantUsageDay
-from tenants.quotas import TenantQuotaState, quota_states, refilled, throttle_record, usage_day
+from tenants.models import (
+    LANE_RANK,
+    Lane,
+    Tenant,
+    TenantThrottle,
+    TenantThrottleSpend,
+    TenantTokenUse,
+    TenantUsageDay,
+)
+from tenants.quotas import (
+    TenantQuotaState,
+    quota_states,
+    refilled,
+    throttle_spend,
+    usage_day,
+)
 
 # Admission reads occupancy, quotas and buckets, then acts on them: two processes doing that
 # at once could both admit a tenant's last free slot. One at a time admits: the scheduler takes
@@ -85,8 +102,17 @@ class Decision:
     holds: list[Hold] = field(default_factory=list)
     # (tenant id) → steps-per-minute tokens this decision consumes
     spent: dict[int, int] = field(default_factory=lambda: defaultdict(int))
-    # (tenant id) → its bucket's level after them (refilled up to the decision's `now`)
-    levels: dict[int, float] = field(default_factory=dict)
+    # (tenant id) → its bucket's level before them (refilled up to the decision's `now`, the
+    # direct admissions' spends taken off), for every bucket this admission writes
+    levels_before: dict[int, float] = field(default_factory=dict)
+
+    def levels_after(self, admitted: dict[int, int]) -> dict[int, float]:
+        """The buckets' levels once `admitted` (tenant id → steps) were admitted: the steps
+        a cycle actually admits, which may be fewer than it chose (a busy run is skipped)."""
+        return {
+            tenant_id: level - admitted.get(tenant_id, 0)
+            for tenant_id, level in self.levels_before.items()
+        }
 
 
 @dataclass
@@ -97,15 +123,13 @@ class _Backlog:
 
 
 def _in_flight() -> tuple[dict[tuple[str, int], int], dict[int, int], dict[tuple[str, str], int]]:
-    rows = (
-        StepRun.objects.filter(status__in=[StepStatus.QUEUED, StepStatus.RUNNING])
-        .values_list("queue", "tenant_id", "lane", "status")
-        .annotate(n=Count("id"))
-    )
+    """Steps in flight (`jobs.selectors.in_flight_steps`) per (queue, tenant), tenant and
+    (queue, lane)."""
+    rows = in_flight_steps().values_list("queue", "tenant_id", "lane").annotate(n=Count("id"))
     by_queue_tenant: dict[tuple[str, int], int] = defaultdict(int)
     by_tenant: dict[int, int] = defaultdict(int)
     by_queue_lane: dict[tuple[str, str], int] = defaultdict(int)
-    for queue, tenant_id, lane, _status, n in rows:
+    for queue, tenant_id, lane, n in rows:
         by_queue_tenant[(queue, tenant_id)] += n
         by_tenant[tenant_id] += n
         by_queue_lane[(queue, lane)] += n
@@ -114,7 +138,8 @@ def _in_flight() -> tuple[dict[tuple[str, int], int], dict[int, int], dict[tuple
 
 def _queued_by_queue() -> dict[str, int]:
     return dict(
-        StepRun.objects.filter(status=StepStatus.QUEUED)
+        in_flight_steps()
+        .filter(status=StepStatus.QUEUED)
         .values_list("queue")
         .annotate(n=Count("id"))
         .values_list("queue", "n")
@@ -123,7 +148,8 @@ def _queued_by_queue() -> dict[str, int]:
 
 def _unheld_running_by_queue() -> dict[str, int]:
     return dict(
-        StepRun.objects.filter(status=StepStatus.RUNNING, timeout_s__gt=unheld_timeout_above_s())
+        in_flight_steps()
+        .filter(status=StepStatus.RUNNING, timeout_s__gt=unheld_timeout_above_s())
         .values_list("queue")
         .annotate(n=Count("id"))
         .values_list("queue", "n")
@@ -224,6 +250,8 @@ def decide(now: datetime | None = None) -> Decision:
     if not backlog:
         return decision
     in_flight_qt, in_flight_t, in_flight_ql = _in_flight()
+    # Every bucket that changes: by this decision, or by direct admissions' spends to fold.
+    levels_before = {tenant_id: quota.step_tokens for tenant_id, quota in quotas.items()}
     fifo = settings.SWITCHYARD_ADMISSION_POLICY == "fifo"
     picks: dict[tuple[str, int, str], int] = defaultdict(int)
     held: dict[tuple[str, int, str], str] = {}
@@ -251,7 +279,8 @@ def decide(now: datetime | None = None) -> Decision:
             quotas[tenant_id].step_tokens -= 1
             decision.spent[tenant_id] += 1
 
-    decision.levels = {tenant_id: quotas[tenant_id].step_tokens for tenant_id in decision.spent}
+    changed = set(decision.spent) | {t for t, quota in quotas.items() if quota.spends_to_fold}
+    decision.levels_before = {tenant_id: levels_before[tenant_id] for tenant_id in changed}
     decision.admit = _concrete_steps(picks, tenants, quotas)
     decision.holds = _concrete_holds(held)
     return decision
@@ -379,17 +408,22 @@ SELECT
   (SELECT count(*) FROM {StepRun._meta.db_table}
     WHERE status = 'queued' AND queue = %(queue)s),
   (SELECT count(*) FROM {StepRun._meta.db_table}
-    WHERE status IN ('queued', 'running') AND tenant_id = %(tenant)s),
+    WHERE {in_flight_sql()} AND tenant_id = %(tenant)s),
   EXISTS (SELECT 1 FROM {StepRun._meta.db_table}
     WHERE status = 'ready' AND queue = %(queue)s AND NOT (id = ANY(%(ids)s))),
   (SELECT step_tokens FROM {TenantThrottle._meta.db_table} WHERE tenant_id = %(tenant)s),
   (SELECT refilled_at FROM {TenantThrottle._meta.db_table} WHERE tenant_id = %(tenant)s),
-  (SELECT llm_tokens FROM {TenantUsageDay._meta.db_table}
+  (SELECT coalesce(sum(step_tokens), 0) FROM {TenantThrottleSpend._meta.db_table}
+    WHERE tenant_id = %(tenant)s),
+  (SELECT coalesce(sum(llm_tokens), 0) FROM {TenantUsageDay._meta.db_table}
+    WHERE tenant_id = %(tenant)s AND day = %(day)s)
+  + (SELECT coalesce(sum(llm_tokens), 0) FROM {TenantTokenUse._meta.db_table}
     WHERE tenant_id = %(tenant)s AND day = %(day)s),
   CASE WHEN %(accepted)s THEN (SELECT count(*) FROM {Run._meta.db_table}
     WHERE tenant_id = %(tenant)s AND status IN ('running', 'waiting')) ELSE 0 END,
   (SELECT count(*) FROM {StepRun._meta.db_table}
-    WHERE status = 'running' AND queue = %(queue)s AND timeout_s > %(unheld_s)s)
+    WHERE {in_flight_sql()} AND status = 'running' AND queue = %(queue)s
+      AND timeout_s > %(unheld_s)s)
 """
 
 
@@ -425,12 +459,12 @@ def admit_directly(
                 },
             )
             row = cursor.fetchone()
-            queued, in_flight, others, level, refilled_at, llm_today, active, unheld = row
+            queued, in_flight, others, level, refilled_at, spent, llm_today, active, unheld = row
         if others:
             continue
         if run_accepted and active >= tenant.max_active_runs:
             return []
-        if queue == registry.QUEUE_LLM and (llm_today or 0) >= tenant.llm_tokens_per_day:
+        if queue == registry.QUEUE_LLM and llm_today >= tenant.llm_tokens_per_day:
             continue
         if tokens is None:
             throttle = (
@@ -438,7 +472,7 @@ def admit_directly(
                 if level is None
                 else TenantThrottle(step_tokens=level, refilled_at=refilled_at)
             )
-            tokens = refilled(tenant, throttle, now)
+            tokens = refilled(tenant, throttle, now) - spent
         n = min(
             len(candidates),
             queue_room(queue, queued=queued, unheld_running=unheld),
@@ -448,6 +482,6 @@ def admit_directly(
         if n > 0:
             admitted.extend(candidates[:n])
             tokens -= n
-    if admitted and tokens is not None:
-        throttle_record(levels={tenant.pk: tokens}, now=now)
+    if admitted:
+        throttle_spend(tenant_id=tenant.pk, step_tokens=len(admitted))
     return admitted

@@ -39,12 +39,13 @@ class Dispatch:
     queue: str
     lane: str
     lease_s: float = 0.0
+    tenant_id: int = 0
 
     @classmethod
     def of(cls, step) -> Dispatch:
         """The message for an admitted step (its `dispatch_token` set by the admission)."""
         lease_s = step.timeout_s + settings.SWITCHYARD_LEASE_GRACE_S
-        return cls(step.pk, step.dispatch_token, step.queue, step.lane, lease_s)
+        return cls(step.pk, step.dispatch_token, step.queue, step.lane, lease_s, step.tenant_id)
 
 
 def unheld_timeout_above_s() -> float:

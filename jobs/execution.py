@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
-from django.db import connections
+from django.conf import settings
+from django.db import InterfaceError, OperationalError, connections
 from django.utils import timezone
 
 from jobs.events import DeltaCoalescer
@@ -29,40 +33,85 @@ from orchestrator.logcontext import bind_log_context
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 def step_execute(*, step_run_id: int, dispatch_token: str, worker: str) -> None:
     # Every log line of this step (the worker's own "succeeded" line too) carries its ids.
     bind_log_context(step=f"#{step_run_id}")
-    claim = step_claim(step_run_id=step_run_id, dispatch_token=dispatch_token, worker=worker)
+    # A message waits in the broker no longer than the stale-dispatch time before it is
+    # re-published under a new token, which refuses this claim anyway: retry until then.
+    claim_until = timezone.now() + timedelta(seconds=settings.SWITCHYARD_DISPATCH_STALE_S)
+    claim = _retrying(
+        lambda: step_claim(step_run_id=step_run_id, dispatch_token=dispatch_token, worker=worker),
+        until=claim_until,
+        what=f"claim of step run {step_run_id}",
+    )
     if claim is None:
         log.info("dropped stale message for step run %s", step_run_id)
         return
     bind_log_context(tenant=claim.tenant_id, run=claim.run_public_id, step=_key(claim))
+
+    def report(transition: Callable[[], object]) -> None:
+        _retrying(transition, until=claim.lease_expires_at, what=f"report of {_key(claim)}")
+
     if claim.kind == "workflow":
-        step_start_child_run(claim=claim)
+        report(lambda: step_start_child_run(claim=claim))
         return
     if claim.kind == "approval":
-        step_request_approval(claim=claim)
+        report(lambda: step_request_approval(claim=claim))
         return
     try:
         output = _run_handler(claim)
     except StepFailure as failure:
-        step_fail(
-            claim=claim, error=failure.message, code=failure.code, retryable=failure.retryable
-        )
+        error, code, retryable = failure.message, failure.code, failure.retryable
+        report(lambda: step_fail(claim=claim, error=error, code=code, retryable=retryable))
         return
     except Exception as exc:
         log.exception("step %s attempt %s raised", claim.idempotency_key, claim.attempt)
-        step_fail(
-            claim=claim, error=f"{type(exc).__name__}: {exc}", code="exception", retryable=True
-        )
+        error = f"{type(exc).__name__}: {exc}"
+        report(lambda: step_fail(claim=claim, error=error, code="exception", retryable=True))
         return
     if timezone.now() > claim.deadline:
-        step_fail(
-            claim=claim, error="the step finished after its timeout", code="timeout", retryable=True
+        report(
+            lambda: step_fail(
+                claim=claim,
+                error="the step finished after its timeout",
+                code="timeout",
+                retryable=True,
+            )
         )
         return
-    step_complete(claim=claim, output=output)
+    report(lambda: step_complete(claim=claim, output=output))
+
+
+def _retrying(transition: Callable[[], T], *, until: datetime | None, what: str) -> T:
+    """Run a claim or a report, retrying it while `until` has not passed when PostgreSQL
+    refused it for a transient reason: a lock wait past `lock_timeout` (another process holds
+    the run, perhaps stalled), the session ended by the idle-in-transaction timeout or a
+    restart, a deadlock. Finished work is then kept instead of being left to its lease's
+    expiry. Each try is a whole transaction (the compare-and-sets make a retry of one that did
+    commit harmless: it is refused). The last error is raised once `until` has passed.
+    """
+    delay = 0.05
+    while True:
+        try:
+            return transition()
+        except (OperationalError, InterfaceError) as exc:
+            if until is None or timezone.now() + timedelta(seconds=delay) >= until:
+                raise
+            log.warning("%s refused (%s); retrying in %.2fs", what, exc, delay)
+            _drop_connections()
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def _drop_connections() -> None:
+    """Close this thread's connections (a pooled one goes back to its pool, which discards it
+    if broken), so that the next try starts on a healthy one."""
+    for conn in connections.all(initialized_only=True):
+        if not conn.in_atomic_block:
+            conn.close()
 
 
 def _key(claim: Claim) -> str:

@@ -14,6 +14,7 @@ from django.db import connection
 from django.utils import timezone
 
 from jobs.models import StepRun
+from jobs.selectors import in_flight_sql
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ GROUP BY t.slug, s.lane
 _COUNTS = f"""
 SELECT t.slug, s.lane, s.status, count(*)
 FROM {StepRun._meta.db_table} s JOIN tenants_tenant t ON t.id = s.tenant_id
-WHERE s.status IN ('ready', 'queued', 'running')
+WHERE s.status = 'ready' OR {in_flight_sql("s")}
 GROUP BY t.slug, s.lane, s.status
 """
 

@@ -17,14 +17,13 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import psycopg
 from django.conf import settings
-from django.db import connection, connections
+from django.db import connection, connections, transaction
 from django.utils import timezone
 
 from dashboard.heartbeats import scheduler_cycle_done
@@ -41,7 +40,7 @@ from jobs.services.steps import (
     steps_admit,
 )
 from jobs.webhooks import webhooks_dispatch_due
-from tenants.quotas import throttle_record
+from tenants.quotas import throttle_fold, throttle_record, usage_roll_up
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +57,8 @@ class CycleStats:
     approvals_escalated: int = 0
     # Another process held the admission lock (a direct admission, another scheduler).
     admission_busy: bool = False
+    # Steps chosen but left ready because another transaction held their run's lock.
+    skipped_busy: int = 0
     duration_s: float = 0.0
     dispatches: list[Dispatch] = field(default_factory=list, repr=False)
 
@@ -75,17 +76,27 @@ def run_cycle(*, sweeps: bool = True) -> CycleStats:
     if sweeps:
         _sweep(stats, now)
 
-    with admission_lock() as acquired:
-        if acquired:
+    holds: list[admission.Hold] = []
+    # Decide, admit and write the buckets in one transaction holding the admission lock. A
+    # transaction-level lock: a scheduler that stalls inside it (SIGSTOP, a partition) is
+    # cut off by PostgreSQL's idle-in-transaction timeout, which releases the lock.
+    with transaction.atomic():
+        if admission_lock_try():
             decision = admission.decide(now)
-            for hold in decision.holds:
-                step_hold(step_run_id=hold.step_run_id, reason=hold.reason)
             admitted = steps_admit(step_run_ids=decision.admit)
             stats.admitted = len(admitted)
+            stats.skipped_busy = len(decision.admit) - len(admitted)
             stats.dispatches.extend(admitted)
-            throttle_record(levels=decision.levels, now=now)
+            throttle_record(
+                levels=decision.levels_after(Counter(d.tenant_id for d in admitted)), now=now
+            )
+            if sweeps:
+                throttle_fold(now=now)
+            holds = decision.holds
         else:
             stats.admission_busy = True
+    for hold in holds:
+        step_hold(step_run_id=hold.step_run_id, reason=hold.reason)
 
     stats.published, stats.publish_failures = publish(stats.dispatches)
     webhooks_dispatch_due()
@@ -115,23 +126,19 @@ def _sweep(stats: CycleStats, now) -> None:
     # Approvals past their deadline or escalation time (steps they settle become ready now).
     stats.approvals_expired = approvals_expire_due(now=now)
     stats.approvals_escalated = approvals_escalate_due(now=now)
+    # LLM token uses appended by steps' reports, into the tenants' days.
+    usage_roll_up()
 
 
 # How soon a cycle that found the admission lock held looks again.
 ADMISSION_RETRY_S = 0.01
 
 
-@contextmanager
-def admission_lock() -> Iterator[bool]:
+def admission_lock_try() -> bool:
+    """Take the admission lock for the current transaction, without waiting."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_lock(%s)", [admission.ADMISSION_LOCK_ID])
-        acquired = cursor.fetchone()[0]
-    try:
-        yield acquired
-    finally:
-        if acquired:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_unlock(%s)", [admission.ADMISSION_LOCK_ID])
+        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [admission.ADMISSION_LOCK_ID])
+        return cursor.fetchone()[0]
 
 
 def _listen_connection() -> psycopg.Connection:
@@ -190,7 +197,7 @@ class Scheduler:
                     )
                 if stats.admitted >= settings.SWITCHYARD_SCHEDULER_BATCH:
                     continue  # more backlog: no sleep
-                if stats.admission_busy:
+                if stats.admission_busy or stats.skipped_busy:
                     # The NOTIFY that woke this cycle may be for steps the lock's holder
                     # (a worker's direct admission, for milliseconds) leaves ready: look again
                     # soon rather than at the next poll.

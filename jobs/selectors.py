@@ -101,3 +101,31 @@ def platform_backlog_count(*, cap: int) -> int:
     return StepRun.objects.filter(
         status__in=[StepStatus.READY, StepStatus.QUEUED], tenant__is_active=True
     )[:cap].count()
+
+
+# --- steps in flight ------------------------------------------------------------------------
+#
+# The one definition of what occupies a worker. A step is in flight, and counts against its
+# tenant's `max_concurrent_steps` and its queue's pool capacity, while it is `queued` (admitted:
+# its message is in the broker or prefetched by a worker) or `running` on a worker. A step that
+# waits without a worker is not: a map's own row (`running` while its items exist: it never
+# runs on a worker, its items do), a `workflow` step waiting for its child run and an approval
+# waiting for people (both `waiting`), a step waiting for its retry time (`retry_wait`).
+# Counting those would let waiting parents fill a quota that their own children need: a
+# tenant's map runs would then deadlock at any quota (docs/scheduling.md).
+#
+# Admission, the dashboard, the metrics and the admin all count with these two forms of it.
+
+IN_FLIGHT_STATUSES = (StepStatus.QUEUED, StepStatus.RUNNING)
+
+
+def in_flight_sql(alias: str = "") -> str:
+    """The same predicate as SQL over `jobs_steprun` (as `alias`, if given), for the
+    hand-written queries of admission and the metrics."""
+    column = f"{alias}." if alias else ""
+    return f"({column}status IN ('queued', 'running') AND {column}kind <> 'map')"
+
+
+def in_flight_steps() -> QuerySet[StepRun]:
+    """Steps that occupy a worker now (see above)."""
+    return StepRun.objects.filter(status__in=IN_FLIGHT_STATUSES).exclude(kind="map")

@@ -121,6 +121,27 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+# Every connection of every process runs with these bounds (docs/reliability.md, "Progress
+# isolation"), so that one stalled process (SIGSTOP, a GC pause, a partition) cannot hold the
+# others: PostgreSQL ends a transaction left idle for DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS
+# (its locks are released; the stalled worker's report is refused or retried when it wakes),
+# a statement waiting for a row lock gives up after DATABASE_LOCK_TIMEOUT_MS (the caller
+# retries: a worker's report, the next scheduler cycle), and no statement runs longer than
+# DATABASE_STATEMENT_TIMEOUT_MS. Our transactions never wait on a client between statements
+# for more than milliseconds, and a run's lock is held for milliseconds, so the bounds only
+# ever cut off a stalled holder.
+DATABASE_LOCK_TIMEOUT_MS = env_int("DATABASE_LOCK_TIMEOUT_MS", 2_000, minimum=0)
+DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS = env_int(
+    "DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS", 5_000, minimum=0
+)
+DATABASE_STATEMENT_TIMEOUT_MS = env_int("DATABASE_STATEMENT_TIMEOUT_MS", 30_000, minimum=0)
+DATABASES["default"].setdefault("OPTIONS", {})["options"] = " ".join(
+    [
+        f"-c lock_timeout={DATABASE_LOCK_TIMEOUT_MS}",
+        f"-c idle_in_transaction_session_timeout={DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS}",
+        f"-c statement_timeout={DATABASE_STATEMENT_TIMEOUT_MS}",
+    ]
+)
 if DATABASE_POOL_MAX_SIZE:
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": min(2, DATABASE_POOL_MAX_SIZE),

@@ -1,10 +1,10 @@
 from django.contrib import admin, messages
 from django.db import models
-from django.db.models import Count, IntegerField, OuterRef, Subquery, Value
+from django.db.models import Count, IntegerField, OuterRef, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from tenants.models import ApiKey, Membership, Tenant, TenantUsageDay
+from tenants.models import ApiKey, Membership, Tenant, TenantTokenUse, TenantUsageDay
 from tenants.quotas import usage_day
 from tenants.services import (
     api_key_fill,
@@ -23,17 +23,27 @@ def _count(queryset) -> Coalesce:
 def with_usage(queryset):
     """Tenants annotated with their live usage: what the scheduler measures quotas against."""
     from jobs.models import Run, StepRun
+    from jobs.selectors import in_flight_steps
 
-    tokens = TenantUsageDay.objects.filter(tenant=OuterRef("pk"), day=usage_day(timezone.now()))
+    today = usage_day(timezone.now())
+    tokens = TenantUsageDay.objects.filter(tenant=OuterRef("pk"), day=today)
+    # Token uses not rolled up yet (tenants.quotas): read in the same statement.
+    uses = (
+        TenantTokenUse.objects.filter(tenant=OuterRef("pk"), day=today)
+        .values("tenant")
+        .annotate(total=Sum("llm_tokens"))
+        .values("total")
+    )
     return queryset.annotate(
-        running_steps=_count(StepRun.objects.filter(status="running")),
-        in_flight_steps=_count(StepRun.objects.filter(status__in=["queued", "running"])),
+        running_steps=_count(in_flight_steps().filter(status="running")),
+        in_flight_steps=_count(in_flight_steps()),
         ready_steps=_count(StepRun.objects.filter(status="ready")),
         active_runs=_count(Run.objects.filter(status__in=["running", "waiting"])),
         queued_runs=_count(Run.objects.filter(status="accepted")),
         tokens_today=Coalesce(
             Subquery(tokens.values("llm_tokens")[:1], output_field=IntegerField()), Value(0)
-        ),
+        )
+        + Coalesce(Subquery(uses, output_field=IntegerField()), Value(0)),
     )
 
 

@@ -120,7 +120,9 @@ class Membership(models.Model):
 
 
 class TenantUsageDay(models.Model):
-    """LLM tokens a tenant used on one UTC day (the `llm_tokens_per_day` quota)."""
+    """LLM tokens a tenant used on one UTC day (the `llm_tokens_per_day` quota), as rolled up
+    from its `TenantTokenUse` rows. Written only by the scheduler's roll-up (`tenants.quotas`);
+    the day's use is this row plus the rows not rolled up yet."""
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="usage_days")
     day = models.DateField()
@@ -148,3 +150,42 @@ class TenantThrottle(models.Model):
 
     def __str__(self) -> str:
         return f"{self.tenant}: {self.step_tokens:.1f} tokens"
+
+
+class TenantTokenUse(models.Model):
+    """LLM tokens one step's report used: appended in the step's transaction, never updated.
+
+    A step's transaction must not write a row that every step of the tenant writes (one
+    stalled worker holding it would stall them all), so usage is appended here and the
+    scheduler rolls it up into `TenantUsageDay` (`tenants.quotas.usage_roll_up`).
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="token_uses")
+    day = models.DateField()
+    llm_tokens = models.PositiveBigIntegerField()
+
+    class Meta:
+        indexes = [models.Index(fields=["tenant", "day"], name="token_use_tenant_day")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant} {self.day}: {self.llm_tokens}"
+
+
+class TenantThrottleSpend(models.Model):
+    """Steps-per-minute tokens that a direct admission spent, appended in its transaction.
+
+    Only the scheduler writes `TenantThrottle` (under the admission lock, outside any step's
+    transaction); a worker's or a submission's direct admission appends what it spent here,
+    and the scheduler folds these rows into the bucket at its next admission.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="throttle_spends")
+    step_tokens = models.FloatField()
+
+    class Meta:
+        indexes = [models.Index(fields=["tenant"], name="throttle_spend_tenant")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant}: {self.step_tokens:g}"

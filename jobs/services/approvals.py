@@ -45,7 +45,7 @@ from jobs.models import (
     StepStatus,
     WebhookDelivery,
 )
-from jobs.services.runs import RunTxn, definition_of, run_advance, run_locked
+from jobs.services.runs import RunTxn, definition_of, run_advance, run_locked, skips_busy_runs
 from jobs.services.steps import (
     Claim,
     _claimed_run_pk,
@@ -355,13 +355,14 @@ def approvals_expire_due(*, now: datetime | None = None) -> int:
     return sum(approval_expire(approval_id=approval_id, now=now) for approval_id in ids)
 
 
+@skips_busy_runs(False)
 def approval_expire(*, approval_id: int, now: datetime | None = None) -> bool:
     """pending → expired at `due_at`, with `on_timeout` applied to the step."""
     now = now or timezone.now()
     run_pk = Approval.objects.filter(pk=approval_id).values_list("run_id", flat=True).first()
     if run_pk is None:
         return False
-    with run_locked(run_pk) as txn:
+    with run_locked(run_pk, skip_locked=True) as txn:
         approval = Approval.objects.select_for_update().get(pk=approval_id)
         if not approval.is_pending or approval.due_at is None or approval.due_at > now:
             return False
@@ -392,12 +393,13 @@ def approvals_escalate_due(*, now: datetime | None = None) -> int:
     return sum(approval_escalate(approval_id=approval_id, now=now) for approval_id in ids)
 
 
+@skips_busy_runs(False)
 def approval_escalate(*, approval_id: int, now: datetime | None = None) -> bool:
     now = now or timezone.now()
     run_pk = Approval.objects.filter(pk=approval_id).values_list("run_id", flat=True).first()
     if run_pk is None:
         return False
-    with run_locked(run_pk) as txn:
+    with run_locked(run_pk, skip_locked=True) as txn:
         updated = Approval.objects.filter(
             pk=approval_id,
             status=ApprovalStatus.PENDING,

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,24 +71,54 @@ class RunTxn:
 _open = threading.local()
 
 
+class RunBusy(Exception):
+    """Another transaction holds the run's row lock (`run_locked(..., skip_locked=True)`)."""
+
+
+def skips_busy_runs(default: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """For the scheduler's transitions, which never wait for a run's row lock (a stalled
+    worker holding one run must not stall admission and recovery for everyone): the decorated
+    function locks with `run_locked(..., skip_locked=True)` and returns `default` when the run
+    is busy; the next cycle tries again."""
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except RunBusy:
+                return default
+
+        return wrapper
+
+    return decorate
+
+
 @contextmanager
-def run_locked(run_pk: int) -> Iterator[RunTxn]:
+def run_locked(run_pk: int, *, skip_locked: bool = False) -> Iterator[RunTxn]:
     """A transaction holding the run's row lock, with its event log flushed at the end.
 
     Re-entrant: inside an open `run_locked` of the same run (a child run that ends at once
     settles its parent's step, for instance) it yields the same RunTxn, so that one event log
-    numbers the events of one transaction.
+    numbers the events of one transaction. With `skip_locked`, raises RunBusy instead of
+    waiting when another transaction holds the lock.
     """
     open_txns: dict[int, RunTxn] = _open.__dict__.setdefault("txns", {})
     if run_pk in open_txns:
         yield open_txns[run_pk]
         return
     with transaction.atomic():
-        run = (
-            Run.objects.select_for_update(of=("self",))
+        locked = (
+            Run.objects.select_for_update(of=("self",), skip_locked=skip_locked)
             .select_related("workflow_version", "tenant")
-            .get(pk=run_pk)
+            .filter(pk=run_pk)
+            .first()
         )
+        if locked is None:
+            if skip_locked and Run.objects.filter(pk=run_pk).exists():
+                raise RunBusy(run_pk)
+            raise Run.DoesNotExist(f"run {run_pk} does not exist")
+        run = locked
         txn = RunTxn(run=run, log=RunLog(run))
         open_txns[run_pk] = txn
         try:

@@ -33,6 +33,7 @@ from jobs.services.runs import (
     run_create,
     run_locked,
     run_mark_started,
+    skips_busy_runs,
 )
 from tenants.quotas import llm_tokens_add
 
@@ -52,6 +53,9 @@ class Claim:
     input: dict[str, Any]
     deadline: datetime
     run_pk: int = 0  # the run's row: the report locks it without looking it up
+    # Until when the attempt is this worker's: a report refused for a transient reason (a lock
+    # timeout, a session ended by the idle-in-transaction timeout) is retried until then.
+    lease_expires_at: datetime | None = None
 
     @property
     def idempotency_key(self) -> str:
@@ -112,9 +116,10 @@ def steps_admit(*, step_run_ids: list[int]) -> list[Dispatch]:
 
     The scheduler's admission is this (a cycle admits up to a broker's worth of steps). Each
     step's run is locked as `step_admit` would, in id order, with SKIP LOCKED: a run whose row
-    a worker holds right now (claiming or reporting one of its steps) is not waited for inside
-    the batch (that wait could meet a child run's completion, which locks child then parent,
-    in a deadlock); its steps are admitted one by one after the batch commits.
+    another transaction holds right now (a worker claiming or reporting one of its steps, or a
+    stalled one) is not waited for; its steps stay ready for the next cycle. Waiting there
+    could meet a child run's completion (child, then parent) in a deadlock, and would let one
+    stalled worker stop admission for every tenant.
     """
     if not step_run_ids:
         return []
@@ -143,21 +148,16 @@ def steps_admit(*, step_run_ids: list[int]) -> list[Dispatch]:
             steps, ["status", "dispatch_token", "dispatched_at", "held_reason"]
         )
         RunLog.flush_many(list(logs.values()))
-    admitted = {dispatch.step_run_id for dispatch in dispatches}
-    for step_run_id in step_run_ids:
-        if step_run_id not in admitted:
-            dispatch = step_admit(step_run_id=step_run_id)
-            if dispatch is not None:
-                dispatches.append(dispatch)
     return dispatches
 
 
+@skips_busy_runs(False)
 def step_hold(*, step_run_id: int, reason: str) -> bool:
     """Note in the run's log, once per reason, why a ready step is being held back."""
     run_pk = _run_pk_of(step_run_id)
     if run_pk is None:
         return False
-    with run_locked(run_pk) as txn:
+    with run_locked(run_pk, skip_locked=True) as txn:
         updated = (
             StepRun.objects.filter(pk=step_run_id, status=StepStatus.READY)
             .exclude(held_reason=reason)
@@ -168,13 +168,14 @@ def step_hold(*, step_run_id: int, reason: str) -> bool:
         return bool(updated)
 
 
+@skips_busy_runs(None)
 def step_redispatch(*, step_run_id: int, stale_before: datetime) -> Dispatch | None:
     """A queued step whose message may be lost (crash before publish, purged queue) gets a
     new token; a late delivery of the old message is then refused at claim."""
     run_pk = _run_pk_of(step_run_id)
     if run_pk is None:
         return None
-    with run_locked(run_pk) as txn:
+    with run_locked(run_pk, skip_locked=True) as txn:
         token = uuid.uuid4()
         updated = StepRun.objects.filter(
             pk=step_run_id, status=StepStatus.QUEUED, dispatched_at__lt=stale_before
@@ -186,12 +187,13 @@ def step_redispatch(*, step_run_id: int, stale_before: datetime) -> Dispatch | N
         return Dispatch.of(step)
 
 
+@skips_busy_runs(False)
 def step_release_retry(*, step_run_id: int) -> bool:
     """retry_wait → ready once its retry time has come."""
     run_pk = _run_pk_of(step_run_id)
     if run_pk is None:
         return False
-    with run_locked(run_pk) as txn:
+    with run_locked(run_pk, skip_locked=True) as txn:
         now = timezone.now()
         updated = StepRun.objects.filter(
             pk=step_run_id, status=StepStatus.RETRY_WAIT, retry_at__lte=now
@@ -203,13 +205,14 @@ def step_release_retry(*, step_run_id: int) -> bool:
         return bool(updated)
 
 
+@skips_busy_runs(False)
 def step_expire_lease(*, step_run_id: int) -> bool:
     """A running step whose lease ran out (its worker died, hung or overran `timeout_s`):
     the attempt is lost, and the step retries or fails by its policy."""
     run_pk = _run_pk_of(step_run_id)
     if run_pk is None:
         return False
-    with run_locked(run_pk) as txn:
+    with run_locked(run_pk, skip_locked=True) as txn:
         step = _lock_step(txn, step_run_id)
         now = timezone.now()
         if step.status != StepStatus.RUNNING or step.lease_expires_at is None:
@@ -283,6 +286,7 @@ def step_claim(*, step_run_id: int, dispatch_token: str, worker: str) -> Claim |
             dispatch_token=token,
             input=step.input or {},
             deadline=now + timedelta(seconds=step.timeout_s),
+            lease_expires_at=step.lease_expires_at,
         )
 
 

@@ -19,6 +19,7 @@ from jobs.models import Event, Run, StepRun
 from jobs.services.runs import run_create
 from jobs.services.workflows import workflow_version_create
 from tenants.models import TenantUsageDay
+from tenants.quotas import llm_tokens_used
 from tenants.services import tenant_pause, tenant_resume
 from tests.conftest import make_tenant_client
 from tests.support import tools
@@ -227,7 +228,7 @@ def test_an_exhausted_token_budget_holds_llm_steps_until_the_next_day(llm_cluste
     usage.save()
     run = llm_cluster.wait_run(run, timeout=30)
     assert run.status == "succeeded"
-    spent = TenantUsageDay.objects.get(tenant=tenant, day=today).llm_tokens
+    spent = llm_tokens_used([tenant.pk], day=today)[tenant.pk]
     assert spent == StepRun.objects.get(run=run).output["usage"]["total_tokens"]
 
 
