@@ -111,6 +111,24 @@ class RunLog:
         else:
             self._wake_scheduler = True
 
+    def take(self) -> tuple[list[dict[str, Any]], str | None]:
+        """The pending events as rows for `switchyard_run_apply` (which numbers them from the
+        run's `next_seq`) and the wake-up asked for (`"always"`, `"if_ready"` or None);
+        both are cleared."""
+        events = [
+            {
+                "type": event.type,
+                "step_id": event.step_id,
+                "map_index": event.map_index,
+                "data": event.data,
+            }
+            for event in self._pending
+        ]
+        wake = "always" if self._wake_scheduler else "if_ready" if self._wake_if_ready else None
+        self._pending = []
+        self._wake_scheduler = self._wake_if_ready = False
+        return events, wake
+
     def flush(self) -> None:
         RunLog.flush_many([self])
 
@@ -152,6 +170,12 @@ class RunLog:
             transaction.on_commit(
                 lambda public_id=public_id, payloads=payloads: publish_live(public_id, payloads)
             )
+
+
+def publish_live_on_commit(run_public_id: Any, payloads: list[dict[str, Any]] | None) -> None:
+    """`publish_live` once the current transaction commits (at once outside of one)."""
+    if payloads:
+        transaction.on_commit(lambda: publish_live(run_public_id, payloads))
 
 
 def publish_live(run_public_id: Any, payloads: list[dict[str, Any]]) -> None:

@@ -27,6 +27,33 @@ def workflow_version_for(
     return versions.order_by("-version").first()
 
 
+# The per-process cache of resolved versions, by (tenant public id, name, version or None for
+# the latest). A version is immutable; a cached "latest" may have been superseded, which the
+# submission's statement checks (`SubmissionChecks.cached_version`), and the caller drops it
+# (`workflow_version_forget`) and resolves again.
+_VERSIONS: dict[tuple[uuid.UUID, str, int | None], WorkflowVersion] = {}
+_VERSIONS_MAX = 10_000
+
+
+def workflow_version_cached(
+    *, tenant: Tenant, name: str, version: int | None = None
+) -> WorkflowVersion | None:
+    """`workflow_version_for`, from this process's cache when it has the answer."""
+    key = (tenant.public_id, name, version)
+    found = _VERSIONS.get(key)
+    if found is None:
+        found = workflow_version_for(tenant=tenant, name=name, version=version)
+        if found is not None:
+            if len(_VERSIONS) >= _VERSIONS_MAX:
+                _VERSIONS.clear()
+            _VERSIONS[key] = found
+    return found
+
+
+def workflow_version_forget(*, tenant: Tenant, name: str, version: int | None = None) -> None:
+    _VERSIONS.pop((tenant.public_id, name, version), None)
+
+
 def workflows_for(*, tenant: Tenant) -> QuerySet[Workflow]:
     return Workflow.objects.filter(tenant=tenant).prefetch_related("versions").order_by("name")
 

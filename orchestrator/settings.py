@@ -303,6 +303,9 @@ SWITCHYARD_WEBHOOK_TIMEOUT_S = env_float("SWITCHYARD_WEBHOOK_TIMEOUT_S", 10.0, m
 # --- API ------------------------------------------------------------------------------------
 # Submission: an Idempotency-Key matches the run it created for this long.
 SWITCHYARD_IDEMPOTENCY_TTL_S = env_int("SWITCHYARD_IDEMPOTENCY_TTL_S", 86_400, minimum=1)
+# Each process caches API keys this long (seconds; 0 = no cache): a key revoked elsewhere is
+# refused everywhere within it (and by submissions at once: tenants/keycache.py).
+SWITCHYARD_API_KEY_CACHE_S = env_float("SWITCHYARD_API_KEY_CACHE_S", 1.0, minimum=0)
 # Backpressure: submission answers 503 once this many steps wait for a worker (ready or queued,
 # all active tenants); 429 comes from each tenant's max_queued_runs. Both send Retry-After.
 SWITCHYARD_PLATFORM_MAX_BACKLOG = env_int("SWITCHYARD_PLATFORM_MAX_BACKLOG", 100_000, minimum=1)

@@ -7,6 +7,7 @@ from datetime import timedelta
 from django.utils import timezone
 from rest_framework import authentication, exceptions, permissions
 
+from tenants.keycache import cached_key, remember_key
 from tenants.models import ApiKey, Scope
 from tenants.services import hash_key
 
@@ -15,16 +16,21 @@ _LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
 def api_key_lookup(raw_key: str) -> ApiKey | None:
-    """The live key for `raw_key`, with its tenant, or None."""
+    """The live key for `raw_key`, with its tenant, or None (cached: `tenants.keycache`)."""
     if not raw_key.startswith("sy_"):
         return None
+    key_hash = hash_key(raw_key)
+    api_key = cached_key(key_hash)
+    if api_key is not None:
+        return api_key
     api_key = (
         ApiKey.objects.select_related("tenant")
-        .filter(key_hash=hash_key(raw_key), revoked_at__isnull=True)
+        .filter(key_hash=key_hash, revoked_at__isnull=True)
         .first()
     )
     if api_key is None:
         return None
+    remember_key(api_key)
     now = timezone.now()
     if api_key.last_used_at is None or now - api_key.last_used_at > _LAST_USED_RESOLUTION:
         ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)

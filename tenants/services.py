@@ -10,6 +10,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from orchestrator.encryption import decrypt, encrypt
+from tenants.keycache import forget_key
 from tenants.models import ApiKey, Scope, Tenant
 
 WEBHOOK_SECRET_PREFIX = "whsec_"
@@ -44,6 +45,7 @@ def api_key_issue(*, tenant: Tenant, name: str, scopes: list[str] | None = None)
 def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
     """Revoke `api_key` (idempotent: a revoked key keeps its first revocation time)."""
     ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    forget_key(api_key.key_hash)
     api_key.refresh_from_db(fields=["revoked_at"])
     return api_key
 

@@ -7,6 +7,7 @@ import yaml
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
+from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.pagination import CursorPagination
 from rest_framework.parsers import BaseParser
 from rest_framework.request import Request
@@ -32,6 +33,8 @@ from jobs.services.documents import documents_add
 from jobs.services.runs import RunError, request_fingerprint, run_cancel, run_retry
 from jobs.services.submission import Backpressure, IdempotencyConflict, run_submit
 from jobs.services.workflows import workflow_version_create
+from tenants.keycache import forget_key
+from tenants.models import ApiKey
 
 
 class YAMLParser(BaseParser):
@@ -243,28 +246,37 @@ class RunListView(APIView):
                 code="invalid_request",
                 message="Idempotency-Key must be at most 255 characters",
             )
-        version = selectors.workflow_version_for(
-            tenant=tenant, name=data["workflow"], version=data.get("version")
-        )
-        if version is None:
-            suffix = f" version {data['version']}" if data.get("version") else ""
-            raise ApiError(
-                status_code=404,
-                code="not_found",
-                message=f"workflow {data['workflow']!r}{suffix} not found",
-            )
-        try:
-            submission = run_submit(
-                tenant=tenant,
-                version=version,
-                input=data.get("input", {}),
-                lane=data.get("lane"),
-                webhook_url=data.get("webhook_url", ""),
-                idempotency_key=idempotency_key,
-                request_hash=request_fingerprint(request.data) if idempotency_key else "",
-            )
-        except RunError as exc:
-            raise _run_error(exc) from None
+        name, number = data["workflow"], data.get("version")
+        for attempt in range(2):
+            # The version from this process's cache; the submission's statement checks that
+            # it is still there (and still the latest, if asked for as such).
+            version = selectors.workflow_version_cached(tenant=tenant, name=name, version=number)
+            if version is None:
+                suffix = f" version {number}" if number else ""
+                message = f"workflow {name!r}{suffix} not found"
+                raise ApiError(status_code=404, code="not_found", message=message)
+            try:
+                submission = run_submit(
+                    tenant=tenant,
+                    version=version,
+                    input=data.get("input", {}),
+                    lane=data.get("lane"),
+                    webhook_url=data.get("webhook_url", ""),
+                    idempotency_key=idempotency_key,
+                    request_hash=request_fingerprint(request.data) if idempotency_key else "",
+                    cached_version=True,
+                    latest=number is None,
+                    api_key_id=request.auth.pk if isinstance(request.auth, ApiKey) else None,
+                )
+                break
+            except RunError as exc:
+                if exc.code == "stale_version" and attempt == 0:
+                    selectors.workflow_version_forget(tenant=tenant, name=name, version=number)
+                    continue
+                if exc.code == "key_revoked":
+                    forget_key(request.auth.key_hash)
+                    raise AuthenticationFailed("Unknown or revoked API key.") from None
+                raise _run_error(exc) from None
         run = submission.run
         if submission.created or not run.is_final:
             return self._accepted(request, run, status.HTTP_202_ACCEPTED)

@@ -23,19 +23,20 @@ from django.db.models.functions import Extract
 from django.utils import timezone
 
 from jobs.dispatch import Dispatch
-from jobs.events import RunLog
+from jobs.events import RunLog, publish_live_on_commit
 from jobs.models import AttemptOutcome, Run, RunStatus, StepAttempt, StepRun, StepStatus
 from jobs.services.runs import (
     RunError,
     RunTxn,
-    definition_of,
+    definition_for,
     run_advance,
     run_create,
+    run_from_row,
     run_locked,
-    run_mark_started,
     skips_busy_runs,
 )
-from tenants.quotas import llm_tokens_add
+from jobs.transitions import sql
+from tenants.quotas import usage_day
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class Claim:
     input: dict[str, Any]
     deadline: datetime
     run_pk: int = 0  # the run's row: the report locks it without looking it up
+    max_attempts: int = 1
+    workflow_version_id: int = 0
     # Until when the attempt is this worker's: a report refused for a transient reason (a lock
     # timeout, a session ended by the idle-in-transaction timeout) is retried until then.
     lease_expires_at: datetime | None = None
@@ -234,60 +237,61 @@ def step_expire_lease(*, step_run_id: int) -> bool:
 def step_claim(*, step_run_id: int, dispatch_token: str, worker: str) -> Claim | None:
     """queued → running for the holder of the current dispatch token; None to drop the message.
 
-    A redelivered message whose step is still `running` under the same token means the worker
-    that had it died (SIGKILL, OOM): that attempt is recorded as lost and counts against the
-    step's attempts, so a poison step ends instead of looping.
+    One statement (`switchyard_step_claim`). A redelivered message whose step is still
+    `running` under the same token means the worker that had it died (SIGKILL, OOM): that
+    attempt is recorded as lost and counts against the step's attempts (`_step_requeue_lost`),
+    so a poison step ends instead of looping; otherwise the step is claimed again.
     """
-    run_pk = _run_pk_of(step_run_id)
-    if run_pk is None:
-        return None
     token = uuid.UUID(str(dispatch_token))
+    grace_s = settings.SWITCHYARD_LEASE_GRACE_S
+    claimed = sql.step_claim(step_run_id=step_run_id, token=token, worker=worker, grace_s=grace_s)
+    if claimed["outcome"] == "lost" and _step_requeue_lost(
+        run_pk=claimed["run_pk"], step_run_id=step_run_id, token=token
+    ):
+        claimed = sql.step_claim(
+            step_run_id=step_run_id, token=token, worker=worker, grace_s=grace_s
+        )
+    if claimed["outcome"] != "claimed":
+        return None
+    publish_live_on_commit(claimed["run_public_id"], claimed["events"])
+    started_at = sql.parse_time(claimed["started_at"])
+    return Claim(
+        run_pk=claimed["run_pk"],
+        step_run_id=step_run_id,
+        run_public_id=uuid.UUID(claimed["run_public_id"]),
+        tenant_id=claimed["tenant_id"],
+        step_id=claimed["step_id"],
+        map_index=claimed["map_index"],
+        kind=claimed["kind"],
+        attempt=claimed["attempt"],
+        max_attempts=claimed["max_attempts"],
+        workflow_version_id=claimed["workflow_version_id"],
+        dispatch_token=token,
+        input=claimed["input"],
+        deadline=started_at + timedelta(seconds=claimed["timeout_s"]),
+        lease_expires_at=sql.parse_time(claimed["lease_expires_at"]),
+    )
+
+
+def _step_requeue_lost(*, run_pk: int, step_run_id: int, token: uuid.UUID) -> bool:
+    """running → queued under the same token, because the worker running it was lost: the
+    attempt is closed as lost; a step whose attempts are spent fails instead (False)."""
     with run_locked(run_pk) as txn:
         step = _lock_step(txn, step_run_id)
-        if step.dispatch_token != token:
-            return None
-        now = timezone.now()
-        if step.status == StepStatus.RUNNING:
-            error = f"worker {step.worker or '?'} was lost while running attempt {step.attempt}"
-            _close_attempt(step, AttemptOutcome.LOST, error=error, code="worker_lost")
-            txn.log.add("step.attempt_lost", step=step, attempt=step.attempt, error=error)
-            if step.attempt >= step.max_attempts:
-                message = (
-                    f"the worker running this step was lost on each of its "
-                    f"{step.attempt} attempts (the step may crash its worker)"
-                )
-                _step_fail_final(txn, step, error=message, code="worker_lost")
-                return None
-        elif step.status != StepStatus.QUEUED:
-            return None
-        step.attempt += 1
-        step.status = StepStatus.RUNNING
-        step.started_at = now
-        step.worker = worker
-        step.lease_expires_at = now + timedelta(
-            seconds=step.timeout_s + settings.SWITCHYARD_LEASE_GRACE_S
-        )
-        step.save(update_fields=["attempt", "status", "started_at", "worker", "lease_expires_at"])
-        StepAttempt.objects.create(
-            step_run=step, number=step.attempt, dispatch_token=token, worker=worker, started_at=now
-        )
-        run_mark_started(txn)
-        txn.log.add("step.started", step=step, attempt=step.attempt, worker=worker)
-        txn.log.wake_scheduler(only_if_ready=True)  # a queued slot of this queue is free
-        return Claim(
-            run_pk=txn.run.pk,
-            step_run_id=step.pk,
-            run_public_id=txn.run.public_id,
-            tenant_id=txn.run.tenant_id,
-            step_id=step.step_id,
-            map_index=step.map_index,
-            kind=step.kind,
-            attempt=step.attempt,
-            dispatch_token=token,
-            input=step.input or {},
-            deadline=now + timedelta(seconds=step.timeout_s),
-            lease_expires_at=step.lease_expires_at,
-        )
+        if step.status != StepStatus.RUNNING or step.dispatch_token != token:
+            return False
+        error = f"worker {step.worker or '?'} was lost while running attempt {step.attempt}"
+        _close_attempt(step, AttemptOutcome.LOST, error=error, code="worker_lost")
+        txn.log.add("step.attempt_lost", step=step, attempt=step.attempt, error=error)
+        if step.attempt >= step.max_attempts:
+            message = (
+                f"the worker running this step was lost on each of its "
+                f"{step.attempt} attempts (the step may crash its worker)"
+            )
+            _step_fail_final(txn, step, error=message, code="worker_lost")
+            return False
+        StepRun.objects.filter(pk=step.pk).update(status=StepStatus.QUEUED)
+        return True
 
 
 def _fenced(txn: RunTxn, claim: Claim, *, reported: str) -> StepRun | None:
@@ -317,86 +321,188 @@ def _fenced(txn: RunTxn, claim: Claim, *, reported: str) -> StepRun | None:
 
 
 def step_complete(*, claim: Claim, output: Any) -> bool:
-    """Checkpoint a step's output and advance the graph, in one transaction."""
-    with run_locked(_claimed_run_pk(claim)) as txn:
-        step = _fenced(txn, claim, reported="success")
-        if step is None:
-            return False
-        _close_attempt(step, AttemptOutcome.SUCCEEDED)
-        now = timezone.now()
-        step.status = StepStatus.SUCCEEDED
-        step.output = output
-        step.error = ""
-        step.error_code = ""
-        step.finished_at = now
-        step.lease_expires_at = None
-        step.save(
-            update_fields=[
-                "status",
-                "output",
-                "error",
-                "error_code",
-                "finished_at",
-                "lease_expires_at",
-            ]
-        )
-        txn.log.add(
-            "step.succeeded",
-            step=step,
-            attempt=step.attempt,
-            duration_ms=round((now - step.started_at).total_seconds() * 1000, 1),
-        )
-        if step.kind == "llm" and isinstance(output, dict):
-            usage = output.get("usage") or {}
-            llm_tokens_add(
-                tenant_id=step.tenant_id, tokens=int(usage.get("total_tokens") or 0), now=now
-            )
-        txn.log.wake_scheduler(only_if_ready=True)  # a slot of this tenant and queue is free
-        run_advance(txn)
-        return True
+    """Checkpoint a step's output and advance the graph, in one transaction (`_report`)."""
+    tokens = 0
+    if claim.kind == "llm" and isinstance(output, dict):
+        tokens = int((output.get("usage") or {}).get("total_tokens") or 0)
+    return _report(
+        claim,
+        reported="success",
+        status=StepStatus.SUCCEEDED,
+        outcome=AttemptOutcome.SUCCEEDED,
+        output=output,
+        event={"type": "step.succeeded", "data": {"attempt": claim.attempt}},
+        llm_tokens=tokens,
+    )
+
+
+@dataclass(frozen=True)
+class _AfterFailure:
+    """What a failed attempt leads to, by the step's retry policy."""
+
+    retry_at: datetime | None  # None: the step fails
+    delay_s: float
+    step_error: str  # the step's error (a final failure says after how many attempts)
+
+    def retrying_data(self, *, attempt: int, error: str, code: str) -> dict[str, Any]:
+        return {
+            "attempt": attempt,
+            "error": error,
+            "code": code,
+            "retry_at": self.retry_at.isoformat() if self.retry_at else None,
+            "delay_s": round(self.delay_s, 3),
+        }
+
+
+def _after_failure(
+    *,
+    version_pk: int,
+    step_id: str,
+    map_index: int | None,
+    attempt: int,
+    max_attempts: int,
+    error: str,
+    code: str,
+    retryable: bool,
+) -> _AfterFailure:
+    step_def = definition_for(version_pk).step(step_id)
+    policy = step_def.item.retry if map_index is not None else step_def.retry
+    fatal = not retryable or code in policy.non_retryable
+    if not fatal and attempt < max_attempts:
+        delay = policy.delay_before_retry(attempt, random.random())
+        return _AfterFailure(timezone.now() + timedelta(seconds=delay), delay, error)
+    return _AfterFailure(None, 0.0, error if fatal else f"{error} (after {attempt} attempts)")
 
 
 def step_fail(*, claim: Claim, error: str, code: str, retryable: bool) -> bool:
     """Record a failed attempt; retry later (in the database) or fail the step."""
-    with run_locked(_claimed_run_pk(claim)) as txn:
-        step = _fenced(txn, claim, reported="failure")
-        if step is None:
-            return False
-        _close_attempt(step, AttemptOutcome.FAILED, error=error, code=code)
-        _after_failed_attempt(txn, step, error=error, code=code, retryable=retryable)
-        txn.log.wake_scheduler(only_if_ready=True)
-        return True
+    after = _after_failure(
+        version_pk=claim.workflow_version_id,
+        step_id=claim.step_id,
+        map_index=claim.map_index,
+        attempt=claim.attempt,
+        max_attempts=claim.max_attempts,
+        error=error,
+        code=code,
+        retryable=retryable,
+    )
+    if after.retry_at is not None:
+        return _report(
+            claim,
+            reported="failure",
+            status=StepStatus.RETRY_WAIT,
+            outcome=AttemptOutcome.FAILED,
+            error=error,
+            code=code,
+            retry_at=after.retry_at,
+            event={
+                "type": "step.retrying",
+                "data": after.retrying_data(attempt=claim.attempt, error=error, code=code),
+            },
+        )
+    return _report(
+        claim,
+        reported="failure",
+        status=StepStatus.FAILED,
+        outcome=AttemptOutcome.FAILED,
+        error=error,
+        step_error=after.step_error,
+        code=code,
+        event={
+            "type": "step.failed",
+            "data": {"attempt": claim.attempt, "error": after.step_error, "code": code},
+        },
+    )
 
 
 def _after_failed_attempt(
     txn: RunTxn, step: StepRun, *, error: str, code: str, retryable: bool
 ) -> None:
-    definition = definition_of(txn.run.workflow_version)
-    step_def = definition.step(step.step_id)
-    policy = step_def.item.retry if step.map_index is not None else step_def.retry
-    if retryable and code not in policy.non_retryable and step.attempt < step.max_attempts:
-        delay = policy.delay_before_retry(step.attempt, random.random())
-        step.status = StepStatus.RETRY_WAIT
-        step.retry_at = timezone.now() + timedelta(seconds=delay)
-        step.error = error
-        step.error_code = code
-        step.lease_expires_at = None
-        step.save(update_fields=["status", "retry_at", "error", "error_code", "lease_expires_at"])
-        txn.log.add(
-            "step.retrying",
-            step=step,
-            attempt=step.attempt,
-            error=error,
-            code=code,
-            retry_at=step.retry_at.isoformat(),
-            delay_s=round(delay, 3),
-        )
+    """The ORM form of a failed attempt's outcome, for transitions that hold the step's row
+    (a lease that expired)."""
+    after = _after_failure(
+        version_pk=txn.run.workflow_version_id,
+        step_id=step.step_id,
+        map_index=step.map_index,
+        attempt=step.attempt,
+        max_attempts=step.max_attempts,
+        error=error,
+        code=code,
+        retryable=retryable,
+    )
+    if after.retry_at is None:
+        _step_fail_final(txn, step, error=after.step_error, code=code)
         return
-    if not retryable or code in policy.non_retryable:
-        message = error
-    else:
-        message = f"{error} (after {step.attempt} attempts)"
-    _step_fail_final(txn, step, error=message, code=code)
+    step.status = StepStatus.RETRY_WAIT
+    step.retry_at = after.retry_at
+    step.error = error
+    step.error_code = code
+    step.lease_expires_at = None
+    step.save(update_fields=["status", "retry_at", "error", "error_code", "lease_expires_at"])
+    txn.log.add(
+        "step.retrying",
+        step=step,
+        **after.retrying_data(attempt=step.attempt, error=error, code=code),
+    )
+
+
+def _report(
+    claim: Claim,
+    *,
+    reported: str,
+    status: str,
+    outcome: str,
+    event: dict[str, Any],
+    output: Any = None,
+    error: str = "",
+    step_error: str | None = None,
+    code: str = "",
+    retry_at: datetime | None = None,
+    llm_tokens: int = 0,
+) -> bool:
+    """A worker's report, in one transaction of at most two statements: the compare-and-set
+    that checkpoints the attempt (`switchyard_step_report`), then, when the step ended, the
+    engine's advance with the direct admission of what became ready (`run_advance`). A late
+    report (the step was taken over) is refused and recorded; returns False then."""
+    now = timezone.now()
+    with transaction.atomic(), sql.pipelined():
+        reported_row = sql.step_report(
+            step_run_id=claim.step_run_id,
+            run_pk=claim.run_pk,
+            token=claim.dispatch_token,
+            attempt=claim.attempt,
+            reported=reported,
+            status=status,
+            outcome=outcome,
+            output=output,
+            error=error,
+            step_error=error if step_error is None else step_error,
+            code=code,
+            retry_at=retry_at,
+            event=event,
+            llm_tokens=llm_tokens,
+            day=usage_day(now),
+        )
+        publish_live_on_commit(claim.run_public_id, reported_row["events"])
+        if reported_row["outcome"] == "refused":
+            log.warning(
+                "refused late %s of step run %s attempt %s (now %s at attempt %s)",
+                reported,
+                claim.step_run_id,
+                claim.attempt,
+                reported_row["status"],
+                reported_row["attempt"],
+            )
+            return False
+        run = run_from_row(reported_row["run"])
+        with run_locked(run.pk, locked=run) as txn:
+            # A slot of this tenant and queue is free: the scheduler matters if steps wait.
+            if reported_row["steps"] is None:
+                txn.log.wake_scheduler(only_if_ready=True)
+            else:
+                rows = [tuple(row) for row in reported_row["steps"]]
+                run_advance(txn, rows=rows, wake="if_ready")
+    return True
 
 
 def _step_fail_final(txn: RunTxn, step: StepRun, *, error: str, code: str) -> None:

@@ -1,8 +1,8 @@
 """Submitting a run from the client API: idempotency keys, backpressure, the webhook URL policy.
 
-`run_submit` is the API's door to `run_create` (child runs are created by the engine, without
-any of this). It only writes PostgreSQL: the broker is never on the path of a submission
-(DESIGN §3.7), so a submission succeeds while RabbitMQ is down.
+`run_submit` is the API's door to `run_insert` (child runs are created by the engine, without
+any of this). It only writes PostgreSQL, in one statement: the broker is never on the path of
+a submission, so a submission succeeds while RabbitMQ is down.
 
 Idempotency: a key matches the tenant's run that holds it for `SWITCHYARD_IDEMPOTENCY_TTL_S`
 after that run was created. The partial unique constraint on (tenant, idempotency_key) stays
@@ -16,17 +16,15 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.utils import timezone
+from django.db import IntegrityError
 
 from jobs import selectors
 from jobs.definitions import Fault
 from jobs.models import Run, WorkflowVersion
-from jobs.services.runs import RunError, run_create
+from jobs.services.runs import RunError, SubmissionChecks, run_insert
 from jobs.steps.netguard import ForbiddenURL, check_outbound_url
 from tenants.models import Tenant
 
@@ -65,53 +63,61 @@ def run_submit(
     webhook_url: str = "",
     idempotency_key: str = "",
     request_hash: str = "",
+    cached_version: bool = False,
+    latest: bool = False,
+    api_key_id: int | None = None,
 ) -> Submission:
     """Create a run for a client, or return the run its Idempotency-Key already created.
 
     Raises IdempotencyConflict (same key, other body), Backpressure (a queue is full) or
     RunError (bad input, lane or webhook URL). A replay is answered before backpressure: a
     client retrying a submission that succeeded gets its run even when the queue is full.
+
+    One statement (`run_insert`) checks the key, the tenant's queued-run quota, and, when the
+    caller resolved `version` and the API key from its per-process caches, that `version`
+    still exists and is still the latest if asked for as such (`cached_version`, `latest`),
+    and that the key is not revoked (`api_key_id`): RunError `stale_version` / `key_revoked`
+    then, for the caller to refresh its cache.
     """
-    expired: Run | None = None
-    if idempotency_key:
-        holder = selectors.run_by_idempotency_key(tenant=tenant, key=idempotency_key)
-        if holder is not None:
-            if _key_is_live(holder):
-                return _replay(holder, request_hash)
-            expired = holder
     _check_webhook_url(webhook_url)
-    backpressure_check(tenant=tenant)
+    _platform_backlog_check()
+    checks = SubmissionChecks(
+        idempotency_ttl_s=settings.SWITCHYARD_IDEMPOTENCY_TTL_S,
+        max_queued_runs=tenant.max_queued_runs,
+        cached_version=cached_version,
+        latest=latest,
+        api_key_id=api_key_id,
+    )
     try:
-        with transaction.atomic():
-            if expired is not None:
-                # Row-locks the old run: a concurrent reuse of the same expired key waits
-                # here, then finds the key gone and collides on the unique constraint.
-                Run.objects.filter(pk=expired.pk, idempotency_key=idempotency_key).update(
-                    idempotency_key=""
-                )
-            run = run_create(
-                tenant=tenant,
-                version=version,
-                input=input,
-                lane=lane,
-                webhook_url=webhook_url,
-                idempotency_key=idempotency_key,
-                request_hash=request_hash,
-            )
+        created = run_insert(
+            tenant=tenant,
+            version=version,
+            input=input,
+            lane=lane,
+            webhook_url=webhook_url,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+            checks=checks,
+        )
     except IntegrityError:
-        if not idempotency_key:
-            raise
-        # Another request with this key committed its run first.
+        # Two requests released the same expired key at once: the other one's run holds it.
         holder = selectors.run_by_idempotency_key(tenant=tenant, key=idempotency_key)
-        if holder is None:
+        if not idempotency_key or holder is None:
             raise
         return _replay(holder, request_hash)
-    return Submission(run=run, created=True)
-
-
-def _key_is_live(run: Run) -> bool:
-    ttl = timedelta(seconds=settings.SWITCHYARD_IDEMPOTENCY_TTL_S)
-    return run.created_at > timezone.now() - ttl
+    if created.outcome == "replay":
+        return _replay(created.run, request_hash)
+    if created.outcome == "queued_runs_full":
+        retry_after = settings.SWITCHYARD_API_RETRY_AFTER_S
+        raise Backpressure(
+            f"tenant {tenant.slug!r} has {created.queued} queued runs, its max_queued_runs "
+            f"quota; retry after {retry_after}s",
+            code="queued_runs_quota_full",
+            retry_after=retry_after,
+        )
+    if created.outcome != "created":
+        raise RunError(f"submission refused: {created.outcome}", code=created.outcome)
+    return Submission(run=created.run, created=True)
 
 
 def _replay(run: Run, request_hash: str) -> Submission:
@@ -163,26 +169,10 @@ def platform_backlog_cache_clear() -> None:
         _backlog_cache.clear()
 
 
-def backpressure_check(*, tenant: Tenant) -> None:
-    """Raise Backpressure when the tenant's queued-run quota or the platform backlog is full.
-
-    - 429: the tenant has `max_queued_runs` runs not yet started (status `accepted`).
-    - 503: `SWITCHYARD_PLATFORM_MAX_BACKLOG` steps of active tenants wait for a worker
-      (status `ready` or `queued`).
-
-    Both are checks before the insert, not locks: concurrent submissions can pass a limit by
-    the few that are in flight at once, which a backpressure signal can afford.
-    """
+def _platform_backlog_check() -> None:
+    """503 when `SWITCHYARD_PLATFORM_MAX_BACKLOG` steps of active tenants wait for a worker
+    (counted at most once a second per process)."""
     retry_after = settings.SWITCHYARD_API_RETRY_AFTER_S
-    quota = tenant.max_queued_runs
-    queued = selectors.queued_runs_count(tenant=tenant, cap=quota)
-    if queued >= quota:
-        raise Backpressure(
-            f"tenant {tenant.slug!r} has {queued} queued runs, its max_queued_runs quota; "
-            f"retry after {retry_after}s",
-            code="queued_runs_quota_full",
-            retry_after=retry_after,
-        )
     limit = settings.SWITCHYARD_PLATFORM_MAX_BACKLOG
     backlog = platform_backlog(cap=limit)
     if backlog >= limit:

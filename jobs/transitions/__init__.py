@@ -1,0 +1,1 @@
+"""The state transitions of runs and steps: their one owner."""
