@@ -23,13 +23,16 @@ gets one `step.held` event saying why.
 With `SWITCHYARD_ADMISSION_POLICY=fifo` the scheduler admits by readiness time alone (quotas
 still hold): the baseline the benchmark compares fairness against.
 
-Direct admission (`admit_directly`): a transaction that makes steps ready (a worker's report,
-a submission) admits them itself when no other step waits in their queue, so that on a
-system that is not saturated a step does not wait for a scheduler cycle. With nothing else
-waiting, the fair choice is that step whatever the policy; the quotas are checked as the
-scheduler checks them, under the same admission lock (taken without waiting: when the
-scheduler holds it, the scheduler is woken instead). Under contention every step goes
-through `decide`.
+Direct admission: a transaction that makes steps ready (a worker's report, a submission)
+admits them itself when no other step waits in their queue, so that on a system that is not
+saturated a step does not wait for a scheduler cycle. With nothing else waiting, the fair
+choice is that step whatever the policy; the quotas are checked as the scheduler checks
+them, under the same admission lock (taken without waiting: when the scheduler holds it, the
+scheduler is woken instead). It is written in SQL, in the statement that makes the steps
+ready (`switchyard_run_apply` in jobs/transitions/sql/functions.sql: the same rules as
+`queue_room` and `_blocked_reason` here, tested side by side in
+tests/integration/test_direct_admission.py). Under contention every step goes through
+`decide`.
 """
 
 from __future__ import annotations
@@ -45,24 +48,17 @@ from django.db.models import Count
 from django.utils import timezone
 
 from jobs.dispatch import unheld_timeout_above_s
-from jobs.models import Run, RunStatus, StepRun, StepStatus
-from jobs.selectors import in_flight_sql, in_flight_steps
+from jobs.models import RunStatus, StepRun, StepStatus
+from jobs.selectors import in_flight_steps
 from jobs.steps import registry
 from tenants.models import (
     LANE_RANK,
     Lane,
     Tenant,
-    TenantThrottle,
-    TenantThrottleSpend,
-    TenantTokenUse,
-    TenantUsageDay,
 )
 from tenants.quotas import (
     TenantQuotaState,
     quota_states,
-    refilled,
-    throttle_spend,
-    usage_day,
 )
 
 # Admission reads occupancy, quotas and buckets, then acts on them: two processes doing that
@@ -395,93 +391,3 @@ def _concrete_holds(held) -> list[Hold]:
         if len(holds) >= 100:
             break
     return holds
-
-
-# --- direct admission ---------------------------------------------------------------------
-
-# What a direct admission of `tenant`'s ready steps in `queue` needs to know, in one round
-# trip: the queue's admitted-but-unstarted steps, the tenant's steps in flight, whether any
-# other step waits in the queue, the tenant's bucket and LLM tokens today, its active runs,
-# the queue's steps running unheld.
-_DIRECT_STATE = f"""
-SELECT
-  (SELECT count(*) FROM {StepRun._meta.db_table}
-    WHERE status = 'queued' AND queue = %(queue)s),
-  (SELECT count(*) FROM {StepRun._meta.db_table}
-    WHERE {in_flight_sql()} AND tenant_id = %(tenant)s),
-  EXISTS (SELECT 1 FROM {StepRun._meta.db_table}
-    WHERE status = 'ready' AND queue = %(queue)s AND NOT (id = ANY(%(ids)s))),
-  (SELECT step_tokens FROM {TenantThrottle._meta.db_table} WHERE tenant_id = %(tenant)s),
-  (SELECT refilled_at FROM {TenantThrottle._meta.db_table} WHERE tenant_id = %(tenant)s),
-  (SELECT coalesce(sum(step_tokens), 0) FROM {TenantThrottleSpend._meta.db_table}
-    WHERE tenant_id = %(tenant)s),
-  (SELECT coalesce(sum(llm_tokens), 0) FROM {TenantUsageDay._meta.db_table}
-    WHERE tenant_id = %(tenant)s AND day = %(day)s)
-  + (SELECT coalesce(sum(llm_tokens), 0) FROM {TenantTokenUse._meta.db_table}
-    WHERE tenant_id = %(tenant)s AND day = %(day)s),
-  CASE WHEN %(accepted)s THEN (SELECT count(*) FROM {Run._meta.db_table}
-    WHERE tenant_id = %(tenant)s AND status IN ('running', 'waiting')) ELSE 0 END,
-  (SELECT count(*) FROM {StepRun._meta.db_table}
-    WHERE {in_flight_sql()} AND status = 'running' AND queue = %(queue)s
-      AND timeout_s > %(unheld_s)s)
-"""
-
-
-def admit_directly(
-    *, tenant: Tenant, run_accepted: bool, steps: list[StepRun], now: datetime
-) -> list[StepRun]:
-    """Of the ready `steps` of one run, those this transaction may admit now (see the module
-    docstring); their bucket tokens are spent. Call inside the transaction that made them
-    ready; the caller moves them to `queued`. Empty when the admission lock is busy, the
-    setting is off, or any other step waits in a step's queue."""
-    if not (settings.SWITCHYARD_DIRECT_ADMISSION and tenant.is_active and steps):
-        return []
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [ADMISSION_LOCK_ID])
-        if not cursor.fetchone()[0]:
-            return []
-    by_queue: dict[str, list[StepRun]] = defaultdict(list)
-    for step in steps:
-        by_queue[step.queue].append(step)
-    admitted: list[StepRun] = []
-    tokens: float | None = None
-    for queue, candidates in sorted(by_queue.items()):
-        with connection.cursor() as cursor:
-            cursor.execute(
-                _DIRECT_STATE,
-                {
-                    "queue": queue,
-                    "tenant": tenant.pk,
-                    "ids": [step.pk for step in candidates],
-                    "day": usage_day(now),
-                    "accepted": run_accepted,
-                    "unheld_s": unheld_timeout_above_s(),
-                },
-            )
-            row = cursor.fetchone()
-            queued, in_flight, others, level, refilled_at, spent, llm_today, active, unheld = row
-        if others:
-            continue
-        if run_accepted and active >= tenant.max_active_runs:
-            return []
-        if queue == registry.QUEUE_LLM and llm_today >= tenant.llm_tokens_per_day:
-            continue
-        if tokens is None:
-            throttle = (
-                None
-                if level is None
-                else TenantThrottle(step_tokens=level, refilled_at=refilled_at)
-            )
-            tokens = refilled(tenant, throttle, now) - spent
-        n = min(
-            len(candidates),
-            queue_room(queue, queued=queued, unheld_running=unheld),
-            tenant.max_concurrent_steps - in_flight - len(admitted),
-            math.floor(tokens),
-        )
-        if n > 0:
-            admitted.extend(candidates[:n])
-            tokens -= n
-    if admitted:
-        throttle_spend(tenant_id=tenant.pk, step_tokens=len(admitted))
-    return admitted

@@ -1,7 +1,7 @@
 """Publishing step messages to RabbitMQ: confirmed, persistent, after the admitting commit.
 
 The scheduler publishes its batches itself (`publish`). A transaction that admits steps
-directly (`jobs.admission.admit_directly`: a worker's report, a submission) hands them to
+directly (`switchyard_run_apply`: a worker's report, a submission) hands them to
 `publish_after_commit`, whose messages a background thread of the process publishes, so that
 no request or worker thread ever waits on the broker (a memory alarm blocks publishers until
 it clears). A message that is never published (the broker is down, the process dies first)

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from channels.layers import get_channel_layer
-from django.db import connection, transaction
+from django.db import transaction
 
 from jobs.models import Event, Run, StepRun
 
@@ -80,7 +80,9 @@ def event_payload(event: Event, run_public_id: Any) -> dict[str, Any]:
 
 
 class RunLog:
-    """Collects the events of one transaction on one run; `flush` writes them.
+    """Collects the events of one transaction on one run; `take` hands them to the statement
+    that writes them (`switchyard_log_append`, through `switchyard_run_apply`), which numbers
+    them from the run's `next_seq` under the run's row lock.
 
     Create it only inside a transaction that holds the run's row lock (`services.run_locked`).
     """
@@ -128,48 +130,6 @@ class RunLog:
         self._pending = []
         self._wake_scheduler = self._wake_if_ready = False
         return events, wake
-
-    def flush(self) -> None:
-        RunLog.flush_many([self])
-
-    @staticmethod
-    def flush_many(logs: list[RunLog]) -> None:
-        """Write the logs of one or several runs, all locked by this transaction: one INSERT
-        for every event and one UPDATE for every run's `next_seq`; wake the scheduler if any
-        asked. Each run's events are published live after the commit."""
-        # NOTIFY is transactional: the scheduler hears it only if this commits.
-        if any(run_log._wake_scheduler for run_log in logs):
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_notify(%s, '')", [READY_CHANNEL])
-        elif any(run_log._wake_if_ready for run_log in logs):
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    "SELECT pg_notify(%s, '') WHERE EXISTS "
-                    f"(SELECT 1 FROM {StepRun._meta.db_table} WHERE status = 'ready')",
-                    [READY_CHANNEL],
-                )
-        for run_log in logs:
-            run_log._wake_scheduler = run_log._wake_if_ready = False
-        logs = [run_log for run_log in logs if run_log._pending]
-        if not logs:
-            return
-        Event.objects.bulk_create([event for run_log in logs for event in run_log._pending])
-        with connection.cursor() as cursor:
-            rows = [(run_log.run.pk, len(run_log._pending)) for run_log in logs]
-            cursor.execute(
-                f"UPDATE {Run._meta.db_table} AS run SET next_seq = run.next_seq + v.n "
-                f"FROM (VALUES {', '.join(['(%s::bigint, %s::integer)'] * len(rows))}) "
-                "AS v(id, n) WHERE run.id = v.id",
-                [value for row in rows for value in row],
-            )
-        for run_log in logs:
-            events, run_log._pending = run_log._pending, []
-            run_log.run.next_seq += len(events)
-            public_id = run_log.run.public_id
-            payloads = [event_payload(event, public_id) for event in events]
-            transaction.on_commit(
-                lambda public_id=public_id, payloads=payloads: publish_live(public_id, payloads)
-            )
 
 
 def publish_live_on_commit(run_public_id: Any, payloads: list[dict[str, Any]] | None) -> None:

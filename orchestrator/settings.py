@@ -263,7 +263,7 @@ SWITCHYARD_POOL_CAPACITY = env_map_int(
 )
 SWITCHYARD_QUEUE_DEPTH_FACTOR = env_float("SWITCHYARD_QUEUE_DEPTH_FACTOR", 0.5, minimum=0.0)
 # A transaction that makes steps ready admits them itself when nothing else waits in their
-# queue (jobs/admission.py `admit_directly`); off, every step waits for a scheduler cycle.
+# queue (jobs/admission.py, "Direct admission"); off, every step waits for a scheduler cycle.
 SWITCHYARD_DIRECT_ADMISSION = env_bool("SWITCHYARD_DIRECT_ADMISSION", True)
 SWITCHYARD_ADMISSION_POLICY = env_choice("SWITCHYARD_ADMISSION_POLICY", "fair", ["fair", "fifo"])
 SWITCHYARD_LANE_MIN_SHARE = env_map_float(

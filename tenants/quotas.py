@@ -105,13 +105,6 @@ def throttle_spent(tenant_ids: list[int]) -> dict[int, float]:
     )
 
 
-def throttle_spend(*, tenant_id: int, step_tokens: float) -> None:
-    """Record bucket tokens a direct admission spent (an INSERT: no row lock is waited for).
-    Call inside the admitting transaction, holding the admission lock."""
-    if step_tokens > 0:
-        TenantThrottleSpend.objects.create(tenant_id=tenant_id, step_tokens=step_tokens)
-
-
 def throttle_record(*, levels: dict[int, float], now: datetime) -> None:
     """Write tenants' bucket levels after the scheduler's admission (`Decision.levels`) and
     fold their spends: one statement. Only the scheduler calls it, holding the admission lock.

@@ -207,12 +207,12 @@ def _apply(txn: RunTxn, plan: dict[str, Any], wake: str | None) -> dict[str, Any
     result = sql.run_apply(run_pk=txn.run.pk, plan=plan)
     txn.run.next_seq = result["run"]["next_seq"]
     publish_live_on_commit(txn.run.public_id, result["events"])
-    publish_after_commit([_dispatch_of(row, txn.run.tenant_id) for row in result["dispatches"]])
+    publish_after_commit([dispatch_of(row, txn.run.tenant_id) for row in result["dispatches"]])
     return result
 
 
-def _dispatch_of(row: dict[str, Any], tenant_id: int) -> Dispatch:
-    """The message for a step that `switchyard_run_apply` admitted."""
+def dispatch_of(row: dict[str, Any], tenant_id: int) -> Dispatch:
+    """The message for a step that `switchyard_steps_admit` admitted."""
     return Dispatch(
         step_run_id=row["id"],
         dispatch_token=uuid.UUID(row["token"]),
@@ -506,7 +506,6 @@ class SubmissionChecks:
     """What a client's submission checks in the statement that creates its run."""
 
     idempotency_ttl_s: float
-    max_queued_runs: int
     # The version came from the caller's cache: refused as `stale_version` if it is gone, or
     # if `latest` and a newer one exists.
     cached_version: bool = False
@@ -573,7 +572,7 @@ def run_insert(
         "request_hash": request_hash,
         "parent_step_id": parent_step.pk if parent_step is not None else None,
         "idempotency_ttl_s": checks.idempotency_ttl_s if checks else 0,
-        "max_queued_runs": checks.max_queued_runs if checks else None,
+        "check_queued_runs": checks is not None,
         "cached_version": (
             {
                 "workflow_id": version.workflow_id,
@@ -601,7 +600,7 @@ def run_insert(
         run.tenant = tenant
         run.workflow_version = version
         publish_live_on_commit(run.public_id, result["events"])
-        publish_after_commit([_dispatch_of(d, run.tenant_id) for d in result["dispatches"]])
+        publish_after_commit([dispatch_of(d, run.tenant_id) for d in result["dispatches"]])
         if run.status in RUN_FINAL:
             with run_locked(run.pk) as txn:
                 _run_ended(txn, run.status)

@@ -23,12 +23,13 @@ from django.db.models.functions import Extract
 from django.utils import timezone
 
 from jobs.dispatch import Dispatch
-from jobs.events import RunLog, publish_live_on_commit
+from jobs.events import publish_live_on_commit
 from jobs.models import AttemptOutcome, Run, RunStatus, StepAttempt, StepRun, StepStatus
 from jobs.services.runs import (
     RunError,
     RunTxn,
     definition_for,
+    dispatch_of,
     run_advance,
     run_create,
     run_from_row,
@@ -94,64 +95,27 @@ def _close_attempt(step: StepRun, outcome: str, *, error: str = "", code: str = 
 # --- admission (scheduler) ----------------------------------------------------------------
 
 
-def step_admit(*, step_run_id: int) -> Dispatch | None:
-    """ready → queued with a fresh dispatch token. None if another scheduler got there first."""
-    run_pk = _run_pk_of(step_run_id)
-    if run_pk is None:
-        return None
-    with run_locked(run_pk) as txn:
-        token = uuid.uuid4()
-        now = timezone.now()
-        updated = StepRun.objects.filter(pk=step_run_id, status=StepStatus.READY).update(
-            status=StepStatus.QUEUED, dispatch_token=token, dispatched_at=now
-        )
-        if not updated:
-            return None
-        step = StepRun.objects.get(pk=step_run_id)
-        if step.held_reason:
-            StepRun.objects.filter(pk=step_run_id).update(held_reason="")
-        txn.log.add("step.queued", step=step, queue=step.queue)
-        return Dispatch.of(step)
-
-
 def steps_admit(*, step_run_ids: list[int]) -> list[Dispatch]:
-    """ready → queued for many steps at once: one transaction, one commit.
-
-    The scheduler's admission is this (a cycle admits up to a broker's worth of steps). Each
-    step's run is locked as `step_admit` would, in id order, with SKIP LOCKED: a run whose row
+    """ready → queued, with fresh dispatch tokens, for the scheduler's admission: one
+    statement (`switchyard_steps_admit`, the one writer of this transition). A run that
     another transaction holds right now (a worker claiming or reporting one of its steps, or a
-    stalled one) is not waited for; its steps stay ready for the next cycle. Waiting there
-    could meet a child run's completion (child, then parent) in a deadlock, and would let one
-    stalled worker stop admission for every tenant.
+    stalled one) is skipped, not waited for: its steps stay ready for the next cycle. Waiting
+    there could meet a child run's completion (child, then parent) in a deadlock, and would
+    let one stalled worker stop admission for every tenant. Messages are published after the
+    commit by the caller (the scheduler publishes its batch itself).
     """
     if not step_run_ids:
         return []
-    dispatches: list[Dispatch] = []
-    with transaction.atomic():
-        wanted = StepRun.objects.filter(pk__in=step_run_ids, status=StepStatus.READY)
-        run_pks = sorted(set(wanted.values_list("run_id", flat=True)))
-        runs = {
-            run.pk: run
-            for run in Run.objects.select_for_update(of=("self",), skip_locked=True)
-            .filter(pk__in=run_pks)
-            .order_by("pk")
-        }
-        # Read after the locks: a step whose run is locked cannot change status under us.
-        steps = list(wanted.filter(run_id__in=list(runs)).order_by("id"))
-        logs = {run_pk: RunLog(run) for run_pk, run in runs.items()}
-        now = timezone.now()
-        for step in steps:
-            step.status = StepStatus.QUEUED
-            step.dispatch_token = uuid.uuid4()
-            step.dispatched_at = now
-            step.held_reason = ""
-            logs[step.run_id].add("step.queued", step=step, queue=step.queue)
-            dispatches.append(Dispatch.of(step))
-        StepRun.objects.bulk_update(
-            steps, ["status", "dispatch_token", "dispatched_at", "held_reason"]
-        )
-        RunLog.flush_many(list(logs.values()))
-    return dispatches
+    admitted = sql.steps_admit(step_run_ids=step_run_ids)
+    for logged in admitted["events"]:
+        publish_live_on_commit(logged["run"], logged["events"])
+    return [dispatch_of(row, row["tenant_id"]) for row in admitted["dispatches"]]
+
+
+def step_admit(*, step_run_id: int) -> Dispatch | None:
+    """`steps_admit` of one step (operators' tools and tests); None if it was not admitted."""
+    dispatches = steps_admit(step_run_ids=[step_run_id])
+    return dispatches[0] if dispatches else None
 
 
 @skips_busy_runs(False)

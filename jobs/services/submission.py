@@ -83,7 +83,6 @@ def run_submit(
     _platform_backlog_check()
     checks = SubmissionChecks(
         idempotency_ttl_s=settings.SWITCHYARD_IDEMPOTENCY_TTL_S,
-        max_queued_runs=tenant.max_queued_runs,
         cached_version=cached_version,
         latest=latest,
         api_key_id=api_key_id,

@@ -2,7 +2,8 @@
 
 Each call is one statement, one round trip. The functions are created by migrations: a
 change of `functions.sql` comes with a new migration that runs it again (`install_sql`).
-Timestamps are PostgreSQL's `now()`: one clock for every transition of the hot path.
+Timestamps are PostgreSQL's `clock_timestamp()` (when the statement runs, not when its
+transaction began): one clock for every transition of the hot path.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ FUNCTIONS = (
     "switchyard_step_claim(bigint, uuid, text, double precision)",
     "switchyard_step_report(bigint, bigint, uuid, integer, text, text, text, jsonb, text, text,"
     " text, timestamptz, jsonb, bigint, date)",
+    "switchyard_steps_admit(bigint[])",
     "switchyard_run_apply(bigint, jsonb)",
     "switchyard_run_submit(jsonb, jsonb)",
 )
@@ -111,6 +113,10 @@ def step_report(
             day,
         ],
     )
+
+
+def steps_admit(*, step_run_ids: list[int]) -> dict:
+    return _call("SELECT switchyard_steps_admit(%s::bigint[])", [step_run_ids])
 
 
 def run_apply(*, run_pk: int, plan: dict[str, Any]) -> dict:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from jobs.models import Run
 from tenants.models import ApiKey, Tenant
 from tenants.services import api_key_issue, tenant_create
 
@@ -110,7 +112,9 @@ def test_another_tenants_key_is_a_404(owner, outsider):
     assert str(theirs.public_id) not in names
 
 
-def test_last_used_is_written_at_most_once_a_minute(owner):
+def test_last_used_is_written_at_most_once_a_minute(owner, settings):
+    # Each lookup reads the key (no per-process cache): the test moves last_used_at itself.
+    settings.SWITCHYARD_API_KEY_CACHE_S = 0
     key = ApiKey.objects.get(tenant=owner.tenant)
     owner.api.get("/api/v1/runs/")
     key.refresh_from_db()
@@ -158,3 +162,21 @@ def test_the_admin_rotates_a_webhook_secret_and_shows_it_once(owner, admin_clien
     assert owner.api.get("/api/v1/webhook-secret/").json()["secret"] == new
     page = admin_client.get(f"/admin/tenants/tenant/{owner.tenant.pk}/change/").content.decode()
     assert new not in page and "set (encrypted), rotated" in page
+
+
+def test_a_key_revoked_in_another_process_is_refused_within_the_cache_bound(owner, settings):
+    settings.SWITCHYARD_API_KEY_CACHE_S = 1.0
+    workflow = {"name": "hello", "steps": [{"id": "a", "kind": "tool", "tool": "echo"}]}
+    assert owner.api.post("/api/v1/workflows/", workflow, format="json").status_code == 201
+    assert owner.api.get("/api/v1/runs/").status_code == 200  # the key is cached now
+    # Revoked as another process would: this process's cache is not told.
+    ApiKey.objects.filter(tenant=owner.tenant).update(revoked_at=timezone.now())
+    revoked_at = time.monotonic()
+
+    # A submission checks its key in its own statement: refused at once, nothing created.
+    refused = owner.api.post("/api/v1/runs/", {"workflow": "hello"}, format="json")
+    assert refused.status_code == 401
+    assert not Run.objects.filter(tenant=owner.tenant).exists()
+    # Every other request within the cache's bound (1 s).
+    time.sleep(max(0.0, revoked_at + 1.05 - time.monotonic()))
+    assert owner.api.get("/api/v1/runs/").status_code == 401

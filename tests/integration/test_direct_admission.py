@@ -1,6 +1,6 @@
 """Direct admission: a transaction that makes steps ready admits them itself when nothing else
 waits in their queue, within the tenant's quotas, under the scheduler's admission lock
-(jobs/admission.py `admit_directly`); everything else is left to the scheduler's cycle."""
+(jobs/admission.py, "Direct admission"); everything else is left to the scheduler's cycle."""
 
 from __future__ import annotations
 

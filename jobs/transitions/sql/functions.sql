@@ -15,7 +15,7 @@ RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     v_first integer;
     v_count integer := jsonb_array_length(coalesce(p_events, '[]'::jsonb));
-    v_now timestamptz := now();
+    v_now timestamptz := clock_timestamp();
 BEGIN
     IF v_count = 0 THEN
         RETURN '[]'::jsonb;
@@ -58,7 +58,7 @@ DECLARE
     v_run_id bigint;
     r jobs_run%ROWTYPE;
     s jobs_steprun%ROWTYPE;
-    v_now timestamptz := now();
+    v_now timestamptz := clock_timestamp();
     v_events jsonb := '[]'::jsonb;
 BEGIN
     SELECT run_id INTO v_run_id FROM jobs_steprun WHERE id = p_step;
@@ -136,7 +136,7 @@ CREATE OR REPLACE FUNCTION switchyard_step_report(
 DECLARE
     r jobs_run%ROWTYPE;
     s jobs_steprun%ROWTYPE;
-    v_now timestamptz := now();
+    v_now timestamptz := clock_timestamp();
     v_duration_ms double precision;
     v_data jsonb;
 BEGIN
@@ -201,6 +201,58 @@ END;
 $$;
 
 
+-- ready → queued for the given steps, with fresh dispatch tokens and `step.queued` events:
+-- the one writer of this transition (the scheduler's admission and the direct admission of
+-- `switchyard_run_apply` both call it). Runs are locked in id order, SKIP LOCKED: a run that
+-- another transaction holds (a worker reporting, or a stalled one) is not waited for, and its
+-- steps stay ready for the next cycle (a run this transaction holds is not skipped).
+-- Returns {"dispatches": [{"id", "token", "queue", "lane", "timeout_s", "tenant_id"}],
+--          "events": [{"run": public id, "events": [...]}]}.
+CREATE OR REPLACE FUNCTION switchyard_steps_admit(p_ids bigint[])
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    v_now timestamptz := clock_timestamp();
+    v_run record;
+    v_dispatches jsonb := '[]'::jsonb;
+    v_events jsonb := '[]'::jsonb;
+    v_queued jsonb;
+BEGIN
+    FOR v_run IN
+        SELECT id, public_id FROM jobs_run
+         WHERE id IN (SELECT run_id FROM jobs_steprun WHERE id = ANY(p_ids) AND status = 'ready')
+         ORDER BY id
+           FOR UPDATE SKIP LOCKED
+    LOOP
+        WITH queued AS (
+            UPDATE jobs_steprun
+               SET status = 'queued', dispatched_at = v_now,
+                   dispatch_token = gen_random_uuid(), held_reason = ''
+             WHERE id = ANY(p_ids) AND run_id = v_run.id AND status = 'ready'
+            RETURNING id, dispatch_token, queue, lane, timeout_s, tenant_id, step_id, map_index
+        )
+        SELECT jsonb_agg(jsonb_build_object(
+                   'id', id, 'token', dispatch_token, 'queue', queue, 'lane', lane,
+                   'timeout_s', timeout_s, 'tenant_id', tenant_id,
+                   'step_id', step_id, 'map_index', map_index) ORDER BY id)
+          INTO v_queued FROM queued;
+        IF v_queued IS NULL THEN
+            CONTINUE;
+        END IF;
+        v_dispatches := v_dispatches || v_queued;
+        v_events := v_events || jsonb_build_array(jsonb_build_object(
+            'run', v_run.public_id,
+            'events', switchyard_log_append(v_run.id, v_run.public_id, (
+                SELECT jsonb_agg(jsonb_build_object(
+                           'type', 'step.queued', 'step_id', q->>'step_id',
+                           'map_index', q->'map_index',
+                           'data', jsonb_build_object('queue', q->>'queue')))
+                  FROM jsonb_array_elements(v_queued) q))));
+    END LOOP;
+    RETURN jsonb_build_object('dispatches', v_dispatches, 'events', v_events);
+END;
+$$;
+
+
 -- What a run's transaction writes after the engine ran, in one statement: new step rows (a
 -- map's items), step changes by key, the run's change, its events (gapless seq), then the
 -- direct admission of the steps made ready (when nothing else waits in their queue and the
@@ -224,7 +276,7 @@ RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     r jobs_run%ROWTYPE;
     t tenants_tenant%ROWTYPE;
-    v_now timestamptz := now();
+    v_now timestamptz := clock_timestamp();
     v_events jsonb := coalesce(p_plan->'events', '[]'::jsonb);
     v_adm jsonb := p_plan->'admission';
     v_admit jsonb := coalesce(p_plan->'admit', '[]'::jsonb);
@@ -246,6 +298,8 @@ DECLARE
     v_room integer;
     v_n integer;
     v_dispatches jsonb := '[]'::jsonb;
+    v_admission jsonb;
+    v_logged jsonb;
     v_wake boolean := p_plan->>'wake' = 'always';
 BEGIN
     SELECT * INTO r FROM jobs_run WHERE id = p_run;  -- locked by the caller's transaction
@@ -291,6 +345,8 @@ BEGIN
          WHERE id = p_run
         RETURNING * INTO r;
     END IF;
+
+    v_logged := switchyard_log_append(p_run, r.public_id, v_events);
 
     -- Direct admission (see jobs/admission.py for the rules).
     IF v_adm IS NOT NULL AND jsonb_typeof(v_adm) = 'object' AND jsonb_array_length(v_admit) > 0 THEN
@@ -371,22 +427,11 @@ BEGIN
             IF coalesce(array_length(v_admitted, 1), 0) > 0 THEN
                 INSERT INTO tenants_tenantthrottlespend (tenant_id, step_tokens)
                 VALUES (r.tenant_id, array_length(v_admitted, 1));
-                WITH queued AS (
-                    UPDATE jobs_steprun
-                       SET status = 'queued', dispatched_at = v_now,
-                           dispatch_token = gen_random_uuid(), held_reason = ''
-                     WHERE id = ANY(v_admitted) AND status = 'ready'
-                    RETURNING id, dispatch_token, queue, lane, timeout_s, step_id, map_index
-                )
-                SELECT coalesce(jsonb_agg(jsonb_build_object(
-                           'id', id, 'token', dispatch_token, 'queue', queue, 'lane', lane,
-                           'timeout_s', timeout_s) ORDER BY id), '[]'::jsonb),
-                       v_events || coalesce(jsonb_agg(jsonb_build_object(
-                           'type', 'step.queued', 'step_id', step_id, 'map_index', map_index,
-                           'data', jsonb_build_object('queue', queue)) ORDER BY id),
-                           '[]'::jsonb)
-                  INTO v_dispatches, v_events
-                  FROM queued;
+                v_admission := switchyard_steps_admit(v_admitted);
+                v_dispatches := v_admission->'dispatches';
+                IF jsonb_array_length(v_admission->'events') > 0 THEN
+                    v_logged := v_logged || (v_admission->'events'->0->'events');
+                END IF;
             END IF;
         END IF;
         IF coalesce(array_length(v_admitted, 1), 0) < coalesce(array_length(v_ready_ids, 1), 0)
@@ -405,9 +450,10 @@ BEGIN
     END IF;
     RETURN jsonb_build_object(
         'dispatches', v_dispatches,
-        'events', switchyard_log_append(p_run, r.public_id, v_events),
-        'run', jsonb_build_object('status', r.status, 'next_seq', r.next_seq
-                                   + jsonb_array_length(v_events))
+        'events', coalesce(v_logged, '[]'::jsonb),
+        'run', jsonb_build_object('status', r.status,
+                                   'next_seq', r.next_seq + jsonb_array_length(
+                                       coalesce(v_logged, '[]'::jsonb)))
     );
 END;
 $$;
@@ -420,7 +466,7 @@ $$;
 --
 -- p_run: {"tenant_id", "workflow_version_id", "input", "lane", "webhook_url",
 --         "idempotency_key", "request_hash", "parent_step_id",
---         "idempotency_ttl_s", "max_queued_runs" | null (no check: child runs),
+--         "idempotency_ttl_s", "check_queued_runs" (false: child runs),
 --         "cached_version": {"workflow_id", "version", "latest"} | null, "api_key_id" | null}
 -- Outcomes: "created" (with the run and the apply's result), "replay" (the key's live holder),
 -- "queued_runs_full" (with the count), "stale_version", "key_revoked".
@@ -430,8 +476,9 @@ DECLARE
     r jobs_run%ROWTYPE;
     v_tenant bigint := (p_run->>'tenant_id')::bigint;
     v_key text := coalesce(p_run->>'idempotency_key', '');
-    v_now timestamptz := now();
+    v_now timestamptz := clock_timestamp();
     v_count integer;
+    v_quota integer;
     v_applied jsonb;
 BEGIN
     IF p_run->>'api_key_id' IS NOT NULL AND NOT EXISTS (
@@ -451,11 +498,13 @@ BEGIN
             UPDATE jobs_run SET idempotency_key = '' WHERE id = r.id AND idempotency_key = v_key;
         END IF;
     END IF;
-    IF p_run->>'max_queued_runs' IS NOT NULL THEN
+    IF coalesce((p_run->>'check_queued_runs')::boolean, false) THEN
+        -- The quota as it is now (the caller's tenant may be a cached copy).
+        SELECT max_queued_runs INTO v_quota FROM tenants_tenant WHERE id = v_tenant;
         SELECT count(*) INTO v_count FROM (
             SELECT 1 FROM jobs_run WHERE tenant_id = v_tenant AND status = 'accepted'
-             LIMIT (p_run->>'max_queued_runs')::integer) queued;
-        IF v_count >= (p_run->>'max_queued_runs')::integer THEN
+             LIMIT v_quota) queued;
+        IF v_count >= v_quota THEN
             RETURN jsonb_build_object('outcome', 'queued_runs_full', 'queued', v_count);
         END IF;
     END IF;
