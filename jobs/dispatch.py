@@ -20,8 +20,15 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.db import transaction
 
+from orchestrator.celery import app
 from orchestrator.queues import broker_queue
 from tenants.models import LANE_PRIORITY
+
+# Step tasks are published by name (`jobs.tasks` registers them under these names): the
+# publishers never import the module of the tasks that run steps.
+EXECUTE_STEP = "jobs.execute_step"
+EXECUTE_STEP_UNHELD = "jobs.execute_step_unheld"
+DELIVER_WEBHOOK = "jobs.deliver_webhook"
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +66,6 @@ def publish(dispatches: list[Dispatch]) -> tuple[int, int]:
 
     A failed publish leaves the step `queued`; the stale-dispatch sweep re-publishes it.
     """
-    from jobs.tasks import execute_step, execute_step_unheld
-    from orchestrator.celery import app
-
     if not dispatches:
         return 0, 0
     published = failed = 0
@@ -72,13 +76,14 @@ def publish(dispatches: list[Dispatch]) -> tuple[int, int]:
                 # A step that may outlast RabbitMQ's consumer_timeout must not hold its
                 # delivery: the broker would close the worker's channel (celery#6760).
                 held = dispatch.lease_s <= settings.SWITCHYARD_HELD_DELIVERY_MAX_S
-                task = execute_step if held else execute_step_unheld
                 try:
-                    task.apply_async(
+                    app.send_task(
+                        EXECUTE_STEP if held else EXECUTE_STEP_UNHELD,
                         args=[dispatch.step_run_id, str(dispatch.dispatch_token)],
                         queue=broker_queue(dispatch.queue, prefix),
                         priority=LANE_PRIORITY[dispatch.lane],
                         producer=producer,
+                        ignore_result=True,
                     )
                     published += 1
                 except Exception:

@@ -12,12 +12,13 @@ import os
 
 from celery import shared_task
 
+from jobs.dispatch import DELIVER_WEBHOOK, EXECUTE_STEP, EXECUTE_STEP_UNHELD
 from jobs.execution import step_execute
 from jobs.webhooks import webhook_deliver
 
 
 @shared_task(
-    name="jobs.execute_step",
+    name=EXECUTE_STEP,
     ignore_result=True,
     acks_late=True,
     reject_on_worker_lost=True,
@@ -27,7 +28,7 @@ def execute_step(step_run_id: int, dispatch_token: str) -> None:
     step_execute(step_run_id=step_run_id, dispatch_token=dispatch_token, worker=worker)
 
 
-@shared_task(name="jobs.execute_step_unheld", ignore_result=True, acks_late=False)
+@shared_task(name=EXECUTE_STEP_UNHELD, ignore_result=True, acks_late=False)
 def execute_step_unheld(step_run_id: int, dispatch_token: str) -> None:
     """`execute_step` for a step that may run longer than RabbitMQ lets a delivery go
     unacknowledged (consumer_timeout): the message is acknowledged when the worker starts it.
@@ -41,7 +42,7 @@ def execute_step_unheld(step_run_id: int, dispatch_token: str) -> None:
 
 
 @shared_task(
-    name="jobs.deliver_webhook",
+    name=DELIVER_WEBHOOK,
     ignore_result=True,
     acks_late=True,
     reject_on_worker_lost=True,

@@ -26,6 +26,7 @@ import httpx
 from django.conf import settings
 from django.utils import timezone
 
+from jobs.dispatch import DELIVER_WEBHOOK
 from jobs.models import WEBHOOK_OPEN, WebhookDelivery
 from jobs.services.webhooks import (
     WebhookClaim,
@@ -35,6 +36,7 @@ from jobs.services.webhooks import (
     webhook_delivery_dispatch,
 )
 from jobs.steps.netguard import ForbiddenURL, check_outbound_url, guarded_client
+from orchestrator.celery import app
 from orchestrator.encryption import DecryptionError
 from orchestrator.queues import broker_queue
 from tenants.services import tenant_webhook_secret_ensure
@@ -101,9 +103,6 @@ def webhooks_dispatch_due() -> int:
 
 
 def _publish(dispatches: list[WebhookDispatch]) -> int:
-    from jobs.tasks import deliver_webhook
-    from orchestrator.celery import app
-
     if not dispatches:
         return 0
     published = 0
@@ -111,10 +110,12 @@ def _publish(dispatches: list[WebhookDispatch]) -> int:
     try:
         with app.producer_or_acquire() as producer:
             for dispatch in dispatches:
-                deliver_webhook.apply_async(
+                app.send_task(
+                    DELIVER_WEBHOOK,
                     args=[dispatch.delivery_id, str(dispatch.dispatch_token)],
                     queue=queue,
                     producer=producer,
+                    ignore_result=True,
                 )
                 published += 1
     except Exception:
