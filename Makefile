@@ -58,9 +58,14 @@ chaos: venv
 test-unit: venv
 	$(PY) -m pytest tests/unit -q -n 2
 
-# The benchmark (DESIGN §13): ≤ 10 min; QUICK=1 runs every scenario smaller (≤ 2 min).
+# The benchmark: ≤ 10 min; QUICK=1 runs every scenario smaller (≤ 2 min).
 # BENCH_ARGS passes more options, e.g. BENCH_ARGS="--only s3,s4 --profile".
-bench: venv services
+# requirements-bench.txt: what only the bench needs (the DBOS Transact baseline).
+$(VENV)/.installed-bench: requirements-bench.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	@touch $@
+
+bench: venv services $(VENV)/.installed-bench
 	$(PY) -m bench.run $(if $(QUICK),--quick) $(BENCH_ARGS)
 
 lint: venv
