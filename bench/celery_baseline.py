@@ -1,7 +1,7 @@
 """The floor Switchyard is built on: plain Celery no-op tasks on the same RabbitMQ.
 
 A Celery app of its own (no Django, no database), configured the way Switchyard configures its
-step queues (DESIGN §3): acks late, reject on worker lost, prefetch 1, a durable queue with
+step queues: acks late, reject on worker lost, prefetch 1, a durable queue with
 `x-max-priority`, persistent messages, confirmed publishes, no results. Against it the bench
 measures what Switchyard adds: the checkpoint in PostgreSQL, the event log, the scheduler.
 

@@ -1,6 +1,6 @@
 """The workflows and tenants the scenarios run.
 
-The agent workflow of the motivating scenario (DESIGN §13): 3 LLM calls, 2 tool calls and
+The agent workflow of the motivating scenario: 3 LLM calls, 2 tool calls and
 1 retrieval in sequence, the way a support agent works a ticket (search, classify, look up the
 account, draft, check the policy, reply). Its simulated latencies sum to `AGENT_LATENCY_MS`
 (20 s) before scaling; the retrieval is the real PostgreSQL full-text search of `retrieval`
