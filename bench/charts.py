@@ -15,6 +15,7 @@ from matplotlib.ticker import FuncFormatter
 SYNC_COLOUR = "#c0504d"
 SWITCHYARD_COLOUR = "#2f6db5"
 RAW_COLOUR = "#7f7f7f"
+DBOS_COLOUR = "#e08a2c"
 
 
 def _plain_log_ticks(fig) -> None:
@@ -77,12 +78,22 @@ def motivating_chart(path: Path, sync: dict, switchyard: dict, *, gateway_ms: fl
     return _save(fig, path)
 
 
-def submission_chart(path: Path, latencies: Sequence[float], single: Sequence[float]) -> str:
+def submission_chart(
+    path: Path,
+    open_loop: Sequence[float],
+    closed_loop: Sequence[float],
+    single: Sequence[float],
+    *,
+    clients: int,
+) -> str:
+    from bench.params import TARGETS
+
     fig, ax = plt.subplots(figsize=(7, 4))
-    _cdf(ax, latencies, "200 concurrent clients", SWITCHYARD_COLOUR)
+    _cdf(ax, open_loop, f"open loop: {clients} clients x 1/s", SWITCHYARD_COLOUR)
+    _cdf(ax, closed_loop, f"closed loop: {clients} clients back to back", SYNC_COLOUR)
     _cdf(ax, single, "1 client", "#4a9d4a")
-    ax.axvline(15, color="black", linestyle=":", label="target P50 15 ms")
-    ax.axvline(60, color="black", linestyle="--", label="target P99 60 ms")
+    ax.axvline(TARGETS.open_loop_p50_ms, color="black", linestyle=":", label="target P50")
+    ax.axvline(TARGETS.open_loop_p99_ms, color="black", linestyle="--", label="target P99")
     ax.set_xscale("log")
     ax.set_xlabel("submission latency, ms (log)")
     ax.set_ylabel("share of requests")
@@ -116,11 +127,13 @@ def bars_chart(
     return _save(fig, path)
 
 
-def overhead_chart(path: Path, switchyard_ms: float, raw_ms: float, dispatch: Sequence[float]):
+def overhead_chart(path: Path, ms_per_step: dict[str, float | None], dispatch: Sequence[float]):
+    from bench.params import TARGETS
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    bars = left.bar(
-        ["Switchyard", "raw Celery"], [switchyard_ms, raw_ms], color=[SWITCHYARD_COLOUR, RAW_COLOUR]
-    )
+    colours = {"Switchyard": SWITCHYARD_COLOUR, "raw Celery": RAW_COLOUR, "DBOS": DBOS_COLOUR}
+    shown = {name: value for name, value in ms_per_step.items() if value is not None}
+    bars = left.bar(list(shown), list(shown.values()), color=[colours[n] for n in shown])
     for bar in bars:
         left.annotate(
             f"{bar.get_height():.2f}",
@@ -131,8 +144,8 @@ def overhead_chart(path: Path, switchyard_ms: float, raw_ms: float, dispatch: Se
     left.set_ylabel("ms per step (chain of 50)")
     left.set_title("Per-step overhead")
     _cdf(right, dispatch, "ready → handler starts", SWITCHYARD_COLOUR)
-    right.axvline(5, color="black", linestyle=":", label="target P50 5 ms")
-    right.axvline(25, color="black", linestyle="--", label="target P99 25 ms")
+    right.axvline(TARGETS.idle_dispatch_p50_ms, color="black", linestyle=":", label="target P50")
+    right.axvline(TARGETS.idle_dispatch_p99_ms, color="black", linestyle="--", label="target P99")
     right.set_xscale("log")
     right.set_xlabel("ms (log)")
     right.set_title("Idle dispatch latency")

@@ -16,7 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.cpu import Meter
 from bench.params import Params
+
+# The kind of each process the bench starts, by the first part of its name (`Proc.name`).
+PROCESS_KINDS = {"celery": "celery_raw"}
 
 
 @dataclass
@@ -40,6 +44,8 @@ class Bench:
     web_env: dict[str, str] = field(default_factory=dict)
     web_processes: int = 0
     profiles: list[dict[str, Any]] = field(default_factory=list)
+    dbos_database: str | None = None
+    dbos_client: Any = None
 
     # --- processes -----------------------------------------------------------------------
 
@@ -51,17 +57,23 @@ class Bench:
         return [p for p in self.cluster.procs if p.alive() and p.name.startswith(name)]
 
     def start_scheduler(self, **env: str) -> None:
+        proc = self._spawn_scheduler(**env)
+        if proc is not None:
+            self._wait_scheduler(proc)
+
+    def _spawn_scheduler(self, **env: str):
         if self.running("scheduler"):
-            return
-        proc = self.cluster._spawn(
+            return None
+        return self.cluster._spawn(
             "scheduler", [sys.executable, "manage.py", "run_scheduler"], env=env or None
         )
+
+    def _wait_scheduler(self, proc) -> None:
         # Listening means it is between cycles, woken by the next NOTIFY.
         self.cluster.wait_until(_scheduler_listens, 30, "the scheduler never listened", proc)
 
     def stop_scheduler(self) -> None:
-        for proc in self.running("scheduler"):
-            self.cluster.stop(proc)
+        self.cluster.stop_many(self.running("scheduler"))
 
     def start_pools(self) -> None:
         d = self.deployment
@@ -86,17 +98,60 @@ class Bench:
         return self.running("celery-raw")
 
     def stop_raw_workers(self) -> None:
-        for proc in self.running("celery-raw"):
-            self.cluster.stop(proc)
+        self.cluster.stop_many(self.running("celery-raw"))
+
+    def dbos_workers(self) -> list:
+        """The DBOS baseline's worker processes, on its scratch system database (created with
+        the first of them), started once."""
+        from bench import harness
+
+        d = self.deployment
+        missing = d.dbos_processes - len(self.running("dbos"))
+        if missing > 0:
+            if self.dbos_database is None:
+                self.dbos_database = harness.create_dbos_database(
+                    connection_limit=d.dbos_processes * d.dbos_pool_size + 10
+                )
+            started = [
+                self.cluster.spawn_dbos(f"dbos-{index + 1}", d, self.dbos_database)
+                for index in range(d.dbos_processes - missing, d.dbos_processes)
+            ]
+            for proc in started:
+                self.cluster.wait_dbos(proc)
+        return self.running("dbos")
+
+    def dbos(self):
+        """The bench's DBOS client (`bench.dbos_baseline.Client`), once a worker has created
+        DBOS's tables."""
+        from bench.dbos_baseline import Client
+
+        self.dbos_workers()
+        if self.dbos_client is None:
+            self.dbos_client = Client(self.dbos_database)
+        return self.dbos_client
+
+    def stop_dbos_workers(self) -> None:
+        self.cluster.stop_many(self.running("dbos"))
+
+    def close_dbos(self) -> None:
+        """Stop the DBOS workers, close the client and drop DBOS's scratch database."""
+        from bench import harness
+
+        self.stop_dbos_workers()
+        if self.dbos_client is not None:
+            self.dbos_client.close()
+            self.dbos_client = None
+        if self.dbos_database is not None:
+            harness.drop_dbos_database()
+            self.dbos_database = None
 
     def stop_pools(self) -> None:
-        for name in ("llm", "tool", "retrieval"):
-            for proc in self.running(name):
-                self.cluster.stop(proc)
+        self.cluster.stop_many([p for n in ("llm", "tool", "retrieval") for p in self.running(n)])
 
     def start_web(self, *, fresh: bool = False, processes: int | None = None, **env: str) -> str:
         """The web: `processes` daphne processes behind one socket (default: the deployment's
-        `web_processes`). The running one is kept when it has the same processes and `env`;
+        `web_processes`). The running one is kept when it has the same processes and, if `env`
+        is given, the same `env` (a scenario that sets nothing takes the web as it runs);
         otherwise, or when `fresh` (a scenario that measures the web starts from a new one),
         it is restarted."""
         processes = processes or self.deployment.web_processes
@@ -104,7 +159,7 @@ class Bench:
             not fresh
             and self.web_url
             and self.running("web")
-            and env == self.web_env
+            and (not env or env == self.web_env)
             and processes == self.web_processes
         ):
             return self.web_url
@@ -122,18 +177,38 @@ class Bench:
         return web.children() if self.web_processes > 1 else [web.pid]
 
     def stop_web(self) -> None:
-        for proc in self.running("web"):
-            self.cluster.stop(proc)
+        self.cluster.stop_many(self.running("web"))
         self.web_url = None
 
-    def start_switchyard(self, **scheduler_env: str) -> str:
-        self.start_scheduler(**scheduler_env)
+    def start_switchyard(self, **web_env: Any) -> str:
+        """The scheduler, the pools and the web (`web_env` as `start_web`), those not running
+        started together: each takes seconds to boot."""
+        scheduler = self._spawn_scheduler()
         self.start_pools()
-        return self.start_web()
+        url = self.start_web(**web_env)
+        if scheduler is not None:
+            self._wait_scheduler(scheduler)
+        return url
 
     def stop_switchyard(self) -> None:
-        self.stop_scheduler()
-        self.stop_pools()
+        self.cluster.stop_many(
+            [p for n in ("scheduler", "llm", "tool", "retrieval") for p in self.running(n)]
+        )
+
+    # --- CPU -----------------------------------------------------------------------------
+
+    def cpu_meter(self) -> Meter:
+        """CPU per process kind over a block (`with bench.cpu_meter() as cpu: ...`, then
+        `cpu.per(steps)`)."""
+        return Meter(self._process_kinds)
+
+    def _process_kinds(self) -> dict[str, list[int]]:
+        kinds: dict[str, list[int]] = {}
+        for proc in self.cluster.procs:
+            if proc.alive():
+                prefix = proc.name.split("-")[0]
+                kinds.setdefault(PROCESS_KINDS.get(prefix, prefix), []).append(proc.pid)
+        return kinds
 
     # --- data ----------------------------------------------------------------------------
 

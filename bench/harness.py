@@ -87,6 +87,41 @@ def drop_database() -> None:
         )
 
 
+def dbos_database() -> str:
+    """The DBOS baseline's system database: a scratch database beside the bench's own."""
+    return f"{bench_database()}_dbos"
+
+
+def create_dbos_database(*, connection_limit: int) -> str:
+    """Create the DBOS baseline's system database afresh (DBOS migrates it at launch)."""
+    import psycopg
+    from psycopg import sql
+
+    name = dbos_database()
+    with psycopg.connect(**PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} CONNECTION LIMIT {}").format(
+                sql.Identifier(name), sql.Literal(connection_limit)
+            )
+        )
+    return name
+
+
+def drop_dbos_database() -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(**PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(dbos_database())
+            )
+        )
+
+
 def raise_file_limit(wanted: int) -> int:
     """Raise RLIMIT_NOFILE towards `wanted` (1,000 SSE clients need a descriptor each)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -214,10 +249,57 @@ def make_cluster(workdir: Path, prefix: str, **env: str):
             proc.node = f"{node}@{socket.gethostname()}"  # for remote control
             return proc
 
+        def spawn_dbos(self, executor_id: str, deployment, database: str) -> Proc:
+            """A DBOS worker process (`bench.dbos_baseline`); `wait_dbos` waits until it
+            dequeues."""
+            from bench.dbos_baseline import database_url
+
+            return self._spawn(
+                "dbos",
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.dbos_baseline",
+                    "--executor-id",
+                    executor_id,
+                    "--worker-concurrency",
+                    str(deployment.dbos_worker_concurrency),
+                    "--threads",
+                    str(deployment.dbos_executor_threads),
+                    "--pool-size",
+                    str(deployment.dbos_pool_size),
+                    "--polling-interval-s",
+                    str(deployment.dbos_polling_interval_s),
+                ],
+                env={"DBOS_SYSTEM_DATABASE_URL": database_url(database)},
+            )
+
+        def wait_dbos(self, proc: Proc) -> None:
+            from bench.dbos_baseline import READY
+
+            self.wait_until(lambda: READY in proc.log(), 60, "DBOS worker", proc)
+
         def stop_named(self, *names: str) -> None:
-            for proc in self.procs:
-                if proc.name.split("-")[0] in names or proc.name in names:
-                    self.stop(proc)
+            self.stop_many(
+                [p for p in self.procs if p.name.split("-")[0] in names or p.name in names]
+            )
+
+        def stop_many(self, procs: list[Proc], grace_s: float = 5.0) -> None:
+            """Stop processes together: SIGTERM to every group, SIGKILL to those still alive
+            after `grace_s` (one after another, each worker's warm shutdown took a second)."""
+            alive = [proc for proc in procs if proc.alive()]
+            for proc in alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGCONT)
+                    os.killpg(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            for proc in alive:
+                try:
+                    proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.popen.wait(timeout=15)
 
         def delete_queues(self) -> None:
             super().delete_queues()

@@ -39,6 +39,7 @@ class Submitted:
     run_id: str | None = None
     error: str = ""
     started: float = 0.0  # time.time() when the request was sent
+    late_ms: float = 0.0  # how long after its scheduled time it was sent (open loop)
 
 
 async def submit(
@@ -48,25 +49,34 @@ async def submit(
     *,
     lane: str | None = None,
     timeout_s: float = 30.0,
+    scheduled: float | None = None,
 ) -> Submitted:
-    """POST /api/v1/runs/; the whole request bounded by `timeout_s` (a gateway's timeout)."""
+    """POST /api/v1/runs/; the whole request bounded by `timeout_s` (a gateway's timeout).
+
+    `scheduled` (a `time.perf_counter()` value): when an open-loop client meant to send it; the
+    latency is counted from then, so that a request sent late, behind a slow one, shows its
+    wait (no coordinated omission)."""
     body: dict[str, Any] = {"workflow": workflow, "input": input}
     if lane:
         body["lane"] = lane
     started = time.time()
-    t0 = time.perf_counter()
+    sent = time.perf_counter()
+    t0 = sent if scheduled is None else min(scheduled, sent)
+    late_ms = (sent - t0) * 1000
     try:
         async with asyncio.timeout(timeout_s):
             response = await http.post("/api/v1/runs/", json=body)
     except TimeoutError:
-        return Submitted(None, (time.perf_counter() - t0) * 1000, error="timeout", started=started)
+        latency_ms = (time.perf_counter() - t0) * 1000
+        return Submitted(None, latency_ms, error="timeout", started=started, late_ms=late_ms)
     except httpx.HTTPError as exc:
+        latency_ms = (time.perf_counter() - t0) * 1000
         error = type(exc).__name__
-        return Submitted(None, (time.perf_counter() - t0) * 1000, error=error, started=started)
+        return Submitted(None, latency_ms, error=error, started=started, late_ms=late_ms)
     latency_ms = (time.perf_counter() - t0) * 1000
     run_id = response.json().get("id") if response.status_code in (200, 202) else None
     error = "" if run_id else f"HTTP {response.status_code}"
-    return Submitted(response.status_code, latency_ms, run_id, error, started)
+    return Submitted(response.status_code, latency_ms, run_id, error, started, late_ms)
 
 
 @dataclass
@@ -168,6 +178,37 @@ async def closed_loop(
             results.append(await action())
 
     tasks = [asyncio.create_task(one_client(i)) for i in range(concurrency)]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)
+    return results
+
+
+async def open_loop(clients: int, interval_s: float, duration_s: float, action) -> list[Any]:
+    """`clients` clients, each calling `await action(scheduled)` once every `interval_s` for
+    `duration_s`, client i first at `i * interval_s / clients` (so `clients / interval_s`
+    calls per second are offered, evenly spread), whatever the answers.
+
+    `scheduled` is the `time.perf_counter()` at which the call was due: a client whose
+    previous call is still running sends late, and the action measures from `scheduled`.
+    Returns every result, in no order.
+    """
+    results: list[Any] = []
+    origin = time.perf_counter() + 0.1
+    sends = max(1, int(duration_s / interval_s))
+
+    async def one_client(index: int) -> None:
+        phase = origin + index * interval_s / clients
+        for k in range(sends):
+            due = phase + k * interval_s
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            results.append(await action(due))
+
+    tasks = [asyncio.create_task(one_client(i)) for i in range(clients)]
     try:
         await asyncio.gather(*tasks)
     finally:

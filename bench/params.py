@@ -1,7 +1,8 @@
 """Every parameter of every scenario, for a full run and for `QUICK=1`.
 
-The full run follows the issue's sizes; the quick run keeps every scenario and shrinks counts
-and durations so the whole bench fits in two minutes. Both are written into the report.
+The full run uses the sizes the targets are stated for (≤ 10 minutes); the quick run keeps
+every scenario and shrinks counts and durations so the whole bench fits in two minutes. Both
+are written into the report; the targets are `TARGETS`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ class Deployment:
     """The processes the bench starts, the same for every Switchyard scenario.
 
     One process of each kind but the web (`web_processes`) and the llm pool (`llm_processes`),
-    threads pools (I/O-bound kinds,
-    DESIGN §2), sized to fit the bench's share of PostgreSQL connections
+    threads pools (the step kinds are I/O-bound), sized to fit the bench's share of PostgreSQL
+    connections
     (`db_connection_limit`): as in the Procfile, the web processes and each threads pool borrow
     from a connection pool (the web 20 in all, a worker at most 8; DATABASE_POOL_MAX_SIZE), the
     scheduler keeps its connections (DATABASE_CONN_MAX_AGE=60).
@@ -24,7 +25,7 @@ class Deployment:
     # The synchronous baseline runs 2 gunicorn workers (a process per core), so Switchyard's
     # web is 2 daphne processes behind one socket too (orchestrator.web). Together they keep
     # the one process's 20 connections (`Cluster.start_web` gives each 20 / processes, rounded
-    # up). The streams scenario keeps one process (the issue's "on one web process").
+    # up). The streams scenario keeps one process (its target is "on one web process").
     web_processes: int = 2
     # The llm pool is `llm_processes` threads workers of `llm_threads / llm_processes` threads
     # each: one process's Python runs on one core at a time (the GIL), and a zero-latency
@@ -44,6 +45,19 @@ class Deployment:
     # The bench's own database refuses connections past this (CREATE DATABASE ... CONNECTION
     # LIMIT), so that a bench never starves other users of the same PostgreSQL.
     db_connection_limit: int = 70
+    # The DBOS Transact baseline (bench.dbos_baseline), configured as DBOS's documentation
+    # recommends for throughput: as many processes as the llm pool, each with a unique
+    # executor id and a per-process worker_concurrency (no global concurrency: the dequeue is
+    # then a READ COMMITTED SKIP LOCKED claim), 12 each so that at most 24 workflows run at
+    # once, as the llm pool's and raw Celery's 24 threads; executor threads and a system
+    # database pool with room for those workflows and DBOS's own threads; and a 10 ms queue
+    # polling interval (the default 1 s would admit at most worker_concurrency workflows per
+    # second and process).
+    dbos_processes: int = 2
+    dbos_worker_concurrency: int = 12
+    dbos_executor_threads: int = 16
+    dbos_pool_size: int = 16
+    dbos_polling_interval_s: float = 0.01
 
     def pool_capacity(self) -> str:
         return (
@@ -94,7 +108,12 @@ class Motivating:
 @dataclass(frozen=True)
 class Submission:
     clients: int = 200
-    duration_s: float = 30
+    # Closed loop: every client submits again as soon as it has its answer (throughput).
+    closed_duration_s: float = 20
+    # Open loop: every client submits once every `open_interval_s`, at its own phase (200
+    # submissions/s offered), whatever the answers; latency from each scheduled send time.
+    open_interval_s: float = 1.0
+    open_duration_s: float = 20
     single_client_requests: int = 100
 
 
@@ -103,6 +122,7 @@ class Overhead:
     chain_steps: int = 50
     switchyard_chains: int = 5
     raw_chains: int = 20
+    dbos_chains: int = 20
     idle_dispatch_samples: int = 60
     idle_gap_s: float = 0.05
     # Each Switchyard measurement stops taking samples after this long (at least 2 chains,
@@ -117,6 +137,9 @@ class Throughput:
     llm_steps: int = 1500
     fan_width: int = 20
     raw_tasks: int = 10000
+    # DBOS: this many no-op steps as one-step workflows, and again as workflows of
+    # `fan_width` steps (a DBOS workflow runs its steps one after another).
+    dbos_steps: int = 4000
     # The longest a saturation measurement waits; the rate is over what finished by then.
     budget_s: float = 30
 
@@ -158,6 +181,30 @@ class Growth:
 
 
 @dataclass(frozen=True)
+class Targets:
+    """What the engine is asked to do on this machine (the report says met or missed)."""
+
+    # Submission (scenario 2).
+    closed_loop_per_s: float = 500
+    open_loop_p50_ms: float = 15
+    open_loop_p99_ms: float = 60
+    # Idle dispatch: ready → the handler starts (scenario 3).
+    idle_dispatch_p50_ms: float = 5
+    idle_dispatch_p99_ms: float = 25
+    # A 50-step chain's ms per step, at most this many times raw Celery's (scenario 3).
+    overhead_vs_raw: float = 3
+    # Zero-latency throughput (scenario 4): steps/s, and the share of raw Celery's no-ops/s.
+    throughput_steps_per_s: float = 500
+    throughput_share_of_raw: float = 0.35
+    # Streams (scenario 6) and growth (scenario 7).
+    streams_p99_ms: float = 250
+    growth_cycle_ratio: float = 2
+
+
+TARGETS = Targets()
+
+
+@dataclass(frozen=True)
 class Params:
     quick: bool = False
     deployment: Deployment = field(default_factory=Deployment)
@@ -178,10 +225,14 @@ FULL = Params()
 QUICK = Params(
     quick=True,
     motivating=Motivating(users=40, time_divisor=10, arrival_real_s=12, follow_deadline_s=15),
-    submission=Submission(clients=200, duration_s=3, single_client_requests=20),
-    overhead=Overhead(switchyard_chains=2, raw_chains=5, idle_dispatch_samples=10, budget_s=4),
-    throughput=Throughput(zero_latency_steps=200, llm_steps=150, raw_tasks=2000, budget_s=6),
+    submission=Submission(closed_duration_s=3, open_duration_s=8, single_client_requests=20),
+    overhead=Overhead(
+        switchyard_chains=2, raw_chains=5, dbos_chains=5, idle_dispatch_samples=10, budget_s=4
+    ),
+    throughput=Throughput(
+        zero_latency_steps=200, llm_steps=150, raw_tasks=2000, dbos_steps=600, budget_s=6
+    ),
     noisy=Noisy(flood_steps=200, a_window_s=2, drain_deadline_s=8),
     streams=Streams(clients=100, deadline_s=12),
-    growth=Growth(backlogs=(1_000, 10_000, 100_000), cycles=3, decides=3, submissions=10),
+    growth=Growth(backlogs=(300, 3_000, 30_000), cycles=3, decides=3, submissions=10),
 )

@@ -1,13 +1,14 @@
-"""`make bench`: every scenario of DESIGN §13 / issue 7, one table, one report.
+"""`make bench`: every scenario, one table, one report.
 
 Usage: .venv/bin/python -m bench.run [--quick] [--only s1,s3] [--profile] [--keep-db]
 
 Creates its own database (`switchyard_bench`, dropped and created afresh, dropped again at the
-end unless --keep-db), starts every process it needs with a private queue prefix, runs the
-scenarios, stops everything it started (also on Ctrl-C, SIGTERM or an error), and writes
-bench/results/<YYYYmmdd-HHMMSS>/ (report.md, results.json, a PNG per scenario, the processes'
-logs) with bench/results/latest pointing at it. --profile also records py-spy profiles of the
-processes while scenarios measure (py-spy must be installed in the venv).
+end unless --keep-db) and, for the DBOS baseline, a scratch one beside it
+(`switchyard_bench_dbos`, always dropped), starts every process it needs with a private queue
+prefix, runs the scenarios, stops everything it started (also on Ctrl-C, SIGTERM or an error),
+and writes bench/results/<YYYYmmdd-HHMMSS>/ (report.md, results.json, a PNG per scenario, the
+processes' logs) with bench/results/latest pointing at it. --profile also records py-spy
+profiles of the processes while scenarios measure (py-spy must be installed in the venv).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from bench.params import FULL, QUICK  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
-# The order scenarios run in (each numbered as in the issue): the synchronous baseline first,
+# The order scenarios run in (each keeps its number): the synchronous baseline first,
 # before any Switchyard process holds database connections; the API-only scenarios last.
 ORDER = ["s1", "s3", "s4", "s5", "s6", "s2", "s7"]
 
@@ -90,6 +91,7 @@ def main() -> int:
     print(f"bench: {'quick' if args.quick else 'full'} run → {outdir.relative_to(ROOT)}")
     print(f"bench: database {harness.bench_database()}, queue prefix {prefix!r}, files {files}")
     harness.bootstrap(prefix, connection_limit=params.deployment.db_connection_limit)
+    print(f"bench: database ready in {time.monotonic() - started_at:.0f} s", flush=True)
 
     from bench import report
     from bench.context import Bench
@@ -118,10 +120,13 @@ def main() -> int:
                 print(traceback.format_exc(), file=sys.stderr)
                 bench.stop_switchyard()
                 bench.stop_web()
+                bench.stop_dbos_workers()
                 _reset_quietly(bench)
+            run["scenarios"][key]["duration_s"] = round(time.monotonic() - t0, 1)
             print(f"bench: {key} done in {time.monotonic() - t0:.0f} s", flush=True)
     finally:
         cluster.stop_all()
+        _quietly(bench.close_dbos)
         run["duration_s"] = time.monotonic() - started_at
         run["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         run["database_probe_at_end"] = report.database_probe()
@@ -143,9 +148,13 @@ def main() -> int:
 
 
 def _reset_quietly(bench) -> None:
+    _quietly(bench.reset_runs)
+
+
+def _quietly(action) -> None:
     try:
-        bench.reset_runs()
-    except Exception:  # noqa: BLE001 - best effort between scenarios
+        action()
+    except Exception:  # noqa: BLE001 - best effort: between scenarios, or cleaning up
         traceback.print_exc()
 
 

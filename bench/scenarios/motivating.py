@@ -1,4 +1,4 @@
-"""Scenario 1: the motivating scenario, both ways (DESIGN §13).
+"""Scenario 1: the motivating scenario, both ways.
 
 The same users submit the same agent workflow (3 LLM calls, 2 tool calls, 1 retrieval; 20 s of
 simulated latency before scaling) to (a) a synchronous endpoint that runs it inside the request
@@ -55,28 +55,29 @@ def run(bench) -> dict[str, Any]:
         BENCH_SYNC_WORKFLOW="agent",
     )
     try:
-        sync_clients = asyncio.run(_drive_sync(sync_url, p))
-        # The server goes on with requests whose clients left; wait until it has done them all.
-        slots = d.gunicorn_workers * d.gunicorn_threads
-        drain_s = p.users / slots * 20 * p.scale * 2 + 20
-        _wait_lines(ledger, p.users, drain_s)
+        with bench.cpu_meter() as cpu_sync:
+            sync_clients = asyncio.run(_drive_sync(sync_url, p))
+            # The server goes on with requests whose clients left; wait until it has done
+            # them all.
+            slots = d.gunicorn_workers * d.gunicorn_threads
+            drain_s = p.users / slots * 20 * p.scale * 2 + 20
+            _wait_lines(ledger, p.users, drain_s)
     finally:
         bench.cluster.stop_named("gunicorn")
     sync = _sync_metrics(sync_clients, ledger, p)
 
     # (b) Switchyard ----------------------------------------------------------------------
-    bench.start_scheduler()
-    bench.start_pools()
-    url = bench.start_web(
+    url = bench.start_switchyard(
         processes=d.web_processes, SWITCHYARD_SSE_HEARTBEAT_S=f"{heartbeat_s:.3f}"
     )
     started = time.time()
-    with bench.profiled("s1-motivating", ("web", "scheduler", "llm", "tool")):
-        users = asyncio.run(_drive_switchyard(url, agents.key, p, idle_timeout_s))
-    # Runs whose clients stopped following go on: give the server's side a little longer, then
-    # those clients come back for their result (GET /api/v1/runs/{id}/): it is stored, so a
-    # client that knows its run's id loses nothing by leaving.
-    _wait_runs_final(agents.pk, 10)
+    with bench.cpu_meter() as cpu_switchyard:
+        with bench.profiled("s1-motivating", ("web", "scheduler", "llm", "tool")):
+            users = asyncio.run(_drive_switchyard(url, agents.key, p, idle_timeout_s))
+        # Runs whose clients stopped following go on: give the server's side a little longer,
+        # then those clients come back for their result (GET /api/v1/runs/{id}/): it is
+        # stored, so a client that knows its run's id loses nothing by leaving.
+        _wait_runs_final(agents.pk, 10)
     collected = asyncio.run(_collect_later(url, agents.key, users, p))
     switchyard = _switchyard_metrics(users, collected, agents.pk, started, p)
     bench.reset_runs()
@@ -103,6 +104,10 @@ def run(bench) -> dict[str, Any]:
         },
         "sync": sync,
         "switchyard": switchyard,
+        "cpu": {
+            "synchronous": cpu_sync.per(sync["finished_server_side"], "workflow"),
+            "Switchyard": cpu_switchyard.per(switchyard["finished_server_side"], "workflow"),
+        },
         "chart": _chart(bench.outdir / "s1-motivating.png", sync, switchyard, p),
     }
 

@@ -32,17 +32,23 @@ def run(bench) -> dict[str, Any]:
 
     waits: dict[str, list[float]] = {}
     drains: dict[str, float | None] = {}
-    waits["A alone"], _ = _phase(bench, a.tenant, interactive, None, p)
-    with bench.profiled("s5-fair", ("scheduler",)):
-        waits["flood, fair"], drains["fair"] = _phase(
+    cpu: dict[str, dict] = {}
+    with bench.cpu_meter() as meter:
+        waits["A alone"], _, done = _phase(bench, a.tenant, interactive, None, p)
+    cpu["A alone"] = meter.per(done)
+    with bench.profiled("s5-fair", ("scheduler",)), bench.cpu_meter() as meter:
+        waits["flood, fair"], drains["fair"], done = _phase(
             bench, a.tenant, interactive, (b.tenant, flood), p
         )
+    cpu["flood, fair"] = meter.per(done)
     bench.stop_scheduler()
     bench.start_scheduler(SWITCHYARD_ADMISSION_POLICY="fifo")
     try:
-        waits["flood, fifo"], drains["fifo"] = _phase(
-            bench, a.tenant, interactive, (b.tenant, flood), p
-        )
+        with bench.cpu_meter() as meter:
+            waits["flood, fifo"], drains["fifo"], done = _phase(
+                bench, a.tenant, interactive, (b.tenant, flood), p
+            )
+        cpu["flood, fifo"] = meter.per(done)
     finally:
         bench.stop_scheduler()
         bench.start_scheduler()
@@ -69,11 +75,13 @@ def run(bench) -> dict[str, Any]:
         "fifo_over_alone_p95": round(fifo95 / alone95, 1) if alone95 else None,
         "fair_limit_p95_ms": round(1.5 * alone95 + 20, 1),
         "flood_rate_steps_per_s": drains,
+        "cpu": cpu,
         "chart": noisy_chart(bench.outdir / "s5-noisy.png", waits),
     }
 
 
-def _phase(bench, tenant_a, interactive, flood, p) -> tuple[list[float], float | None]:
+def _phase(bench, tenant_a, interactive, flood, p) -> tuple[list[float], float | None, int]:
+    """A's waits, the flood's rate and the steps (A's and the flood's) that finished."""
     from django.utils import timezone
 
     from jobs.models import Run, StepAttempt, StepRun
@@ -132,5 +140,6 @@ def _phase(bench, tenant_a, interactive, flood, p) -> tuple[list[float], float |
         # steps in flight report, then the tables are emptied.
         tenant_pause(tenant=tenant_b)
         time.sleep(1.0)
+    done = StepRun.objects.filter(run_id__in=[*a_runs, *flood_runs], status="succeeded").count()
     bench.reset_runs()
-    return waits, flood_rate
+    return waits, flood_rate, done
