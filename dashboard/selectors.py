@@ -38,7 +38,7 @@ from jobs.models import (
     WorkflowVersion,
 )
 from jobs.selectors import in_flight_steps
-from jobs.services.runs import definition_of
+from jobs.transitions.txn import definition_of
 from tenants.admin import with_usage
 from tenants.models import Lane, Tenant
 

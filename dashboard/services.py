@@ -1,6 +1,6 @@
 """Writes of the dashboard: the operators' audit trail.
 
-The actions themselves are the engine's and the tenants' services (`jobs.services.runs`,
+The actions themselves are the engine's and the tenants' services (`jobs.transitions.runs`,
 `jobs.services.operations`, `tenants.services`); each dashboard action also lands here, so
 that a tenant's pause, which has no run log, still says who did it and when.
 """

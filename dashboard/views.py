@@ -33,7 +33,7 @@ from jobs.services.operations import (
     runs_bulk_cancel,
     runs_bulk_retry,
 )
-from jobs.services.runs import RunError, run_cancel, run_retry
+from jobs.transitions.runs import RunError, run_cancel, run_retry
 from tenants.models import Lane
 from tenants.services import tenant_pause, tenant_resume
 

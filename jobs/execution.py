@@ -1,7 +1,7 @@
 """What a worker does with one step message: claim, run the kind's handler, report.
 
 The claim, the report and every transition they cause are transactions of
-`jobs.services.steps`; this module only runs the handler between them and turns its result
+`jobs.transitions.steps`; this module only runs the handler between them and turns its result
 or exception into the right report.
 """
 
@@ -20,15 +20,15 @@ from django.utils import timezone
 
 from jobs.events import DeltaCoalescer
 from jobs.services.approvals import step_request_approval
-from jobs.services.steps import (
+from jobs.steps import registry
+from jobs.steps.registry import StepContext, StepFailure
+from jobs.transitions.steps import (
     Claim,
     step_claim,
     step_complete,
     step_fail,
     step_start_child_run,
 )
-from jobs.steps import registry
-from jobs.steps.registry import StepContext, StepFailure
 from orchestrator.logcontext import bind_log_context
 
 log = logging.getLogger(__name__)

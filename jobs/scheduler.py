@@ -32,7 +32,7 @@ from jobs.dispatch import Dispatch, publish
 from jobs.events import READY_CHANNEL
 from jobs.models import StepRun, StepStatus
 from jobs.services.approvals import approvals_escalate_due, approvals_expire_due
-from jobs.services.steps import (
+from jobs.transitions.steps import (
     step_expire_lease,
     step_hold,
     step_redispatch,

@@ -4,6 +4,8 @@ from django.db.models import Count, IntegerField, OuterRef, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from jobs.models import Run, StepRun
+from jobs.selectors import in_flight_steps
 from tenants.models import ApiKey, Membership, Tenant, TenantTokenUse, TenantUsageDay
 from tenants.quotas import usage_day
 from tenants.services import (
@@ -22,9 +24,6 @@ def _count(queryset) -> Coalesce:
 
 def with_usage(queryset):
     """Tenants annotated with their live usage: what the scheduler measures quotas against."""
-    from jobs.models import Run, StepRun
-    from jobs.selectors import in_flight_steps
-
     today = usage_day(timezone.now())
     tokens = TenantUsageDay.objects.filter(tenant=OuterRef("pk"), day=today)
     # Token uses not rolled up yet (tenants.quotas): read in the same statement.

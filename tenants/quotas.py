@@ -26,6 +26,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Count, Q, Sum
 
+from jobs.models import Run, RunStatus
 from tenants.models import (
     Tenant,
     TenantThrottle,
@@ -67,8 +68,6 @@ def refilled(tenant: Tenant, throttle: TenantThrottle | None, now: datetime) -> 
 
 
 def quota_states(tenants: list[Tenant], *, now: datetime) -> dict[int, TenantQuotaState]:
-    from jobs.models import Run, RunStatus
-
     ids = [tenant.pk for tenant in tenants]
     throttles = {t.tenant_id: t for t in TenantThrottle.objects.filter(tenant_id__in=ids)}
     spent = throttle_spent(ids)

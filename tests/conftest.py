@@ -45,10 +45,8 @@ def ledger(tmp_path, monkeypatch):
     return path
 
 
-@pytest.fixture(autouse=True)
-def _admission_by_the_scheduler_only(settings):
-    """In-process tests drive each transition themselves (`step_admit` of ready steps); a
-    direct admission would queue steps whose messages a test's rolled-back transaction never
-    publishes. Cluster processes keep the default (on); tests/integration/test_direct_admission.py
-    tests it, in process and with real workers."""
+@pytest.fixture
+def scheduler_only(settings):
+    """Admission by the scheduler's cycle alone (no direct admission): for the tests of the
+    scheduler's own path. Everything else runs as in production, with direct admission on."""
     settings.SWITCHYARD_DIRECT_ADMISSION = False

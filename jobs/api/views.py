@@ -30,9 +30,14 @@ from jobs.api.serializers import (
 )
 from jobs.definitions import DefinitionError, load_yaml
 from jobs.services.documents import documents_add
-from jobs.services.runs import RunError, request_fingerprint, run_cancel, run_retry
-from jobs.services.submission import Backpressure, IdempotencyConflict, run_submit
+from jobs.services.submission import (
+    Backpressure,
+    IdempotencyConflict,
+    request_fingerprint,
+    run_submit,
+)
 from jobs.services.workflows import workflow_version_create
+from jobs.transitions.runs import RunError, run_cancel, run_retry
 from tenants.keycache import forget_key
 from tenants.models import ApiKey
 

@@ -45,16 +45,17 @@ from jobs.models import (
     StepStatus,
     WebhookDelivery,
 )
-from jobs.services.runs import RunTxn, definition_of, run_advance, run_locked, skips_busy_runs
-from jobs.services.steps import (
-    Claim,
-    _claimed_run_pk,
-    _close_attempt,
-    _fenced,
-    _lock_step,
-    _step_fail_final,
-)
 from jobs.steps import approval as kind
+from jobs.transitions.runs import run_advance, step_fail_final
+from jobs.transitions.steps import Claim, step_fenced
+from jobs.transitions.txn import (
+    RunTxn,
+    attempt_close,
+    definition_of,
+    run_locked,
+    skips_busy_runs,
+    step_lock,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,8 @@ def step_request_approval(*, claim: Claim) -> Approval | None:
 
     Returns None when the claim no longer holds the step (it was re-dispatched or cancelled).
     """
-    with run_locked(_claimed_run_pk(claim)) as txn:
-        step = _fenced(txn, claim, reported="approval request")
+    with run_locked(claim.run_pk) as txn:
+        step = step_fenced(txn, claim, reported="approval request")
         if step is None:
             return None
         step_def = definition_of(txn.run.workflow_version).step(step.step_id)
@@ -135,7 +136,7 @@ def step_request_approval(*, claim: Claim) -> Approval | None:
             on_timeout=config.get("on_timeout", "reject") if deadline else "",
             on_reject=config.get("on_reject", "fail"),
         )
-        _close_attempt(step, AttemptOutcome.SUCCEEDED)
+        attempt_close(step, AttemptOutcome.SUCCEEDED)
         step.status = StepStatus.WAITING
         step.lease_expires_at = None
         step.save(update_fields=["status", "lease_expires_at"])
@@ -219,7 +220,7 @@ def approval_decide(
             at=now,
         )
         votes.append(vote)
-        step = _lock_step(txn, locked.step_run_id)
+        step = step_lock(txn, locked.step_run_id)
         txn.log.add(
             "approval.voted",
             step=step,
@@ -337,7 +338,7 @@ def _settle(
     else:
         said = f": {outcome.comment}" if outcome.comment else " (no comment)"
         error, code = f"rejected by {outcome.decided_by}{said}", "rejected"
-    _step_fail_final(txn, step, error=error, code=code)
+    step_fail_final(txn, step, error=error, code=code)
 
 
 # --- the scheduler's sweeps ------------------------------------------------------------------
@@ -366,7 +367,7 @@ def approval_expire(*, approval_id: int, now: datetime | None = None) -> bool:
         approval = Approval.objects.select_for_update().get(pk=approval_id)
         if not approval.is_pending or approval.due_at is None or approval.due_at > now:
             return False
-        step = _lock_step(txn, approval.step_run_id)
+        step = step_lock(txn, approval.step_run_id)
         rule = approval.on_timeout or "reject"
         waited = _duration(approval.due_at - approval.created_at)
         votes = list(approval.votes.order_by("at", "id"))

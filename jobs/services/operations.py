@@ -13,14 +13,8 @@ from typing import Any
 from django.db.models import Q
 
 from jobs.models import RUN_FINAL, Run, RunStatus, StepStatus
-from jobs.services.runs import (
-    RunError,
-    definition_of,
-    run_advance,
-    run_cancel,
-    run_locked,
-    run_retry,
-)
+from jobs.transitions.runs import RunError, run_advance, run_cancel, run_retry
+from jobs.transitions.txn import definition_of, run_locked
 
 # Steps in these states are being worked on: resetting them under a worker would race it.
 _BUSY = (StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.RETRY_WAIT, StepStatus.WAITING)

@@ -13,6 +13,8 @@ still create one run (docs/decisions.md).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -24,8 +26,8 @@ from django.db import IntegrityError
 from jobs import selectors
 from jobs.definitions import Fault
 from jobs.models import Run, WorkflowVersion
-from jobs.services.runs import RunError, SubmissionChecks, run_insert
 from jobs.steps.netguard import ForbiddenURL, check_outbound_url
+from jobs.transitions.runs import RunError, SubmissionChecks, run_insert
 from tenants.models import Tenant
 
 
@@ -117,6 +119,11 @@ def run_submit(
     if created.outcome != "created":
         raise RunError(f"submission refused: {created.outcome}", code=created.outcome)
     return Submission(run=created.run, created=True)
+
+
+def request_fingerprint(body: dict[str, Any]) -> str:
+    """What an Idempotency-Key's replay must match: the request body, canonically hashed."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _replay(run: Run, request_hash: str) -> Submission:

@@ -91,18 +91,26 @@ class KindSpec:
     # decision deadline) rather than how long an attempt may run; its attempts then get the
     # default attempt timeout (SWITCHYARD_STEP_DEFAULT_TIMEOUT_S).
     timeout_is_deadline: bool = False
+    # Dotted path of `on_cancel(*, txn, step, reason)`, for kinds whose steps wait on something
+    # outside the run (people): called in the transaction that cancels such a step, to
+    # withdraw what it waits on.
+    on_cancel: str | None = None
 
     def load_handler(self) -> Callable[[StepContext], Any]:
         if self.handler is None:
             raise LookupError(f"kind {self.name!r} has no handler")
-        module_name, _, attr = self.handler.rpartition(".")
-        return getattr(importlib.import_module(module_name), attr)
+        return _load(self.handler)
+
+    def load_on_cancel(self) -> Callable[..., Any] | None:
+        return None if self.on_cancel is None else _load(self.on_cancel)
 
     def load_check(self) -> Callable[[dict[str, Any]], list[tuple[str, str]]] | None:
-        if self.check is None:
-            return None
-        module_name, _, attr = self.check.rpartition(".")
-        return getattr(importlib.import_module(module_name), attr)
+        return None if self.check is None else _load(self.check)
+
+
+def _load(dotted_path: str) -> Any:
+    module_name, _, attr = dotted_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), attr)
 
 
 _SIMULATED_SCHEMA = {
@@ -196,6 +204,7 @@ _BUILTIN_KINDS: dict[str, KindSpec] = {
         config_schema=approval.CONFIG_SCHEMA,
         check="jobs.steps.approval.check",
         timeout_is_deadline=True,
+        on_cancel="jobs.services.approvals.approvals_cancel_for_step",
     ),
     "map": KindSpec(
         name="map",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from jobs.models import Run, StepRun, Workflow, WorkflowVersion
-from jobs.services.steps import step_admit, step_claim, step_fail
+from jobs.transitions.steps import step_claim, step_fail
 from tenants.models import ApiKey
 from tenants.services import api_key_revoke
+from tests.support.workflows import dispatch_token_of
 
 ECHO = {
     "name": "greet",
@@ -177,10 +178,7 @@ def test_cancel_stops_a_run_once(owner, greet):
 
 def _fail_first_step(run_id: str) -> None:
     step = StepRun.objects.get(run__public_id=run_id, step_id="hello")
-    dispatch = step_admit(step_run_id=step.pk)
-    claim = step_claim(
-        step_run_id=step.pk, dispatch_token=str(dispatch.dispatch_token), worker="test"
-    )
+    claim = step_claim(step_run_id=step.pk, dispatch_token=dispatch_token_of(step), worker="test")
     step_fail(claim=claim, error="boom", code="boom", retryable=False)
 
 

@@ -17,9 +17,10 @@ from rest_framework.test import APIClient
 
 from jobs.models import Run, StepRun
 from jobs.services import submission
-from jobs.services.steps import step_admit, step_claim
+from jobs.transitions.steps import step_claim
 from tenants.services import tenant_pause
 from tests.support.cluster import free_port
+from tests.support.workflows import dispatch_token_of
 
 GREET = {
     "name": "greet",
@@ -47,8 +48,7 @@ def submit(client, body=None, **headers):
 def _start(run_id: str) -> None:
     """Let a worker claim the run's first step: the run is no longer queued."""
     step = StepRun.objects.get(run__public_id=run_id, step_id="hello")
-    dispatch = step_admit(step_run_id=step.pk)
-    step_claim(step_run_id=step.pk, dispatch_token=str(dispatch.dispatch_token), worker="test")
+    step_claim(step_run_id=step.pk, dispatch_token=dispatch_token_of(step), worker="test")
 
 
 # --- idempotency ----------------------------------------------------------------------------

@@ -31,8 +31,8 @@ from jobs.services.approvals import (
     approvals_escalate_due,
     approvals_expire_due,
 )
-from jobs.services.runs import run_cancel, run_retry
 from jobs.services.webhooks import webhook_delivery_dispatch
+from jobs.transitions.runs import run_cancel, run_retry
 from jobs.webhooks import webhook_deliver
 from tenants.services import tenant_webhook_secret_ensure
 from tests.support.approvals import as_reviewer, make_reviewer, refund_workflow, run_ready_steps

@@ -12,7 +12,7 @@ from django_celery_results.models import TaskResult
 from kombu import Connection
 
 from jobs.scheduler import publish
-from jobs.services.steps import Dispatch
+from jobs.transitions.steps import Dispatch
 from orchestrator.celery import app
 from tests.support.workflows import submit, tool_step
 

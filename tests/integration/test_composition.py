@@ -109,7 +109,7 @@ def test_a_failed_child_run_fails_the_parent_step(owner, running):
 
 
 def test_cancelling_a_parent_cancels_its_waiting_child(owner, running, ledger):
-    from jobs.services.runs import run_cancel
+    from jobs.transitions.runs import run_cancel
 
     workflow_version_create(
         tenant=owner.tenant,

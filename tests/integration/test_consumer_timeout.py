@@ -21,7 +21,7 @@ from kombu import Connection
 
 from jobs.models import StepRun
 from jobs.scheduler import publish
-from jobs.services.steps import Dispatch
+from jobs.transitions.steps import Dispatch
 from tests.support import tools
 from tests.support.cluster import free_port
 from tests.support.workflows import submit, tool_step

@@ -17,7 +17,7 @@ from jobs.models import Event, Run, RunStatus, StepRun, StepStatus
 from tenants.models import Role, Tenant
 from tests.support.approvals import make_reviewer
 from tests.support.dashboard import chain, make_operator, make_user, signed_in, work_locally
-from tests.support.workflows import submit
+from tests.support.workflows import dispatch_token_of, submit
 
 PAGES = ["/dashboard/", "/dashboard/workers/", "/dashboard/tenants/", "/dashboard/runs/",
          "/dashboard/failures/", "/dashboard/runs/bulk/?action=retry"]  # fmt: skip
@@ -253,9 +253,7 @@ def test_cancel_from_the_run_page_names_the_operator(owner, staff):
 def test_re_run_of_a_step_that_is_being_worked_on_is_refused_with_a_message(owner, staff):
     run = submit(owner.tenant, chain("pair", "a", "b"))
     step = StepRun.objects.get(run=run, step_id="a")
-    from jobs.services.steps import step_admit
-
-    step_admit(step_run_id=step.pk)
+    dispatch_token_of(step)  # admitted: queued
     run.refresh_from_db()
     run.status = RunStatus.RUNNING
     run.save()

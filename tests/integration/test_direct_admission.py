@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from jobs import admission, dispatch
 from jobs.models import Run, StepRun
-from jobs.services.runs import run_cancel
+from jobs.transitions.runs import run_cancel
 from tenants.models import Tenant
 from tenants.quotas import quota_states
 from tests.conftest import make_tenant_client

@@ -16,8 +16,8 @@ from django.db import connection
 from django.utils import timezone
 
 from jobs.models import Event, Run, StepRun
-from jobs.services.runs import run_create
 from jobs.services.workflows import workflow_version_create
+from jobs.transitions.runs import run_create
 from tenants.models import TenantUsageDay
 from tenants.quotas import llm_tokens_used
 from tenants.services import tenant_pause, tenant_resume

@@ -18,12 +18,12 @@ from hypothesis import strategies as st
 from schemathesis import checks
 
 from jobs.models import WebhookDelivery
-from jobs.services.runs import run_cancel
 from jobs.services.webhooks import (
     webhook_attempt_record,
     webhook_delivery_claim,
     webhook_delivery_dispatch,
 )
+from jobs.transitions.runs import run_cancel
 from tenants.services import api_key_issue
 from tests.support.approvals import refund_workflow, run_ready_steps
 from tests.support.workflows import submit

@@ -13,7 +13,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from jobs.models import Run, StepRun
-from jobs.services.steps import step_claim, step_complete, step_fail
+from jobs.transitions.steps import step_claim, step_complete, step_fail
 from tests.support.workflows import submit, tool_step
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -115,7 +115,15 @@ def test_a_submission_through_the_api_is_one_round_trip(owner):
         )
     assert response.status_code == 202, response.content
     # The key, the version (both cached), the idempotency key, the queued-run quota, the run,
-    # its steps, its events and the direct admission of its first step: one statement.
-    assert _statements(queries) == ["SELECT switchyard_run_submit"]
+    # its steps, its events and the direct admission of its first step: one statement. Two
+    # reads a process makes on its own clock may fall in the window: the platform backlog
+    # (once a second) and the key's refresh (its cache entry lives a second).
+    periodic = ('SELECT COUNT(*) AS "__count" FROM (SELECT', 'SELECT "tenants_apikey"')
+    statements = [
+        query["sql"]
+        for query in queries.captured_queries
+        if not query["sql"].startswith(periodic)
+    ]
+    assert [sql.split("(", 1)[0] for sql in statements] == ["SELECT switchyard_run_submit"]
     run = Run.objects.get(public_id=response.json()["id"])
     assert StepRun.objects.get(run=run, step_id="a").status == "queued"

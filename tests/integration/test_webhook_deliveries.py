@@ -15,13 +15,13 @@ import pytest
 from django.utils import timezone
 
 from jobs.models import Run, WebhookAttempt, WebhookDelivery, WebhookStatus
-from jobs.services.runs import run_cancel
 from jobs.services.webhooks import (
     LOST_ATTEMPT_ERROR,
     webhook_delivery_claim,
     webhook_delivery_dispatch,
     webhook_delivery_redeliver,
 )
+from jobs.transitions.runs import run_cancel
 from jobs.webhooks import webhook_deliver
 from tests.support.receiver import WebhookReceiver
 from tests.support.signatures import documented_verifier

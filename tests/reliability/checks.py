@@ -15,7 +15,7 @@ from django.db import connection
 
 from jobs import templating
 from jobs.models import RUN_FINAL, Event, Run, StepAttempt, StepRun, StepStatus
-from jobs.services.runs import definition_of
+from jobs.transitions.txn import definition_of
 from tests.reliability.workload import Followed, Submission
 
 # Kinds whose executions the plugin records (a `workflow` step's output is its child's).

@@ -24,8 +24,8 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from jobs.models import Event, Run, WebhookDelivery
-from jobs.services.runs import run_cancel
 from jobs.services.webhooks import webhook_delivery_dispatch
+from jobs.transitions.runs import run_cancel
 from jobs.webhooks import webhook_deliver
 from orchestrator.encryption import decrypt
 from tenants.models import ApiKey, Tenant

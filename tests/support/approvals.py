@@ -9,8 +9,9 @@ from django.contrib.auth import get_user_model
 
 from jobs.models import Approval, Run, StepRun, StepStatus
 from jobs.services.approvals import Reviewer, step_request_approval
-from jobs.services.steps import step_admit, step_claim, step_complete
+from jobs.transitions.steps import step_claim, step_complete
 from tenants.models import Membership, Role
+from tests.support.workflows import dispatch_token_of
 
 PASSWORD = "correct horse battery staple"
 
@@ -95,14 +96,16 @@ def run_ready_steps(run: Run) -> list[Approval]:
     requested. Returns the approvals requested."""
     requested = []
     while True:
-        ready = list(StepRun.objects.filter(run=run, status=StepStatus.READY).order_by("id"))
+        ready = list(
+            StepRun.objects.filter(run=run, status__in=[StepStatus.READY, StepStatus.QUEUED])
+            .exclude(kind="map")
+            .order_by("id")
+        )
         if not ready:
             return requested
         for step in ready:
-            dispatch = step_admit(step_run_id=step.pk)
-            claim = step_claim(
-                step_run_id=step.pk, dispatch_token=str(dispatch.dispatch_token), worker="test"
-            )
+            token = dispatch_token_of(step)
+            claim = step_claim(step_run_id=step.pk, dispatch_token=token, worker="test")
             if claim.kind == "approval":
                 requested.append(step_request_approval(claim=claim))
             else:

@@ -11,7 +11,8 @@ from django.test import Client
 from websockets.sync.client import ClientConnection, connect
 
 from jobs.models import Run, StepRun, StepStatus
-from jobs.services.steps import step_admit, step_claim, step_complete, step_fail
+from jobs.transitions.steps import step_claim, step_complete, step_fail
+from tests.support.workflows import dispatch_token_of
 
 PASSWORD = "operator password 1234"
 
@@ -53,15 +54,17 @@ def work_locally(run: Run, *, fail: frozenset[str] = frozenset(), worker: str = 
     """Do what the scheduler and workers would with every ready step of `run`, in this process:
     steps named in `fail` fail for good, others succeed with `{"step": id}`."""
     while True:
-        ready = list(StepRun.objects.filter(run=run, status=StepStatus.READY).order_by("id"))
+        ready = list(
+            StepRun.objects.filter(run=run, status__in=[StepStatus.READY, StepStatus.QUEUED])
+            .exclude(kind="map")
+            .order_by("id")
+        )
         if not ready:
             run.refresh_from_db()
             return run
         for step in ready:
-            dispatch = step_admit(step_run_id=step.pk)
-            claim = step_claim(
-                step_run_id=step.pk, dispatch_token=str(dispatch.dispatch_token), worker=worker
-            )
+            token = dispatch_token_of(step)
+            claim = step_claim(step_run_id=step.pk, dispatch_token=token, worker=worker)
             if step.step_id in fail:
                 step_fail(claim=claim, error=f"{step.step_id} broke", code="boom", retryable=False)
             else:

@@ -11,12 +11,13 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
+from jobs.definitions import parse_definition
 from jobs.demo import DEMO_DOCUMENTS, REFUND_REQUESTS, REFUND_REVIEW, SUPPORT_TRIAGE
 from jobs.models import Document, Run
 from jobs.selectors import workflow_version_for
 from jobs.services.documents import documents_add
-from jobs.services.runs import run_create
 from jobs.services.workflows import workflow_version_create
+from jobs.transitions.runs import run_create
 from tenants.models import ApiKey, Membership, Role, Scope, Tenant
 from tenants.services import api_key_issue, api_key_revoke
 
@@ -88,8 +89,6 @@ class Command(BaseCommand):
 
 def _seed_refund_reviews(tenant) -> None:
     """The refund-review workflow and, once, two runs that will wait in the reviewer's inbox."""
-    from jobs.definitions import parse_definition
-
     version = workflow_version_for(tenant=tenant, name=REFUND_REVIEW["name"])
     if version is None or version.definition != parse_definition(REFUND_REVIEW).document:
         version = workflow_version_create(tenant=tenant, document=REFUND_REVIEW)
@@ -99,6 +98,4 @@ def _seed_refund_reviews(tenant) -> None:
 
 
 def _normalised(tenant) -> dict:
-    from jobs.definitions import parse_definition
-
     return parse_definition(SUPPORT_TRIAGE).document

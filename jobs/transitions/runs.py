@@ -1,32 +1,24 @@
-"""Runs: submission, the graph advance after every step transition, cancel, retry.
+"""Run transitions: creation (a submission, a child run), the graph's advance after every
+step transition, a run's end, cancel, retry, and a step's final failure.
 
-Concurrency rule: every transition of a run or of one of its steps happens inside
-`run_locked`, which holds the run's row lock for the transaction. Lock order is always the
-run first, then its step rows; a child run's completion locks the child, then the parent.
+The engine (`jobs.engine`) decides; `run_advance` turns its plan into rows (`_Writes`) and
+one statement writes them (`jobs.transitions.txn.apply_writes`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
-import json
-import logging
-import threading
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 
-from jobs import admission, engine
-from jobs.definitions import Definition, Fault, parse_definition, validate_input
-from jobs.dispatch import Dispatch, publish_after_commit, unheld_timeout_above_s
-from jobs.events import RunLog, publish_live_on_commit
+from jobs import engine
+from jobs.definitions import Definition, Fault, validate_input
+from jobs.dispatch import publish_after_commit
+from jobs.events import publish_live_on_commit
 from jobs.models import (
     RUN_FINAL,
     STEP_FINAL,
@@ -39,9 +31,21 @@ from jobs.models import (
 from jobs.services.webhooks import webhook_delivery_create
 from jobs.steps import registry
 from jobs.transitions import sql
+from jobs.transitions.txn import (
+    RunTxn,
+    StepRow,
+    admission_settings,
+    apply_writes,
+    definition_for,
+    definition_of,
+    dispatch_of,
+    run_from_row,
+    run_locked,
+    run_pk_of,
+    step_lock,
+    step_rows,
+)
 from tenants.models import LANE_RANK, Lane, Tenant
-
-log = logging.getLogger(__name__)
 
 
 class RunError(Exception):
@@ -52,193 +56,6 @@ class RunError(Exception):
         self.message = message
         self.code = code
         self.faults = faults or []
-
-
-# Parsed definitions by version id: versions are immutable, and an id is never reused.
-_DEFINITIONS: dict[int, Definition] = {}
-_DEFINITIONS_MAX = 2048
-
-
-def _remember(version_pk: int, document: dict[str, Any]) -> Definition:
-    definition = parse_definition(document)
-    if len(_DEFINITIONS) >= _DEFINITIONS_MAX:
-        _DEFINITIONS.clear()
-    _DEFINITIONS[version_pk] = definition
-    return definition
-
-
-def definition_for(version_pk: int) -> Definition:
-    """The parsed definition of a version by its id (cached per process)."""
-    found = _DEFINITIONS.get(version_pk)
-    if found is None:
-        document = WorkflowVersion.objects.values_list("definition", flat=True).get(pk=version_pk)
-        found = _remember(version_pk, document)
-    return found
-
-
-def definition_of(version: WorkflowVersion) -> Definition:
-    """The parsed definition of a version (cached per process)."""
-    found = _DEFINITIONS.get(version.pk)
-    return found if found is not None else _remember(version.pk, version.definition)
-
-
-@dataclass
-class RunTxn:
-    run: Run
-    log: RunLog
-    # Steps this transaction made ready: admitted directly or left to the scheduler at its end.
-    ready: list[StepRun] = field(default_factory=list)
-
-
-_open = threading.local()
-
-
-_RUN_TIMES = ("created_at", "started_at", "finished_at", "updated_at")
-
-
-def run_from_row(row: dict[str, Any]) -> Run:
-    """A run as a SQL function returned its row (`to_jsonb`), without another query."""
-    fields = {name: row[name] for name in row if name != "id"}
-    for name in _RUN_TIMES:
-        fields[name] = sql.parse_time(fields.get(name))
-    fields["public_id"] = uuid.UUID(fields["public_id"])
-    return Run(pk=row["id"], **fields)
-
-
-class RunBusy(Exception):
-    """Another transaction holds the run's row lock (`run_locked(..., skip_locked=True)`)."""
-
-
-def skips_busy_runs(default: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """For the scheduler's transitions, which never wait for a run's row lock (a stalled
-    worker holding one run must not stall admission and recovery for everyone): the decorated
-    function locks with `run_locked(..., skip_locked=True)` and returns `default` when the run
-    is busy; the next cycle tries again."""
-
-    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(function)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return function(*args, **kwargs)
-            except RunBusy:
-                return default
-
-        return wrapper
-
-    return decorate
-
-
-@contextmanager
-def run_locked(
-    run_pk: int, *, skip_locked: bool = False, locked: Run | None = None
-) -> Iterator[RunTxn]:
-    """A transaction holding the run's row lock, with its event log flushed at the end.
-
-    Re-entrant: inside an open `run_locked` of the same run (a child run that ends at once
-    settles its parent's step, for instance) it yields the same RunTxn, so that one event log
-    numbers the events of one transaction. With `skip_locked`, raises RunBusy instead of
-    waiting when another transaction holds the lock. `locked`: the run as this transaction
-    already locked and read it (a report's compare-and-set does), so it is not read again.
-    """
-    open_txns: dict[int, RunTxn] = _open.__dict__.setdefault("txns", {})
-    if run_pk in open_txns:
-        yield open_txns[run_pk]
-        return
-    # A run this transaction locked already needs no savepoint of its own (a round trip).
-    with transaction.atomic(savepoint=locked is None):
-        if locked is None:
-            locked = (
-                Run.objects.select_for_update(of=("self",), skip_locked=skip_locked)
-                .select_related("workflow_version", "tenant")
-                .filter(pk=run_pk)
-                .first()
-            )
-        if locked is None:
-            if skip_locked and Run.objects.filter(pk=run_pk).exists():
-                raise RunBusy(run_pk)
-            raise Run.DoesNotExist(f"run {run_pk} does not exist")
-        run = locked
-        txn = RunTxn(run=run, log=RunLog(run))
-        open_txns[run_pk] = txn
-        try:
-            yield txn
-            _flush(txn)
-        finally:
-            del open_txns[run_pk]
-
-
-def _flush(txn: RunTxn) -> None:
-    """What the transaction left to write, in one statement (`switchyard_run_apply`): its
-    pending events, and the direct admission of the steps it made ready (published after the
-    commit; the scheduler is woken for those it leaves)."""
-    events, wake = txn.log.take()
-    if not (events or txn.ready or wake):
-        return
-    ready, txn.ready = txn.ready, []
-    _apply(txn, {"events": events, "admit": [[s.step_id, s.map_index] for s in ready]}, wake)
-
-
-def admission_settings() -> dict[str, Any] | None:
-    """What `switchyard_run_apply` needs to admit directly (None: direct admission is off)."""
-    if not settings.SWITCHYARD_DIRECT_ADMISSION:
-        return None
-    return {
-        "lock": admission.ADMISSION_LOCK_ID,
-        "burst_s": settings.SWITCHYARD_RATE_BURST_S,
-        "unheld_s": unheld_timeout_above_s(),
-        "queues": {
-            queue: {
-                "max_queued": admission.max_queued(queue),
-                "capacity": admission.pool_capacity().get(
-                    queue, settings.SWITCHYARD_QUEUE_MAX_QUEUED
-                ),
-            }
-            for queue in admission.step_queues()
-        },
-    }
-
-
-def _apply(txn: RunTxn, plan: dict[str, Any], wake: str | None) -> dict[str, Any]:
-    """Write `plan` (see `switchyard_run_apply`) for the locked run; publish its events and
-    dispatches after the commit; keep `txn.run` in step with the row."""
-    plan["wake"] = wake
-    if plan.get("admit"):
-        plan["admission"] = admission_settings()
-    result = sql.run_apply(run_pk=txn.run.pk, plan=plan)
-    txn.run.next_seq = result["run"]["next_seq"]
-    publish_live_on_commit(txn.run.public_id, result["events"])
-    publish_after_commit([dispatch_of(row, txn.run.tenant_id) for row in result["dispatches"]])
-    return result
-
-
-def dispatch_of(row: dict[str, Any], tenant_id: int) -> Dispatch:
-    """The message for a step that `switchyard_steps_admit` admitted."""
-    return Dispatch(
-        step_run_id=row["id"],
-        dispatch_token=uuid.UUID(row["token"]),
-        queue=row["queue"],
-        lane=row["lane"],
-        lease_s=row["timeout_s"] + settings.SWITCHYARD_LEASE_GRACE_S,
-        tenant_id=tenant_id,
-    )
-
-
-# A step's state as the engine reads it: (step id, map index, status, output, error, kind, id).
-StepRow = tuple[str, "int | None", str, Any, "str | None", str, int]
-
-_STEP_ROWS = (
-    f"SELECT step_id, map_index, status, output, nullif(error, ''), kind, id "
-    f"FROM {StepRun._meta.db_table} WHERE run_id = %s ORDER BY id"
-)
-
-
-def _step_rows(run_pk: int) -> list[StepRow]:
-    with connection.cursor() as cursor:
-        cursor.execute(_STEP_ROWS, [run_pk])
-        return [
-            (sid, index, status, json.loads(out) if isinstance(out, str) else out, err, kind, pk)
-            for sid, index, status, out, err, kind, pk in cursor.fetchall()
-        ]
 
 
 @dataclass
@@ -339,7 +156,7 @@ def run_advance(txn: RunTxn, *, rows: list[StepRow] | None = None, wake: str | N
     if run.status in RUN_FINAL:
         return
     definition = definition_for(run.workflow_version_id)
-    rows = _step_rows(run.pk) if rows is None else rows
+    rows = step_rows(run.pk) if rows is None else rows
     states = {
         (sid, index): engine.StepState(status=status, output=output, error=error)
         for sid, index, status, output, error, _kind, _pk in rows
@@ -372,7 +189,7 @@ def run_advance(txn: RunTxn, *, rows: list[StepRow] | None = None, wake: str | N
             writes.event(f"run.{target}")
     if not (writes.events or writes.steps or writes.run or log_wake or wake):
         return
-    _apply(txn, writes.plan(), log_wake or wake)
+    apply_writes(txn, writes.plan(), log_wake or wake)
     if writes.run is not None:
         run.status = writes.run["status"]
         if run.status in RUN_FINAL:
@@ -405,19 +222,6 @@ def _activity(run: Run, definition: Definition, states) -> str | None:
     return target if run.status != target else None
 
 
-def run_mark_started(txn: RunTxn) -> None:
-    run = txn.run
-    if run.status == RunStatus.ACCEPTED:
-        run.status = RunStatus.RUNNING
-        run.started_at = timezone.now()
-        run.save(update_fields=["status", "started_at", "updated_at"])
-        txn.log.add("run.started")
-    elif run.status == RunStatus.WAITING:
-        run.status = RunStatus.RUNNING
-        run.save(update_fields=["status", "updated_at"])
-        txn.log.add("run.running")
-
-
 def _finish_step(step: StepRun, status: str, now, *extra_fields: str) -> None:
     step.status = status
     step.finished_at = now
@@ -434,8 +238,6 @@ def _run_ended(txn: RunTxn, status: str) -> None:
 
 def _parent_step_settle(child: Run) -> None:
     """A child run ended: complete or fail the parent's `workflow` step (lock: child, parent)."""
-    from jobs.services.steps import step_settle_from_child
-
     step_settle_from_child(child=child)
 
 
@@ -449,25 +251,11 @@ def _cancel_child_after_commit(step: StepRun) -> None:
 
 
 def _cancel_approvals(txn: RunTxn, step: StepRun, *, reason: str) -> None:
-    """A cancelled approval step withdraws its pending request (in this transaction)."""
-    from jobs.services.approvals import approvals_cancel_for_step
-
-    approvals_cancel_for_step(txn=txn, step=step, reason=reason)
-
-
-def _new_step_row(run: Run, step_def, *, map_index: int | None, now) -> StepRun:
-    return StepRun(
-        run=run,
-        tenant_id=run.tenant_id,
-        lane=run.lane,
-        step_id=step_def.id,
-        map_index=map_index,
-        kind=step_def.kind,
-        queue=step_def.queue,
-        max_attempts=step_def.retry.max_attempts,
-        timeout_s=_attempt_timeout(step_def),
-        status=StepStatus.PENDING,
-    )
+    """A cancelled step of a kind that waits on people withdraws its pending request, in this
+    transaction (the kind's `on_cancel`: the approval kind's is in jobs.services.approvals)."""
+    on_cancel = registry.kind(step.kind).load_on_cancel()
+    if on_cancel is not None:
+        on_cancel(txn=txn, step=step, reason=reason)
 
 
 def _default_timeout() -> float:
@@ -481,10 +269,6 @@ def _attempt_timeout(step_def) -> float:
     if step_def.timeout_s is None or (spec is not None and spec.timeout_is_deadline):
         return _default_timeout()
     return step_def.timeout_s
-
-
-def request_fingerprint(body: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def lane_for(tenant: Tenant, requested: str | None) -> str:
@@ -716,3 +500,44 @@ def run_retry(*, run: Run, by: str = "") -> Run:
         txn.log.add("run.retried", **data)
         run_advance(txn)
         return locked
+
+
+def step_fail_final(txn: RunTxn, step: StepRun, *, error: str, code: str) -> None:
+    step.status = StepStatus.FAILED
+    step.error = error
+    step.error_code = code
+    step.finished_at = timezone.now()
+    step.lease_expires_at = None
+    step.save(update_fields=["status", "error", "error_code", "finished_at", "lease_expires_at"])
+    txn.log.add("step.failed", step=step, attempt=step.attempt, error=error, code=code)
+    run_advance(txn)
+
+
+def step_settle_from_child(*, child: Run) -> None:
+    """The child of a waiting `workflow` step ended: the step succeeds or fails with it.
+
+    Called inside the child's `run_locked`; takes the parent run's lock next.
+    """
+    parent_step_id = child.parent_step_id
+    run_pk = run_pk_of(parent_step_id)
+    if run_pk is None:
+        return
+    with run_locked(run_pk) as txn:
+        step = step_lock(txn, parent_step_id)
+        if step.status != StepStatus.WAITING:
+            return
+        if child.status == RunStatus.SUCCEEDED:
+            now = timezone.now()
+            step.status = StepStatus.SUCCEEDED
+            step.output = child.output
+            step.finished_at = now
+            step.save(update_fields=["status", "output", "finished_at"])
+            txn.log.add("step.succeeded", step=step, child_run=str(child.public_id))
+            run_advance(txn)
+        else:
+            step_fail_final(
+                txn,
+                step,
+                error=f"child run {child.public_id} {child.status}: {child.error}",
+                code=f"child_{child.status}",
+            )

@@ -3,8 +3,8 @@
 Every transition is a compare-and-set under the run's row lock (`run_locked`). A worker's
 claim and its report carry the step's dispatch token and attempt number, so a message that
 was re-dispatched, or a worker that was paused past its lease, cannot overwrite a newer
-attempt (DESIGN §3.8). Attempts are counted in the database, per step, so a step that kills
-its worker every time ends after its attempts instead of being redelivered forever (§3.9).
+attempt. Attempts are counted in the database, per step, so a step that kills its worker
+every time ends after its attempts instead of being redelivered forever.
 """
 
 from __future__ import annotations
@@ -18,25 +18,31 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Value
-from django.db.models.functions import Extract
 from django.utils import timezone
 
 from jobs.dispatch import Dispatch
 from jobs.events import publish_live_on_commit
-from jobs.models import AttemptOutcome, Run, RunStatus, StepAttempt, StepRun, StepStatus
-from jobs.services.runs import (
+from jobs.models import AttemptOutcome, StepAttempt, StepRun, StepStatus
+from jobs.selectors import workflow_version_for
+from jobs.transitions import sql
+from jobs.transitions.runs import (
     RunError,
-    RunTxn,
-    definition_for,
-    dispatch_of,
     run_advance,
     run_create,
+    step_fail_final,
+    step_settle_from_child,
+)
+from jobs.transitions.txn import (
+    RunTxn,
+    attempt_close,
+    definition_for,
+    dispatch_of,
     run_from_row,
     run_locked,
+    run_pk_of,
     skips_busy_runs,
+    step_lock,
 )
-from jobs.transitions import sql
 from tenants.quotas import usage_day
 
 log = logging.getLogger(__name__)
@@ -67,34 +73,6 @@ class Claim:
         return f"{self.run_public_id}:{self.step_id}{suffix}"
 
 
-def _run_pk_of(step_run_id: int) -> int | None:
-    return StepRun.objects.filter(pk=step_run_id).values_list("run_id", flat=True).first()
-
-
-def _claimed_run_pk(claim: Claim) -> int | None:
-    return claim.run_pk or _run_pk_of(claim.step_run_id)
-
-
-def _lock_step(txn: RunTxn, step_run_id: int) -> StepRun:
-    return StepRun.objects.select_for_update().get(pk=step_run_id, run_id=txn.run.pk)
-
-
-def _close_attempt(step: StepRun, outcome: str, *, error: str = "", code: str = "") -> None:
-    """The step's current attempt ends with `outcome` (one UPDATE; its duration computed from
-    its start)."""
-    now = timezone.now()
-    StepAttempt.objects.filter(step_run=step, number=step.attempt).update(
-        outcome=outcome,
-        error=error,
-        error_code=code,
-        finished_at=now,
-        duration_ms=Extract(Value(now) - F("started_at"), "epoch") * 1000,
-    )
-
-
-# --- admission (scheduler) ----------------------------------------------------------------
-
-
 def steps_admit(*, step_run_ids: list[int]) -> list[Dispatch]:
     """ready → queued, with fresh dispatch tokens, for the scheduler's admission: one
     statement (`switchyard_steps_admit`, the one writer of this transition). A run that
@@ -121,7 +99,7 @@ def step_admit(*, step_run_id: int) -> Dispatch | None:
 @skips_busy_runs(False)
 def step_hold(*, step_run_id: int, reason: str) -> bool:
     """Note in the run's log, once per reason, why a ready step is being held back."""
-    run_pk = _run_pk_of(step_run_id)
+    run_pk = run_pk_of(step_run_id)
     if run_pk is None:
         return False
     with run_locked(run_pk, skip_locked=True) as txn:
@@ -139,7 +117,7 @@ def step_hold(*, step_run_id: int, reason: str) -> bool:
 def step_redispatch(*, step_run_id: int, stale_before: datetime) -> Dispatch | None:
     """A queued step whose message may be lost (crash before publish, purged queue) gets a
     new token; a late delivery of the old message is then refused at claim."""
-    run_pk = _run_pk_of(step_run_id)
+    run_pk = run_pk_of(step_run_id)
     if run_pk is None:
         return None
     with run_locked(run_pk, skip_locked=True) as txn:
@@ -157,7 +135,7 @@ def step_redispatch(*, step_run_id: int, stale_before: datetime) -> Dispatch | N
 @skips_busy_runs(False)
 def step_release_retry(*, step_run_id: int) -> bool:
     """retry_wait → ready once its retry time has come."""
-    run_pk = _run_pk_of(step_run_id)
+    run_pk = run_pk_of(step_run_id)
     if run_pk is None:
         return False
     with run_locked(run_pk, skip_locked=True) as txn:
@@ -176,11 +154,11 @@ def step_release_retry(*, step_run_id: int) -> bool:
 def step_expire_lease(*, step_run_id: int) -> bool:
     """A running step whose lease ran out (its worker died, hung or overran `timeout_s`):
     the attempt is lost, and the step retries or fails by its policy."""
-    run_pk = _run_pk_of(step_run_id)
+    run_pk = run_pk_of(step_run_id)
     if run_pk is None:
         return False
     with run_locked(run_pk, skip_locked=True) as txn:
-        step = _lock_step(txn, step_run_id)
+        step = step_lock(txn, step_run_id)
         now = timezone.now()
         if step.status != StepStatus.RUNNING or step.lease_expires_at is None:
             return False
@@ -190,12 +168,9 @@ def step_expire_lease(*, step_run_id: int) -> bool:
             f"attempt {step.attempt} did not finish within its lease "
             f"(timeout {step.timeout_s:g}s): the worker died, hung or the step timed out"
         )
-        _close_attempt(step, AttemptOutcome.LOST, error=error, code="timeout")
+        attempt_close(step, AttemptOutcome.LOST, error=error, code="timeout")
         _after_failed_attempt(txn, step, error=error, code="timeout", retryable=True)
         return True
-
-
-# --- execution (workers) ------------------------------------------------------------------
 
 
 def step_claim(*, step_run_id: int, dispatch_token: str, worker: str) -> Claim | None:
@@ -241,26 +216,26 @@ def _step_requeue_lost(*, run_pk: int, step_run_id: int, token: uuid.UUID) -> bo
     """running → queued under the same token, because the worker running it was lost: the
     attempt is closed as lost; a step whose attempts are spent fails instead (False)."""
     with run_locked(run_pk) as txn:
-        step = _lock_step(txn, step_run_id)
+        step = step_lock(txn, step_run_id)
         if step.status != StepStatus.RUNNING or step.dispatch_token != token:
             return False
         error = f"worker {step.worker or '?'} was lost while running attempt {step.attempt}"
-        _close_attempt(step, AttemptOutcome.LOST, error=error, code="worker_lost")
+        attempt_close(step, AttemptOutcome.LOST, error=error, code="worker_lost")
         txn.log.add("step.attempt_lost", step=step, attempt=step.attempt, error=error)
         if step.attempt >= step.max_attempts:
             message = (
                 f"the worker running this step was lost on each of its "
                 f"{step.attempt} attempts (the step may crash its worker)"
             )
-            _step_fail_final(txn, step, error=message, code="worker_lost")
+            step_fail_final(txn, step, error=message, code="worker_lost")
             return False
         StepRun.objects.filter(pk=step.pk).update(status=StepStatus.QUEUED)
         return True
 
 
-def _fenced(txn: RunTxn, claim: Claim, *, reported: str) -> StepRun | None:
+def step_fenced(txn: RunTxn, claim: Claim, *, reported: str) -> StepRun | None:
     """The step if `claim` still holds it; else record the refusal and return None."""
-    step = _lock_step(txn, claim.step_run_id)
+    step = step_lock(txn, claim.step_run_id)
     if (
         step.status == StepStatus.RUNNING
         and step.dispatch_token == claim.dispatch_token
@@ -395,7 +370,7 @@ def _after_failed_attempt(
         retryable=retryable,
     )
     if after.retry_at is None:
-        _step_fail_final(txn, step, error=after.step_error, code=code)
+        step_fail_final(txn, step, error=after.step_error, code=code)
         return
     step.status = StepStatus.RETRY_WAIT
     step.retry_at = after.retry_at
@@ -469,26 +444,10 @@ def _report(
     return True
 
 
-def _step_fail_final(txn: RunTxn, step: StepRun, *, error: str, code: str) -> None:
-    step.status = StepStatus.FAILED
-    step.error = error
-    step.error_code = code
-    step.finished_at = timezone.now()
-    step.lease_expires_at = None
-    step.save(update_fields=["status", "error", "error_code", "finished_at", "lease_expires_at"])
-    txn.log.add("step.failed", step=step, attempt=step.attempt, error=error, code=code)
-    run_advance(txn)
-
-
-# --- child runs (`workflow` steps) --------------------------------------------------------
-
-
 def step_start_child_run(*, claim: Claim) -> bool:
     """Start the child run of a `workflow` step and park the step in `waiting`, atomically."""
-    from jobs.selectors import workflow_version_for
-
-    with run_locked(_claimed_run_pk(claim)) as txn:
-        step = _fenced(txn, claim, reported="child start")
+    with run_locked(claim.run_pk) as txn:
+        step = step_fenced(txn, claim, reported="child start")
         if step is None:
             return False
         config = claim.input
@@ -496,8 +455,8 @@ def step_start_child_run(*, claim: Claim) -> bool:
             tenant=txn.run.tenant, name=config["workflow"], version=config.get("version")
         )
         if version is None:
-            _close_attempt(step, AttemptOutcome.FAILED, error="unknown workflow")
-            _step_fail_final(
+            attempt_close(step, AttemptOutcome.FAILED, error="unknown workflow")
+            step_fail_final(
                 txn, step, error=f"unknown workflow {config['workflow']!r}", code="unknown_workflow"
             )
             return True
@@ -511,10 +470,10 @@ def step_start_child_run(*, claim: Claim) -> bool:
             )
         except RunError as exc:
             detail = "; ".join(str(fault) for fault in exc.faults) or exc.message
-            _close_attempt(step, AttemptOutcome.FAILED, error=detail, code=exc.code)
-            _step_fail_final(txn, step, error=f"child run refused: {detail}", code=exc.code)
+            attempt_close(step, AttemptOutcome.FAILED, error=detail, code=exc.code)
+            step_fail_final(txn, step, error=f"child run refused: {detail}", code=exc.code)
             return True
-        _close_attempt(step, AttemptOutcome.SUCCEEDED)
+        attempt_close(step, AttemptOutcome.SUCCEEDED)
         step.status = StepStatus.WAITING
         step.lease_expires_at = None
         step.save(update_fields=["status", "lease_expires_at"])
@@ -525,33 +484,3 @@ def step_start_child_run(*, claim: Claim) -> bool:
         else:
             run_advance(txn)
         return True
-
-
-def step_settle_from_child(*, child: Run) -> None:
-    """The child of a waiting `workflow` step ended: the step succeeds or fails with it.
-
-    Called inside the child's `run_locked`; takes the parent run's lock next.
-    """
-    parent_step_id = child.parent_step_id
-    run_pk = _run_pk_of(parent_step_id)
-    if run_pk is None:
-        return
-    with run_locked(run_pk) as txn:
-        step = _lock_step(txn, parent_step_id)
-        if step.status != StepStatus.WAITING:
-            return
-        if child.status == RunStatus.SUCCEEDED:
-            now = timezone.now()
-            step.status = StepStatus.SUCCEEDED
-            step.output = child.output
-            step.finished_at = now
-            step.save(update_fields=["status", "output", "finished_at"])
-            txn.log.add("step.succeeded", step=step, child_run=str(child.public_id))
-            run_advance(txn)
-        else:
-            _step_fail_final(
-                txn,
-                step,
-                error=f"child run {child.public_id} {child.status}: {child.error}",
-                code=f"child_{child.status}",
-            )
