@@ -17,7 +17,8 @@ A tenant is eligible while it is active (not paused), below `max_concurrent_step
 (steps that occupy a worker: `jobs.selectors.in_flight_steps`; a map's own row, a step waiting
 for a child run, people or its retry time holds no slot),
 has a steps-per-minute token left, and, for llm steps, has LLM tokens left today. Steps of runs
-that have not started wait while the tenant has `max_active_runs` active runs. A held step
+that have not started wait while the tenant has `max_active_runs` active runs, except a child
+run's (its parent is active and waits for it). A held step
 gets one `step.held` event saying why.
 
 With `SWITCHYARD_ADMISSION_POLICY=fifo` the scheduler admits by readiness time alone (quotas
@@ -44,7 +45,7 @@ from datetime import datetime
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import Count
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from jobs.dispatch import unheld_timeout_above_s
@@ -191,7 +192,12 @@ def _bucket_steps(queue: str, tenant_id: int, lane: str, *, started_only: bool =
         status=StepStatus.READY, queue=queue, tenant_id=tenant_id, lane=lane
     )
     if started_only:
-        steps = steps.filter(run__status__in=[RunStatus.RUNNING, RunStatus.WAITING])
+        # A child run is part of a run tree that has started: `max_active_runs` never holds
+        # it back (its parent, active, waits for it: holding it would deadlock both).
+        steps = steps.filter(
+            Q(run__status__in=[RunStatus.RUNNING, RunStatus.WAITING])
+            | Q(run__parent_step__isnull=False)
+        )
     return steps.order_by("ready_at", "id")
 
 
@@ -363,13 +369,14 @@ def _concrete_steps(picks, tenants, quotas) -> list[int]:
             continue
         allowed = tenants[tenant_id].max_active_runs - quotas[tenant_id].active_runs
         candidates = _bucket_steps(queue, tenant_id, lane).values_list(
-            "id", "run_id", "run__status"
+            "id", "run_id", "run__status", "run__parent_step_id"
         )[: n * 4]
         taken = 0
-        for step_run_id, run_id, run_status in candidates:
+        for step_run_id, run_id, run_status, parent_step_id in candidates:
             if taken >= n:
                 break
-            if run_status == RunStatus.ACCEPTED and run_id not in new_runs[tenant_id]:
+            starts = run_status == RunStatus.ACCEPTED and parent_step_id is None
+            if starts and run_id not in new_runs[tenant_id]:
                 if len(new_runs[tenant_id]) >= allowed:
                     continue
                 new_runs[tenant_id].add(run_id)

@@ -14,6 +14,6 @@ a step only through the public functions here:
   recovery (`step_release_retry`, `step_expire_lease`, `step_redispatch`).
 
 Their writes on the hot path are PL/pgSQL functions (`sql/functions.sql`, installed by
-migrations, called through `sql`): one statement per claim, two plus COMMIT per report, one
-per submission (docs/decisions.md, "The hot path in PL/pgSQL").
+migrations, called through `sql`): one statement per claim, two in one transaction per
+report, one per submission (docs/decisions.md, "The hot path in PL/pgSQL").
 """

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 from django.db import connection
-from psycopg.pq import PipelineStatus
 
 FUNCTIONS_SQL = Path(__file__).with_name("sql") / "functions.sql"
 
@@ -39,20 +36,6 @@ def install_sql() -> str:
 
 def uninstall_sql() -> str:
     return "\n".join(f"DROP FUNCTION IF EXISTS {signature};" for signature in FUNCTIONS)
-
-
-@contextmanager
-def pipelined() -> Iterator[None]:
-    """Pipeline mode for a transaction's statements (psycopg): its BEGIN goes out with its
-    first statement, one round trip for both instead of two. Each result is still read (and
-    waited for) where it is used. Enter inside `transaction.atomic()`."""
-    connection.ensure_connection()
-    raw = connection.connection
-    if raw.pgconn.pipeline_status != PipelineStatus.OFF or not connection.in_atomic_block:
-        yield
-        return
-    with raw.pipeline():
-        yield
 
 
 def _dumps(value: Any) -> str:

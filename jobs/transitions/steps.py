@@ -404,7 +404,7 @@ def _report(
     engine's advance with the direct admission of what became ready (`run_advance`). A late
     report (the step was taken over) is refused and recorded; returns False then."""
     now = timezone.now()
-    with transaction.atomic(), sql.pipelined():
+    with transaction.atomic():
         reported_row = sql.step_report(
             step_run_id=claim.step_run_id,
             run_pk=claim.run_pk,

@@ -106,7 +106,8 @@ def test_submitting_a_run_answers_202_with_links_and_location(owner, greet):
     assert body["links"]["events"].endswith(f"/api/v1/runs/{body['id']}/events/")
     run = Run.objects.get(public_id=body["id"])
     statuses = dict(StepRun.objects.filter(run=run).values_list("step_id", "status"))
-    assert statuses == {"hello": "ready", "bye": "pending"}
+    # Nothing else waits: the first step is admitted at once (direct admission).
+    assert statuses == {"hello": "queued", "bye": "pending"}
 
 
 def test_input_that_breaks_the_schema_is_a_400_naming_the_field(owner, greet):
@@ -191,7 +192,7 @@ def test_retry_puts_the_failed_steps_back_and_keeps_the_rest(owner, greet):
     response = owner.api.post(f"/api/v1/runs/{run_id}/retry/")
     assert response.status_code == 202
     statuses = dict(StepRun.objects.filter(run__public_id=run_id).values_list("step_id", "status"))
-    assert statuses == {"hello": "ready", "bye": "pending"}
+    assert statuses == {"hello": "queued", "bye": "pending"}  # ready, and admitted at once
     assert owner.api.get(f"/api/v1/runs/{run_id}/").json()["status"] == "running"
 
 

@@ -90,7 +90,7 @@ def test_signing_in_lands_operators_on_the_dashboard(client, olga):
 
 
 def test_the_overview_shows_backlog_active_runs_and_approval_queues_from_the_database(
-    owner, outsider, staff
+    owner, outsider, staff, scheduler_only
 ):
     for _ in range(3):
         submit(owner.tenant, chain("pair", "a", "b"), lane="interactive")

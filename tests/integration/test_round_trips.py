@@ -2,8 +2,8 @@
 
 Each transition has a budget; a change that adds a round trip fails the test that names it.
 Counted as Django sees the statements (`CaptureQueriesContext`), with direct admission on as
-in production and the per-process caches warm. A report's BEGIN is pipelined with its first
-statement (`jobs.transitions.sql.pipelined`), so it is not a round trip of its own.
+in production and the per-process caches warm. A report is a transaction of two statements:
+with its BEGIN and COMMIT, four round trips on the wire.
 """
 
 from __future__ import annotations
@@ -53,13 +53,13 @@ def test_a_claim_is_one_statement(owner):
     assert _statements(queries) == ["SELECT switchyard_step_claim"]
 
 
-def test_a_report_that_advances_a_chain_is_three_round_trips(owner):
+def test_a_report_that_advances_a_chain_is_two_statements(owner):
     run = submit(owner.tenant, CHAIN)
     claim = _claim_next(run)
     with CaptureQueriesContext(connection) as queries:
         assert step_complete(claim=claim, output={"text": "done"})
-    # BEGIN goes out with the report's compare-and-set: report, apply (the engine's advance
-    # and the direct admission of the next step), COMMIT.
+    # The report's compare-and-set, then the apply (the engine's advance and the direct
+    # admission of the next step), in one transaction.
     assert _statements(queries) == [
         "BEGIN",
         "SELECT switchyard_step_report",
@@ -69,7 +69,7 @@ def test_a_report_that_advances_a_chain_is_three_round_trips(owner):
     assert StepRun.objects.get(run=run, step_id="b").status == "queued"
 
 
-def test_the_report_that_ends_a_run_is_three_round_trips(owner):
+def test_the_report_that_ends_a_run_is_two_statements(owner):
     run = submit(owner.tenant, CHAIN)
     for _ in range(2):
         assert step_complete(claim=_claim_next(run), output={})
@@ -86,7 +86,7 @@ def test_the_report_that_ends_a_run_is_three_round_trips(owner):
     assert run.status == "succeeded"
 
 
-def test_a_failed_attempt_that_will_retry_is_three_round_trips(owner):
+def test_a_failed_attempt_that_will_retry_is_two_statements(owner):
     run = submit(owner.tenant, CHAIN)
     for _ in range(2):
         assert step_complete(claim=_claim_next(run), output={})
@@ -102,7 +102,7 @@ def test_a_failed_attempt_that_will_retry_is_three_round_trips(owner):
     assert StepRun.objects.get(run=run, step_id="c").status == "retry_wait"
 
 
-def test_a_submission_through_the_api_is_one_round_trip(owner):
+def test_a_submission_through_the_api_is_one_statement(owner):
     owner.api.post("/api/v1/workflows/", CHAIN, format="json")
     warm = owner.api.post("/api/v1/runs/", {"workflow": "chain", "input": {}}, format="json")
     assert warm.status_code == 202, warm.content

@@ -375,7 +375,8 @@ BEGIN
                 IF v_others THEN
                     CONTINUE queues;
                 END IF;
-                IF r.status = 'accepted' THEN
+                IF r.status = 'accepted' AND r.parent_step_id IS NULL THEN
+                    -- A run that would start (a child run is part of an active tree).
                     SELECT count(*) INTO v_active FROM jobs_run
                      WHERE tenant_id = r.tenant_id AND status IN ('running', 'waiting');
                     IF v_active >= t.max_active_runs THEN
