@@ -50,6 +50,19 @@ def flaky(ctx: StepContext, key: str, fail_times: int):
     return {"succeeded_on_call": number}
 
 
+@register_tool("test.fails_attempts")
+def fails_attempts(ctx: StepContext, failures: int = 0, retryable: bool = True):
+    """Fail the step's first `failures` attempts, then succeed. Decided by the attempt number
+    alone (no ledger), so that a simulation replays the same way in any process."""
+    if ctx.attempt <= failures:
+        raise StepFailure(
+            f"attempt {ctx.attempt} fails on purpose ({failures} planned)",
+            code="planned",
+            retryable=retryable,
+        )
+    return {"attempt": ctx.attempt}
+
+
 @register_tool("test.fail")
 def fail(ctx: StepContext, key: str, retryable: bool = True, code: str = "boom"):
     record(key)
