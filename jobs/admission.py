@@ -360,28 +360,40 @@ def _oldest(queue, eligible, picks) -> tuple[int, str] | None:
 
 
 def _concrete_steps(picks, tenants, quotas) -> list[int]:
-    """The oldest steps of each picked bucket; steps of runs not yet started only while the
-    tenant has room under `max_active_runs` (counting the runs this cycle starts)."""
+    """The steps of each picked bucket: first the oldest of runs already started (and child
+    runs), so that work in progress finishes before new runs start; then the oldest of runs
+    not yet started, while the tenant has room under `max_active_runs` (counting the runs this
+    cycle starts). A started run's step is never stuck behind older steps of runs that may
+    not start yet."""
     chosen: list[int] = []
     new_runs: dict[int, set[int]] = defaultdict(set)
     for (queue, tenant_id, lane), n in picks.items():
         if n <= 0:
             continue
+        started = list(
+            _bucket_steps(queue, tenant_id, lane, started_only=True).values_list("id", flat=True)[
+                :n
+            ]
+        )
+        chosen.extend(started)
+        wanted = n - len(started)
         allowed = tenants[tenant_id].max_active_runs - quotas[tenant_id].active_runs
-        candidates = _bucket_steps(queue, tenant_id, lane).values_list(
-            "id", "run_id", "run__status", "run__parent_step_id"
-        )[: n * 4]
-        taken = 0
-        for step_run_id, run_id, run_status, parent_step_id in candidates:
-            if taken >= n:
+        if wanted <= 0 or len(new_runs[tenant_id]) >= allowed:
+            continue
+        unstarted = (
+            _bucket_steps(queue, tenant_id, lane)
+            .filter(run__status=RunStatus.ACCEPTED, run__parent_step__isnull=True)
+            .values_list("id", "run_id")[: wanted * 4]
+        )
+        for step_run_id, run_id in unstarted:
+            if wanted <= 0:
                 break
-            starts = run_status == RunStatus.ACCEPTED and parent_step_id is None
-            if starts and run_id not in new_runs[tenant_id]:
+            if run_id not in new_runs[tenant_id]:
                 if len(new_runs[tenant_id]) >= allowed:
                     continue
                 new_runs[tenant_id].add(run_id)
             chosen.append(step_run_id)
-            taken += 1
+            wanted -= 1
     return chosen
 
 
