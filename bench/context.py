@@ -11,7 +11,8 @@ import contextlib
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,19 +57,21 @@ class Bench:
     def running(self, name: str) -> list:
         return [p for p in self.cluster.procs if p.alive() and p.name.startswith(name)]
 
-    def start_scheduler(self, **env: str) -> None:
-        proc = self._spawn_scheduler(**env)
-        if proc is not None:
-            self._wait_scheduler(proc)
+    def start_scheduler(self, *, wait: bool = True, **env: str) -> None:
+        """The scheduler, unless one runs; with `wait`, once it listens (the next call waits
+        for one started without)."""
+        self._spawn_scheduler(**env)
+        if wait:
+            self._wait_scheduler()
 
-    def _spawn_scheduler(self, **env: str):
-        if self.running("scheduler"):
-            return None
-        return self.cluster._spawn(
-            "scheduler", [sys.executable, "manage.py", "run_scheduler"], env=env or None
-        )
+    def _spawn_scheduler(self, **env: str) -> None:
+        if not self.running("scheduler"):
+            self.cluster._spawn(
+                "scheduler", [sys.executable, "manage.py", "run_scheduler"], env=env or None
+            )
 
-    def _wait_scheduler(self, proc) -> None:
+    def _wait_scheduler(self) -> None:
+        (proc,) = self.running("scheduler")
         # Listening means it is between cycles, woken by the next NOTIFY.
         self.cluster.wait_until(_scheduler_listens, 30, "the scheduler never listened", proc)
 
@@ -76,6 +79,12 @@ class Bench:
         self.cluster.stop_many(self.running("scheduler"))
 
     def start_pools(self) -> None:
+        wait = self._spawn_pools()
+        if wait is not None:
+            wait()
+
+    def _spawn_pools(self) -> Callable[[], None] | None:
+        """The worker pools not running, spawned; the wait until they consume (or None)."""
         d = self.deployment
         per_llm = d.llm_threads // d.llm_processes
         wanted = [("steps.llm", per_llm)] * d.llm_processes + [
@@ -86,15 +95,17 @@ class Bench:
         for queue in dict(wanted):
             have = len(self.running(queue.split(".")[-1]))
             missing += [item for item in wanted if item[0] == queue][have:]
-        if missing:
-            self.cluster.start_pools(missing)
+        return self.cluster.spawn_pools(missing) if missing else None
 
     def raw_workers(self) -> list:
         """The raw Celery baseline's workers (the llm pool's processes and threads), started
         once."""
         d = self.deployment
-        for _ in range(d.llm_processes - len(self.running("celery-raw"))):
-            self.cluster.start_celery_baseline(concurrency=d.raw_threads // d.llm_processes)
+        missing = d.llm_processes - len(self.running("celery-raw"))
+        if missing > 0:
+            self.cluster.start_celery_baselines(
+                missing, concurrency=d.raw_threads // d.llm_processes
+            )
         return self.running("celery-raw")
 
     def stop_raw_workers(self) -> None:
@@ -112,6 +123,7 @@ class Bench:
                 self.dbos_database = harness.create_dbos_database(
                     connection_limit=d.dbos_processes * d.dbos_pool_size + 10
                 )
+            # Started together; each has an executor id of its own.
             started = [
                 self.cluster.spawn_dbos(f"dbos-{index + 1}", d, self.dbos_database)
                 for index in range(d.dbos_processes - missing, d.dbos_processes)
@@ -154,6 +166,14 @@ class Bench:
         is given, the same `env` (a scenario that sets nothing takes the web as it runs);
         otherwise, or when `fresh` (a scenario that measures the web starts from a new one),
         it is restarted."""
+        wait = self._spawn_web(fresh=fresh, processes=processes, **env)
+        return wait() if wait is not None else self.web_url
+
+    def _spawn_web(
+        self, *, fresh: bool = False, processes: int | None = None, **env: str
+    ) -> Callable[[], str] | None:
+        """As `start_web`, but returns the wait for a web it spawned (None: the running one
+        is kept)."""
         processes = processes or self.deployment.web_processes
         if (
             not fresh
@@ -162,13 +182,17 @@ class Bench:
             and (not env or env == self.web_env)
             and processes == self.web_processes
         ):
-            return self.web_url
+            return None
         self.stop_web()
-        # The cluster sizes the web's connection pools as `make run` does: ~20 in all.
-        self.web_url = self.cluster.start_web(processes=processes, **env)
+        wait_web = self.cluster.spawn_web(processes=processes, **env)
         self.web_env = env
         self.web_processes = processes
-        return self.web_url
+
+        def wait() -> str:
+            self.web_url = wait_web()
+            return self.web_url
+
+        return wait
 
     def web_pids(self) -> list[int]:
         """The daphne processes serving the API: the web process itself, or the children of
@@ -183,11 +207,13 @@ class Bench:
     def start_switchyard(self, **web_env: Any) -> str:
         """The scheduler, the pools and the web (`web_env` as `start_web`), those not running
         started together: each takes seconds to boot."""
-        scheduler = self._spawn_scheduler()
-        self.start_pools()
-        url = self.start_web(**web_env)
-        if scheduler is not None:
-            self._wait_scheduler(scheduler)
+        self._spawn_scheduler()
+        wait_pools = self._spawn_pools()
+        wait_web = self._spawn_web(**web_env)
+        if wait_pools is not None:
+            wait_pools()
+        url = wait_web() if wait_web is not None else self.web_url
+        self._wait_scheduler()
         return url
 
     def stop_switchyard(self) -> None:
@@ -219,15 +245,25 @@ class Bench:
         return TenantHandle(tenant, key)
 
     def reset_runs(self) -> None:
-        """Empty every table of runs (steps, attempts, events, approvals, webhooks cascade)."""
-        from django.db import connection
+        """Empty every table of runs (steps, attempts, events, approvals, webhooks cascade).
 
+        A step still reporting (a phase that ran out of time) can deadlock with the TRUNCATE,
+        which PostgreSQL resolves by failing one side: the TRUNCATE is tried again."""
+        from django.db import OperationalError, connection
+
+        for attempt in range(5):
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("TRUNCATE jobs_run CASCADE")
+                break
+            except OperationalError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.5)
         with connection.cursor() as cursor:
-            cursor.execute("TRUNCATE jobs_run CASCADE")
             cursor.execute("VACUUM ANALYZE jobs_steprun")
             cursor.execute("VACUUM ANALYZE jobs_run")
-        for queue in ("steps.llm", "steps.tool", "steps.retrieval", "steps.control"):
-            self.cluster.purge(queue)
+        self.cluster.purge_steps()
 
     @staticmethod
     def wake_scheduler() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import http.client
 import os
 import resource
 import signal
@@ -24,6 +25,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +159,7 @@ def cpu_seconds(pid: int) -> float:
 
 def make_cluster(workdir: Path, prefix: str, **env: str):
     """A BenchCluster (imported late: the tests' harness needs Django set up)."""
-    from tests.support.cluster import Cluster, Proc, free_port
+    from tests.support.cluster import Cluster, Proc, answering_pids, free_port
 
     class BenchCluster(Cluster):
         """The tests' Cluster with production-like settings, the bench's prefix and baselines."""
@@ -182,11 +185,64 @@ def make_cluster(workdir: Path, prefix: str, **env: str):
             self.procs.append(proc)
             return proc
 
-        def start_pools(self, pools: list[tuple[str, int]]) -> list[Proc]:  # type: ignore[override]
-            """A threads worker per (queue, concurrency) of `pools`, started together."""
-            return super().start_pools(
-                [(queue, "threads", concurrency) for queue, concurrency in pools]
+        def spawn_pools(self, pools: list[tuple[str, int]]) -> Callable[[], None]:
+            """A threads worker per (queue, concurrency) of `pools`, spawned together; returns
+            the wait until every one of them consumes (so that other processes can boot
+            meanwhile)."""
+            wanted = Counter(queue for queue, _ in pools)
+            before = {queue: self.consumers(queue) for queue in wanted}
+            started = [
+                (queue, self.spawn_worker(queue, pool="threads", concurrency=concurrency))
+                for queue, concurrency in pools
+            ]
+
+            def wait() -> None:
+                for queue, proc in started:
+                    self.wait_until(
+                        lambda queue=queue: self.consumers(queue) >= before[queue] + wanted[queue],
+                        60,
+                        f"worker {proc.name} never consumed {queue}",
+                        proc,
+                    )
+
+            return wait
+
+        def spawn_web(self, *, processes: int, **env: str) -> Callable[[], str]:
+            """The web on 127.0.0.1, spawned as the tests' `start_web` starts it (one daphne, or
+            `orchestrator.web` with `processes` daphne children; the connection pools ~20 in
+            all); returns the wait until every process answers, which gives its base URL."""
+            port = free_port()
+            if processes == 1:
+                argv = ["daphne", "-b", "127.0.0.1", "-p", str(port)]
+                argv.append("orchestrator.asgi:application")
+            else:
+                argv = ["orchestrator.web", "--processes", str(processes)]
+                argv += ["--host", "127.0.0.1", "--port", str(port)]
+            proc = self._spawn(
+                "web",
+                [sys.executable, "-m", *argv],
+                env={"DATABASE_POOL_MAX_SIZE": str(-(-20 // processes)), **env},
             )
+            base_url = f"http://127.0.0.1:{port}"
+
+            def all_answer() -> bool:
+                children = proc.children() if processes > 1 else [proc.pid]
+                if len(children) != processes:
+                    return False
+                try:
+                    return answering_pids(base_url, children) == set(children)
+                except (OSError, http.client.HTTPException):
+                    return False
+
+            def wait() -> str:
+                self.wait_until(
+                    lambda: _answers(f"{base_url}/healthz"), 30, f"web on {base_url}", proc
+                )
+                if processes > 1:
+                    self.wait_until(all_answer, 30, f"not all {processes} web processes", proc)
+                return base_url
+
+            return wait
 
         def start_gunicorn(self, *, workers: int, threads: int, **env: str) -> str:
             port = free_port()
@@ -217,37 +273,46 @@ def make_cluster(workdir: Path, prefix: str, **env: str):
             self.wait_until(lambda: _answers(f"{base_url}/healthz"), 30, "gunicorn", proc)
             return base_url
 
-        def start_celery_baseline(self, *, concurrency: int, name: str = "raw") -> Proc:
+        def start_celery_baselines(
+            self, count: int, *, concurrency: int, name: str = "raw"
+        ) -> list[Proc]:
+            """`count` raw Celery workers, started together, once all of them consume."""
             from bench.celery_baseline import QUEUE
 
             before = self.consumers(QUEUE)
-            node = f"{name}-{uuid.uuid4().hex[:6]}"
-            proc = self._spawn(
-                f"celery-{name}",
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "bench.celery_baseline",
-                    "worker",
-                    "-Q",
-                    self.prefix + QUEUE,
-                    "-P",
-                    "threads",
-                    "-c",
-                    str(concurrency),
-                    "-n",
-                    f"{node}@%h",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "-l",
-                    "info",
-                ],
-            )
-            self.wait_until(lambda: self.consumers(QUEUE) > before, 30, "raw Celery worker", proc)
-            proc.node = f"{node}@{socket.gethostname()}"  # for remote control
-            return proc
+            started = []
+            for _ in range(count):
+                node = f"{name}-{uuid.uuid4().hex[:6]}"
+                proc = self._spawn(
+                    f"celery-{name}",
+                    [
+                        sys.executable,
+                        "-m",
+                        "celery",
+                        "-A",
+                        "bench.celery_baseline",
+                        "worker",
+                        "-Q",
+                        self.prefix + QUEUE,
+                        "-P",
+                        "threads",
+                        "-c",
+                        str(concurrency),
+                        "-n",
+                        f"{node}@%h",
+                        "--without-gossip",
+                        "--without-mingle",
+                        "-l",
+                        "info",
+                    ],
+                )
+                proc.node = f"{node}@{socket.gethostname()}"  # for remote control
+                started.append(proc)
+            for proc in started:
+                self.wait_until(
+                    lambda: self.consumers(QUEUE) >= before + count, 30, "raw Celery worker", proc
+                )
+            return started
 
         def spawn_dbos(self, executor_id: str, deployment, database: str) -> Proc:
             """A DBOS worker process (`bench.dbos_baseline`); `wait_dbos` waits until it
@@ -279,12 +344,22 @@ def make_cluster(workdir: Path, prefix: str, **env: str):
 
             self.wait_until(lambda: READY in proc.log(), 60, "DBOS worker", proc)
 
+        def purge_steps(self) -> None:
+            """Empty the step queues, over one broker connection."""
+            from tests.support.cluster import STEP_QUEUES
+
+            with self._broker() as conn:
+                for queue in STEP_QUEUES:
+                    # A channel each: a queue that does not exist closes its channel.
+                    with contextlib.suppress(Exception):
+                        conn.channel().queue_purge(self.prefix + queue)
+
         def stop_named(self, *names: str) -> None:
             self.stop_many(
                 [p for p in self.procs if p.name.split("-")[0] in names or p.name in names]
             )
 
-        def stop_many(self, procs: list[Proc], grace_s: float = 5.0) -> None:
+        def stop_many(self, procs: list[Proc], grace_s: float = 2.0) -> None:
             """Stop processes together: SIGTERM to every group, SIGKILL to those still alive
             after `grace_s` (one after another, each worker's warm shutdown took a second)."""
             alive = [proc for proc in procs if proc.alive()]

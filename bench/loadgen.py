@@ -39,7 +39,7 @@ class Submitted:
     run_id: str | None = None
     error: str = ""
     started: float = 0.0  # time.time() when the request was sent
-    late_ms: float = 0.0  # how long after its scheduled time it was sent (open loop)
+    late_ms: float | None = 0.0  # how long after its scheduled time it left (open loop)
 
 
 async def submit(
@@ -54,8 +54,8 @@ async def submit(
     """POST /api/v1/runs/; the whole request bounded by `timeout_s` (a gateway's timeout).
 
     `scheduled` (a `time.perf_counter()` value): when an open-loop client meant to send it; the
-    latency is counted from then, so that a request sent late, behind a slow one, shows its
-    wait (no coordinated omission)."""
+    latency is counted from then, so that a request that left late (the load generator behind
+    its schedule) or waited for a connection shows that wait (no coordinated omission)."""
     body: dict[str, Any] = {"workflow": workflow, "input": input}
     if lane:
         body["lane"] = lane
@@ -188,17 +188,25 @@ async def closed_loop(
     return results
 
 
-async def open_loop(clients: int, interval_s: float, duration_s: float, action) -> list[Any]:
+async def open_loop(
+    clients: int, interval_s: float, duration_s: float, action, *, stop_after_s: float
+) -> tuple[list[Any], list[float]]:
     """`clients` clients, each calling `await action(scheduled)` once every `interval_s` for
     `duration_s`, client i first at `i * interval_s / clients` (so `clients / interval_s`
-    calls per second are offered, evenly spread), whatever the answers.
+    calls per second are offered, evenly spread).
 
-    `scheduled` is the `time.perf_counter()` at which the call was due: a client whose
-    previous call is still running sends late, and the action measures from `scheduled`.
-    Returns every result, in no order.
+    `scheduled` is the `time.perf_counter()` at which the call was due; the action measures
+    from it, so a call that left late, because its client was still waiting for the previous
+    answer or the load generator was behind, shows that wait (no coordinated omission). A
+    client has one call at a time (its own connection); what it could not send before
+    `duration_s + stop_after_s` is not sent, and is returned as the scheduled times it missed:
+    the caller counts those as failures, so a stalled server cannot make the run endless nor
+    hide its latency. Returns (results, missed schedules).
     """
     results: list[Any] = []
+    missed: list[float] = []
     origin = time.perf_counter() + 0.1
+    stop_at = origin + duration_s + stop_after_s
     sends = max(1, int(duration_s / interval_s))
 
     async def one_client(index: int) -> None:
@@ -206,6 +214,9 @@ async def open_loop(clients: int, interval_s: float, duration_s: float, action) 
         for k in range(sends):
             due = phase + k * interval_s
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            if time.perf_counter() >= stop_at:
+                missed.extend(phase + j * interval_s for j in range(k, sends))
+                return
             results.append(await action(due))
 
     tasks = [asyncio.create_task(one_client(i)) for i in range(clients)]
@@ -216,4 +227,4 @@ async def open_loop(clients: int, interval_s: float, duration_s: float, action) 
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
-    return results
+    return results, missed

@@ -114,6 +114,9 @@ class Submission:
     # submissions/s offered), whatever the answers; latency from each scheduled send time.
     open_interval_s: float = 1.0
     open_duration_s: float = 20
+    # An open-loop request not answered within this counts as an error (a timeout); it bounds
+    # how long the open loop outlives its duration when the server falls behind.
+    open_timeout_s: float = 5
     single_client_requests: int = 100
 
 
@@ -225,7 +228,9 @@ FULL = Params()
 QUICK = Params(
     quick=True,
     motivating=Motivating(users=40, time_divisor=10, arrival_real_s=12, follow_deadline_s=15),
-    submission=Submission(closed_duration_s=3, open_duration_s=8, single_client_requests=20),
+    submission=Submission(
+        closed_duration_s=3, open_duration_s=8, open_timeout_s=2, single_client_requests=20
+    ),
     overhead=Overhead(
         switchyard_chains=2, raw_chains=5, dbos_chains=5, idle_dispatch_samples=10, budget_s=4
     ),

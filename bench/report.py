@@ -606,7 +606,7 @@ def _markdown(run: dict[str, Any], rows) -> str:
         f"{m['load_average_at_start']}, at end {run.get('load_average_at_end')} (other work on "
         "the machine shows here).",
         "",
-        "Every process (web, scheduler, workers, both baselines, the load generators) shares "
+        "Every process (web, scheduler, workers, the baselines, the load generators) shares "
         "these cores with PostgreSQL, RabbitMQ and Redis. Latencies are nearest-rank "
         "percentiles over each scenario's samples; ratios compare figures of this run.",
         "",

@@ -165,8 +165,7 @@ def _time_cycles(bench, count: int) -> tuple[list[float], int]:
                 "UPDATE jobs_steprun SET status = 'ready', dispatch_token = NULL, "
                 "dispatched_at = NULL WHERE status = 'queued'"
             )
-        for queue in ("steps.llm", "steps.tool", "steps.retrieval", "steps.control"):
-            bench.cluster.purge(queue)
+        bench.cluster.purge_steps()
     return samples, admitted
 
 

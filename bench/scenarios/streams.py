@@ -28,11 +28,9 @@ def run(bench) -> dict[str, Any]:
     from tenants.services import tenant_pause, tenant_resume
 
     p = bench.params.streams
-    bench.start_scheduler()
-    bench.start_pools()
     # One web process, as the target says ("on one web process"): its memory and CPU are the
     # cost of these streams, not divided between processes.
-    url = bench.start_web(fresh=True, processes=1)
+    url = bench.start_switchyard(fresh=True, processes=1)
     (web_pid,) = bench.web_pids()
     followed = bench.tenant("streams")
     version = install(
