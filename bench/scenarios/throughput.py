@@ -21,8 +21,8 @@ left out), from the steps' own `finished_at` checkpoints.
   steps' own checkpoints (`operation_outputs.completed_at_epoch_ms`).
 
 The baselines go first, on the workers scenario 3 started: DBOS, then raw Celery, each
-stopped before the next measurement (DBOS's workers poll their queue every 10 ms even when it
-is empty; raw Celery's wait on the broker and cost nothing idle).
+stopped before the next measurement (DBOS's workers poll their queue 20 times a second even
+when it is empty; raw Celery's wait on the broker and cost nothing idle).
 """
 
 from __future__ import annotations
