@@ -8,7 +8,9 @@ tables between scenarios (so that no scenario measures another's leftovers), and
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -47,6 +49,8 @@ class Bench:
     profiles: list[dict[str, Any]] = field(default_factory=list)
     dbos_database: str | None = None
     dbos_client: Any = None
+    # The scenarios of this run (`spawn_ahead` boots what the later ones need).
+    scenarios: list[str] = field(default_factory=list)
 
     # --- processes -----------------------------------------------------------------------
 
@@ -100,41 +104,83 @@ class Bench:
     def raw_workers(self) -> list:
         """The raw Celery baseline's workers (the llm pool's processes and threads), started
         once."""
+        wait = self._spawn_raw_workers()
+        if wait is not None:
+            wait()
+        return self.running("celery-raw")
+
+    def _spawn_raw_workers(self) -> Callable[[], Any] | None:
         d = self.deployment
         missing = d.llm_processes - len(self.running("celery-raw"))
-        if missing > 0:
-            self.cluster.start_celery_baselines(
-                missing, concurrency=d.raw_threads // d.llm_processes
-            )
-        return self.running("celery-raw")
+        if missing <= 0:
+            return None
+        return self.cluster.spawn_celery_baselines(
+            missing, concurrency=d.raw_threads // d.llm_processes
+        )
 
     def stop_raw_workers(self) -> None:
         self.cluster.stop_many(self.running("celery-raw"))
 
     def dbos_workers(self) -> list:
         """The DBOS baseline's worker processes, on its scratch system database (created with
-        the first of them), started once."""
+        the first of them), booted once and launched: polling their queue from then on."""
+        from bench.dbos_baseline import READY
+
+        wait = self._spawn_dbos_workers()
+        if wait is not None:
+            wait()
+        workers = self.running("dbos")
+        waiting = [proc for proc in workers if READY not in proc.log()]
+        for proc in waiting:
+            os.kill(proc.pid, signal.SIGUSR1)
+        for proc in waiting:
+            self.cluster.wait_dbos(proc, READY)
+        return workers
+
+    def _spawn_dbos_workers(self) -> Callable[[], None] | None:
+        """DBOS workers not running, spawned; the wait until they have booted (not launched)."""
         from bench import harness
+        from bench.dbos_baseline import BOOTED
 
         d = self.deployment
         missing = d.dbos_processes - len(self.running("dbos"))
-        if missing > 0:
-            if self.dbos_database is None:
-                self.dbos_database = harness.create_dbos_database(
-                    connection_limit=d.dbos_processes * d.dbos_pool_size + 10
-                )
-            # Started together; each has an executor id of its own.
-            started = [
-                self.cluster.spawn_dbos(f"dbos-{index + 1}", d, self.dbos_database)
-                for index in range(d.dbos_processes - missing, d.dbos_processes)
-            ]
+        if missing <= 0:
+            return None
+        if self.dbos_database is None:
+            self.dbos_database = harness.create_dbos_database(
+                connection_limit=d.dbos_processes * d.dbos_pool_size + 10
+            )
+        # Spawned together; each has an executor id of its own.
+        started = [
+            self.cluster.spawn_dbos(f"dbos-{index + 1}", d, self.dbos_database)
+            for index in range(d.dbos_processes - missing, d.dbos_processes)
+        ]
+
+        def wait() -> None:
             for proc in started:
-                self.cluster.wait_dbos(proc)
-        return self.running("dbos")
+                self.cluster.wait_dbos(proc, BOOTED)
+
+        return wait
+
+    def spawn_ahead(self) -> Callable[[], None]:
+        """Spawn now the baselines' workers that later scenarios (3 and 4) need, so that they
+        boot (seconds of CPU each) while nothing is measured; returns the wait until they have.
+        Idle, they cost nothing: raw Celery's wait on the broker, DBOS's wait to be launched
+        (`dbos_workers`)."""
+        waits = []
+        if {"s3", "s4"} & set(self.scenarios):
+            waits = [self._spawn_raw_workers(), self._spawn_dbos_workers()]
+
+        def wait() -> None:
+            for each in waits:
+                if each is not None:
+                    each()
+
+        return wait
 
     def dbos(self):
-        """The bench's DBOS client (`bench.dbos_baseline.Client`), once a worker has created
-        DBOS's tables."""
+        """The bench's DBOS client (`bench.dbos_baseline.Client`), once the workers are
+        launched (the first created DBOS's tables)."""
         from bench.dbos_baseline import Client
 
         self.dbos_workers()
@@ -206,15 +252,24 @@ class Bench:
 
     def start_switchyard(self, **web_env: Any) -> str:
         """The scheduler, the pools and the web (`web_env` as `start_web`), those not running
-        started together: each takes seconds to boot."""
+        started together: each takes seconds to boot. Returns the web's URL."""
+        return self.spawn_switchyard(**web_env)()
+
+    def spawn_switchyard(self, **web_env: Any) -> Callable[[], str]:
+        """As `start_switchyard`, but returns at once the wait until everything is ready
+        (which gives the web's URL), so that the bench can start something else meanwhile."""
         self._spawn_scheduler()
         wait_pools = self._spawn_pools()
         wait_web = self._spawn_web(**web_env)
-        if wait_pools is not None:
-            wait_pools()
-        url = wait_web() if wait_web is not None else self.web_url
-        self._wait_scheduler()
-        return url
+
+        def wait() -> str:
+            if wait_pools is not None:
+                wait_pools()
+            url = wait_web() if wait_web is not None else self.web_url
+            self._wait_scheduler()
+            return url
+
+        return wait
 
     def stop_switchyard(self) -> None:
         self.cluster.stop_many(

@@ -8,9 +8,10 @@ worker instead of an engine with a scheduler and a broker.
 - `bench.dbos.chain(steps)`: a workflow of `steps` no-op steps, one after another. Each step's
   outcome is one checkpoint (a row of `dbos.operation_outputs`); the workflow adds a row at
   enqueue, a claim by the dequeuing worker and its outcome.
-- The worker: `python -m bench.dbos_baseline` launches DBOS on the bench's scratch system
-  database (`DBOS_SYSTEM_DATABASE_URL`), registers the bench's queue and dequeues from it until
-  SIGTERM. The bench starts `Deployment.dbos_processes` of them.
+- The worker: `python -m bench.dbos_baseline` boots, waits for SIGUSR1, then launches DBOS on
+  the bench's scratch system database (`DBOS_SYSTEM_DATABASE_URL`), registers the bench's
+  queue and dequeues from it until SIGTERM. The bench starts `Deployment.dbos_processes` of
+  them.
 - `Client` (the bench's process): enqueues through DBOS's own client (`DBOSClient`), in one
   transaction for a backlog, and reads the timings from DBOS's own tables
   (`workflow_status.created_at` → `completed_at`, `operation_outputs.completed_at_epoch_ms`).
@@ -37,6 +38,7 @@ from typing import Any
 APP = "switchyard_bench"
 QUEUE = "bench"
 CHAIN = "bench.chain"
+BOOTED = "bench-dbos: booted"
 READY = "bench-dbos: ready"
 
 
@@ -64,9 +66,28 @@ def _register_workflows():
 
 
 def worker(args: argparse.Namespace) -> None:
+    """Import DBOS and the workflows (most of a boot), print BOOTED, wait for SIGUSR1, then
+    launch DBOS (connect, migrate, register the queue: it polls from then on), print READY
+    and run until SIGTERM. The bench boots the workers early, while nothing is measured, and
+    launches them when DBOS is measured, so that their polling never runs beside another
+    measurement."""
+    go, stop = threading.Event(), threading.Event()
+
+    def on_stop(*_) -> None:
+        stop.set()
+        go.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_stop)
+    signal.signal(signal.SIGUSR1, lambda *_: go.set())
+
     from dbos import DBOS, DBOSConfig
 
     _register_workflows()
+    print(BOOTED, flush=True)
+    go.wait()
+    if stop.is_set():
+        return
     config: DBOSConfig = {
         "name": APP,
         "system_database_url": os.environ["DBOS_SYSTEM_DATABASE_URL"],
@@ -86,9 +107,6 @@ def worker(args: argparse.Namespace) -> None:
         polling_interval_sec=args.polling_interval_s,
         on_conflict="always_update",
     )
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
     print(READY, flush=True)
     stop.wait()
     DBOS.destroy()

@@ -273,10 +273,11 @@ def make_cluster(workdir: Path, prefix: str, **env: str):
             self.wait_until(lambda: _answers(f"{base_url}/healthz"), 30, "gunicorn", proc)
             return base_url
 
-        def start_celery_baselines(
+        def spawn_celery_baselines(
             self, count: int, *, concurrency: int, name: str = "raw"
-        ) -> list[Proc]:
-            """`count` raw Celery workers, started together, once all of them consume."""
+        ) -> Callable[[], list[Proc]]:
+            """`count` raw Celery workers, spawned together; returns the wait until all of them
+            consume."""
             from bench.celery_baseline import QUEUE
 
             before = self.consumers(QUEUE)
@@ -308,15 +309,22 @@ def make_cluster(workdir: Path, prefix: str, **env: str):
                 )
                 proc.node = f"{node}@{socket.gethostname()}"  # for remote control
                 started.append(proc)
-            for proc in started:
-                self.wait_until(
-                    lambda: self.consumers(QUEUE) >= before + count, 30, "raw Celery worker", proc
-                )
-            return started
+
+            def wait() -> list[Proc]:
+                for proc in started:
+                    self.wait_until(
+                        lambda: self.consumers(QUEUE) >= before + count,
+                        30,
+                        "raw Celery worker",
+                        proc,
+                    )
+                return started
+
+            return wait
 
         def spawn_dbos(self, executor_id: str, deployment, database: str) -> Proc:
-            """A DBOS worker process (`bench.dbos_baseline`); `wait_dbos` waits until it
-            dequeues."""
+            """A DBOS worker process (`bench.dbos_baseline`): it boots, then waits for SIGUSR1
+            to launch DBOS (`wait_dbos` waits for either)."""
             from bench.dbos_baseline import database_url
 
             return self._spawn(
@@ -339,10 +347,9 @@ def make_cluster(workdir: Path, prefix: str, **env: str):
                 env={"DBOS_SYSTEM_DATABASE_URL": database_url(database)},
             )
 
-        def wait_dbos(self, proc: Proc) -> None:
-            from bench.dbos_baseline import READY
-
-            self.wait_until(lambda: READY in proc.log(), 60, "DBOS worker", proc)
+        def wait_dbos(self, proc: Proc, marker: str) -> None:
+            """Until the DBOS worker's log says `marker` (BOOTED or READY)."""
+            self.wait_until(lambda: marker in proc.log(), 60, "DBOS worker", proc)
 
         def purge_steps(self) -> None:
             """Empty the step queues, over one broker connection."""
@@ -359,7 +366,7 @@ def make_cluster(workdir: Path, prefix: str, **env: str):
                 [p for p in self.procs if p.name.split("-")[0] in names or p.name in names]
             )
 
-        def stop_many(self, procs: list[Proc], grace_s: float = 2.0) -> None:
+        def stop_many(self, procs: list[Proc], grace_s: float = 1.0) -> None:
             """Stop processes together: SIGTERM to every group, SIGKILL to those still alive
             after `grace_s` (one after another, each worker's warm shutdown took a second)."""
             alive = [proc for proc in procs if proc.alive()]

@@ -166,20 +166,21 @@ async def closed_loop(
 ) -> list[Any]:
     """`concurrency` clients each calling `await action()` back to back for `duration_s`.
 
-    Client i starts after `ramp_s * i / concurrency`. Returns every result, in no order.
+    Client i starts after `ramp_s * i / concurrency`. At `duration_s` the calls still running
+    are cancelled and not counted: what is returned completed within the window (every
+    result, in no order), so a slow server cannot stretch the measurement.
     """
     results: list[Any] = []
-    stop_at = time.monotonic() + duration_s
 
     async def one_client(index: int) -> None:
         if ramp_s:
             await asyncio.sleep(ramp_s * index / concurrency)
-        while time.monotonic() < stop_at:
+        while True:
             results.append(await action())
 
     tasks = [asyncio.create_task(one_client(i)) for i in range(concurrency)]
     try:
-        await asyncio.gather(*tasks)
+        await asyncio.wait(tasks, timeout=duration_s)
     finally:
         for task in tasks:
             task.cancel()
@@ -189,7 +190,7 @@ async def closed_loop(
 
 
 async def open_loop(
-    clients: int, interval_s: float, duration_s: float, action, *, stop_after_s: float
+    clients: int, interval_s: float, duration_s: float, action
 ) -> tuple[list[Any], list[float]]:
     """`clients` clients, each calling `await action(scheduled)` once every `interval_s` for
     `duration_s`, client i first at `i * interval_s / clients` (so `clients / interval_s`
@@ -198,15 +199,15 @@ async def open_loop(
     `scheduled` is the `time.perf_counter()` at which the call was due; the action measures
     from it, so a call that left late, because its client was still waiting for the previous
     answer or the load generator was behind, shows that wait (no coordinated omission). A
-    client has one call at a time (its own connection); what it could not send before
-    `duration_s + stop_after_s` is not sent, and is returned as the scheduled times it missed:
-    the caller counts those as failures, so a stalled server cannot make the run endless nor
-    hide its latency. Returns (results, missed schedules).
+    client has one call at a time (its own connection); the calls it could not send within
+    `duration_s` are not sent and are returned as the scheduled times they missed: the caller
+    counts them as failures, so a stalled server can neither stretch the run past
+    `duration_s` plus the calls' own timeout nor hide its latency. Returns (results, missed).
     """
     results: list[Any] = []
     missed: list[float] = []
     origin = time.perf_counter() + 0.1
-    stop_at = origin + duration_s + stop_after_s
+    stop_at = origin + duration_s
     sends = max(1, int(duration_s / interval_s))
 
     async def one_client(index: int) -> None:

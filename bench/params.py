@@ -81,7 +81,7 @@ class Motivating:
     # follows a run (29 November: 46 results lost, 319 timeouts; docs/performance.md). At 1/4
     # (12.5 submissions/s, 75 steps/s, 5 s workflows, a 7.5 s gateway) the engine keeps up on
     # this machine, and the synchronous deployment (40 slots of 5 s: 8 workflows/s) is still
-    # overloaded by the same arrivals. The quick run keeps 1/10 with 40 users.
+    # overloaded by the same arrivals. The quick run keeps 1/10 with 30 users.
     time_divisor: float = 4
     gateway_timeout_real_s: float = 30
     # Users arrive uniformly over this window (real time before scaling: 160 s).
@@ -230,7 +230,7 @@ FULL = Params()
 
 QUICK = Params(
     quick=True,
-    motivating=Motivating(users=40, time_divisor=10, arrival_real_s=12, follow_deadline_s=15),
+    motivating=Motivating(users=30, time_divisor=10, arrival_real_s=12, follow_deadline_s=15),
     submission=Submission(
         closed_duration_s=3, open_duration_s=8, open_timeout_s=2, single_client_requests=20
     ),
@@ -238,9 +238,9 @@ QUICK = Params(
         switchyard_chains=2, raw_chains=5, dbos_chains=5, idle_dispatch_samples=10, budget_s=4
     ),
     throughput=Throughput(
-        zero_latency_steps=200, llm_steps=150, raw_tasks=2000, dbos_steps=600, budget_s=6
+        zero_latency_steps=200, llm_steps=150, raw_tasks=1000, dbos_steps=400, budget_s=6
     ),
-    noisy=Noisy(flood_steps=200, a_window_s=2, drain_deadline_s=8),
+    noisy=Noisy(flood_steps=200, a_window_s=2, drain_deadline_s=4),
     streams=Streams(clients=100, deadline_s=12),
-    growth=Growth(backlogs=(300, 3_000, 30_000), cycles=3, decides=3, submissions=10),
+    growth=Growth(backlogs=(200, 2_000, 20_000), cycles=3, decides=3, submissions=10),
 )

@@ -16,7 +16,8 @@
   `ready_at` (the transaction that made it ready) to its attempt's `started_at` (the worker's
   claim, just before the handler runs).
 
-Raw Celery and DBOS go last, so that their workers, started here, serve scenario 4 first.
+Raw Celery and DBOS go last, so that their workers (booted in scenario 1, or here) serve
+scenario 4 first; DBOS's are launched here, when DBOS is measured.
 """
 
 from __future__ import annotations

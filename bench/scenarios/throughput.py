@@ -20,7 +20,7 @@ left out), from the steps' own `finished_at` checkpoints.
   worker processes of 12 concurrent workflows each; the rate over the middle 80 % of the
   steps' own checkpoints (`operation_outputs.completed_at_epoch_ms`).
 
-The baselines go first, on the workers scenario 3 started: DBOS, then raw Celery, each
+The baselines go first, on the workers scenario 3 used: DBOS, then raw Celery, each
 stopped before the next measurement (DBOS's workers poll their queue 20 times a second even
 when it is empty; raw Celery's wait on the broker and cost nothing idle).
 """
@@ -158,7 +158,7 @@ def _saturate(bench, tenant, version, steps: int, width: int, p) -> tuple[float,
     deadline = time.monotonic() + p.budget_s
     finished = StepRun.objects.filter(run_id__in=runs, finished_at__isnull=False)
     while finished.count() < total and time.monotonic() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.2)
     times = [t.timestamp() for t in finished.values_list("finished_at", flat=True)]
     if len(times) < total:  # out of time: the rate is over what finished; stop the rest
         tenant_pause(tenant=tenant)
