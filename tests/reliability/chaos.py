@@ -1,5 +1,5 @@
 """The chaos run: a steady mixed load on real processes while faults are injected, then the
-invariants are checked over everything that was accepted (issue 8, DESIGN §3).
+invariants are checked over everything that was accepted (docs/reliability.md).
 
     python -m tests.reliability.chaos --profile full    # `make chaos`, under 10 minutes
     python -m tests.reliability.chaos --profile short   # inside `make test`, about 2 minutes
@@ -47,6 +47,9 @@ class Profile:
     drain_s: float
     recovery_timeout_s: float
     budget_s: float  # the fault phase stops injecting after this long (the run is bounded)
+    # Seconds after the load starts at which one tenant submits a burst of map runs, more
+    # than its default quota of concurrent steps (workload.MAP_BURST).
+    map_bursts: tuple[float, ...] = ()
 
 
 ALL_FAULTS = (
@@ -64,6 +67,7 @@ ALL_FAULTS = (
     "restart_redis",
     "kill_web",
     "pause_worker",
+    "pause_worker_long",
     "rabbitmq_alarm",
 )
 
@@ -79,15 +83,17 @@ PROFILES = {
         warmup_s=8.0,
         drain_s=100.0,
         recovery_timeout_s=45.0,
-        budget_s=360.0,
+        budget_s=400.0,
+        map_bursts=(10.0, 100.0, 190.0, 280.0),
     ),
     "short": Profile(
         name="short",
         rate_per_s=1.0,
         clients=3,
         followers=2,
-        # Two schedulers race throughout instead of "two_schedulers"; Redis restarts and
-        # memory alarms are left to the full profile.
+        # Two schedulers race throughout instead of "two_schedulers"; Redis restarts, memory
+        # alarms and the short pause of a tool worker are left to the full profile (the long
+        # pause of an LLM worker outlasts the leases too, so its late reports are refused).
         faults=(
             "kill_llm_worker",
             "kill_tool_child",
@@ -96,7 +102,7 @@ PROFILES = {
             "restart_rabbitmq",
             "restart_postgres",
             "kill_web",
-            "pause_worker",
+            "pause_worker_long",
         ),
         gap_s=0.5,
         hold_s=3.0,
@@ -104,6 +110,7 @@ PROFILES = {
         drain_s=90.0,
         recovery_timeout_s=45.0,
         budget_s=150.0,
+        map_bursts=(5.0,),
     ),
 }
 
@@ -154,6 +161,13 @@ class Chaos:
             # step below (it outlasts consumer_timeout) is one, the load's steps are not.
             SWITCHYARD_HELD_DELIVERY_MAX_S=str(self.consumer_timeout_s() * 2 / 3),
         )
+        # This process's own transactions (canaries, the special runs, map bursts) leave their
+        # steps to the scheduler: its settings are not the cluster's (queue prefix, pool
+        # capacity, leases), and what it admitted itself would be published to queues nobody
+        # consumes (then re-published by the stale-dispatch sweep, seconds later).
+        from django.conf import settings
+
+        settings.SWITCHYARD_DIRECT_ADMISSION = False
         self.workers: dict[str, list] = {queue: [] for queue in WORKER_POOLS}
         self.schedulers: list = []
         self.killed: set[int] = set()  # pids this run SIGKILLed on purpose
@@ -167,6 +181,9 @@ class Chaos:
         self.canary_baseline: list[float] = []
         self.clients = None
         self.followers = None
+        self.map_bursts: list[dict[str, Any]] = []
+        self.map_burst_runs: set[str] = set()
+        self.seed = seed
 
     # --- set-up --------------------------------------------------------------------------
 
@@ -241,7 +258,7 @@ class Chaos:
 
     def submit_direct(self, workflow: str, tenant: str = "canary", **fields) -> str:
         from jobs.selectors import workflow_version_for
-        from jobs.services.runs import run_create
+        from jobs.transitions.runs import run_create
         from tenants.models import Tenant
 
         def create() -> str:
@@ -557,6 +574,67 @@ class Chaos:
         result.notes["late_results_refused"] = refused - refused_before
         return resumed
 
+    def fault_pause_worker_long(self, result: FaultResult) -> float:
+        """SIGSTOP an LLM worker inside a transaction holding locks (best: a report that
+        recorded its tenant's usage and holds the admission lock) for longer than
+        PostgreSQL's idle-in-transaction timeout, then SIGCONT it. Meanwhile the other LLM
+        worker must keep completing steps, and PostgreSQL must end the stalled transaction
+        (progress isolation); the stopped worker's leases run out, so its late reports are
+        refused.
+
+        Three times the timeout, as tests/integration/test_worker_pause.py pauses, but short
+        of this broker's consumer_timeout: a delivery the stopped worker holds must not
+        outlive it (check_special counts that as a failure)."""
+        from django.conf import settings
+        from django.utils import timezone
+
+        from jobs.models import StepAttempt
+        from tests.support.stall import backends_alive, stop_inside_transaction
+
+        idle_s = settings.DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS / 1000
+        pause_s = min(3 * idle_s, self.consumer_timeout_s() - 5)
+        victim = self.busy_worker("steps.llm", kind="llm")
+        others = [p.name for p in self.workers["steps.llm"] if p is not victim and p.alive()]
+        try:
+            held = self.db(
+                lambda: stop_inside_transaction(
+                    victim.pid,
+                    timeout=20,
+                    prefer=lambda held: held.writes("tenants_") and bool(held.advisory_locks),
+                )
+            )
+        except TimeoutError:
+            held = []
+            os.killpg(victim.pid, signal.SIGSTOP)
+        paused = timezone.now()
+        try:
+            time.sleep(pause_s)
+            still_open = self.db(lambda: backends_alive([h.backend_pid for h in held]))
+        finally:
+            os.killpg(victim.pid, signal.SIGCONT)
+        resumed_at = time.monotonic()
+        resumed = timezone.now()
+
+        def completed_by_others() -> int:
+            return StepAttempt.objects.filter(
+                worker__regex=r"^(" + "|".join(others) + ")@",
+                outcome="succeeded",
+                finished_at__gte=paused,
+                finished_at__lt=resumed,
+            ).count()
+
+        result.notes["paused_s"] = round((resumed - paused).total_seconds(), 1)
+        result.notes["held"] = [
+            {"tables": len(h.tables), "advisory_locks": len(h.advisory_locks)} for h in held
+        ]
+        result.notes["others_completed"] = self.db(completed_by_others) if others else 0
+        result.notes["stalled_transaction_ended"] = not still_open
+        if not result.notes["others_completed"]:
+            result.error = f"no other LLM worker completed a step in the {pause_s:.0f}s pause"
+        elif still_open:
+            result.error = "the stalled transaction outlived the idle-in-transaction timeout"
+        return resumed_at
+
     def fault_rabbitmq_alarm(self, result: FaultResult) -> float:
         """A memory alarm: publishers block. The API must keep accepting runs meanwhile."""
         self.services.rabbit.alarm(True)
@@ -569,6 +647,116 @@ class Chaos:
         result.notes["submissions_during_alarm"] = len(during)
         result.notes["max_submit_latency_s"] = round(max(during), 3) if during else None
         return time.monotonic()
+
+    # --- map bursts --------------------------------------------------------------------------
+
+    def run_map_bursts(self) -> None:
+        """At each of the profile's `map_bursts` offsets, one load tenant (in turn) has
+        MAP_BURST_RUNS map runs accepted at once (one transaction: all their map rows wait
+        from the same instant, more than the tenant's quota has slots); until they are all
+        final (or the next burst), its waiting map rows and its steps in flight are sampled."""
+        from django.db import connections
+
+        try:
+            self._map_bursts(random.Random(self.seed + 1), self.profile.map_bursts)
+        finally:
+            connections.close_all()  # this thread's
+
+    def _map_bursts(self, rng: random.Random, offsets: tuple[float, ...]) -> None:
+        from django.db import connections
+
+        from tests.reliability.workload import MAP_BURST_RUNS, TOPICS
+
+        for index, offset in enumerate(offsets):
+            if self.clients.stopping.wait(max(0.0, self.t0 + offset - time.monotonic())):
+                return
+            tenant = LOAD_TENANTS[index % len(LOAD_TENANTS)]
+            _log(f"map burst: {MAP_BURST_RUNS} runs for {tenant}")
+            inputs = [
+                {"items": [rng.choice(TOPICS) for _ in range(3)]} for _ in range(MAP_BURST_RUNS)
+            ]
+            began = time.monotonic()
+            run_ids = self.db(lambda tenant=tenant, inputs=inputs: self._accept(tenant, inputs))
+            self.map_burst_runs.update(run_ids)
+            burst: dict[str, Any] = {
+                "tenant": tenant,
+                "at_s": round(began - self.t0, 1),
+                "runs": len(run_ids),
+                "peak_waiting_maps": 0,
+                "peak_in_flight": 0,
+                "final_after_s": None,
+            }
+            self.map_bursts.append(burst)
+            until = self.t0 + offsets[index + 1] if index + 1 < len(offsets) else began + 120
+            while time.monotonic() < until and not self.clients.stopping.is_set():
+                try:
+                    waiting, in_flight, open_runs = self._burst_sample(tenant, run_ids)
+                except Exception:  # PostgreSQL is being restarted: sample again shortly
+                    connections.close_all()
+                else:
+                    burst["peak_waiting_maps"] = max(burst["peak_waiting_maps"], waiting)
+                    burst["peak_in_flight"] = max(burst["peak_in_flight"], in_flight)
+                    if not open_runs:
+                        burst["final_after_s"] = round(time.monotonic() - began, 1)
+                        break
+                time.sleep(0.25)
+
+    @staticmethod
+    def _accept(tenant: str, inputs: list[dict[str, Any]]) -> list[str]:
+        """Runs of MAP_BURST for `tenant`, one per input, accepted in one transaction."""
+        from django.db import transaction
+
+        from jobs.selectors import workflow_version_for
+        from jobs.transitions.runs import run_create
+        from tenants.models import Tenant
+
+        owner = Tenant.objects.get(slug=tenant)
+        version = workflow_version_for(tenant=owner, name="mapburst", version=None)
+        with transaction.atomic():
+            return [
+                str(run_create(tenant=owner, version=version, input=item).public_id)
+                for item in inputs
+            ]
+
+    @staticmethod
+    def _burst_sample(tenant: str, run_ids: list[str]) -> tuple[int, int, int]:
+        """(the tenant's map rows waiting for their items, its steps in flight, the burst's
+        runs not final yet)."""
+        from django.db.models import Count, Q
+
+        from jobs.models import RUN_FINAL, Run, StepRun
+
+        counts = StepRun.objects.filter(
+            tenant__slug=tenant, status__in=("queued", "running")
+        ).aggregate(
+            waiting=Count("id", filter=Q(kind="map", map_index__isnull=True)),
+            in_flight=Count("id", filter=~Q(kind="map")),
+        )
+        open_runs = Run.objects.filter(public_id__in=run_ids).exclude(status__in=RUN_FINAL)
+        return counts["waiting"], counts["in_flight"], open_runs.count()
+
+    def check_map_bursts(self) -> tuple[dict[str, Any], list[str]]:
+        """Every run of a burst succeeded (its workflow injects no failure), and the tenant
+        never had more steps in flight than its quota while it was sampled."""
+        from jobs.models import Run
+        from tenants.models import Tenant
+
+        problems = []
+        for burst in self.map_bursts:
+            quota = Tenant.objects.get(slug=burst["tenant"]).max_concurrent_steps
+            if burst["peak_in_flight"] > quota:
+                problems.append(
+                    f"{burst['tenant']} had {burst['peak_in_flight']} steps in flight "
+                    f"(quota {quota})"
+                )
+        not_succeeded = Run.objects.filter(public_id__in=self.map_burst_runs).exclude(
+            status="succeeded"
+        )
+        problems += [
+            f"map burst run {run.public_id} {run.status}: {run.error[:120]}"
+            for run in not_succeeded
+        ]
+        return {"bursts": self.map_bursts}, problems
 
     # --- the run -----------------------------------------------------------------------------
 
@@ -601,6 +789,8 @@ class Chaos:
         self.t0 = time.monotonic()
         self.clients.start()
         self.followers.start()
+        bursts = threading.Thread(target=self.run_map_bursts, daemon=True)
+        bursts.start()
         # A poison step and a step longer than consumer_timeout run beside the load.
         for _ in range(2 if profile.name == "full" else 1):
             self.special_runs["poison"].append(self.submit_direct("poison", tenant="special"))
@@ -621,6 +811,7 @@ class Chaos:
         load_s = time.monotonic() - self.t0
         _log("stopping the load; draining")
         self.clients.stop()
+        bursts.join(timeout=120)
         drained = self.drain()
         self.followers.stop(timeout=30)
         _log("checking the invariants")
@@ -681,6 +872,7 @@ class Chaos:
             ),
             ("streams", lambda: checks.check_streams(self.followers.followed)),
             ("special", self.check_special),
+            ("map_bursts", self.check_map_bursts),
             ("processes", self.check_processes),
         ):
             try:
@@ -706,6 +898,12 @@ class Chaos:
             if len(times) < len(results):
                 violations.setdefault("recovery", []).extend(
                     f"{name}: {r.error}" for r in results if r.error
+                )
+            # A fault's own check failed although the system recovered from it.
+            failed_checks = [r for r in results if r.error and r.recovery_s is not None]
+            if failed_checks:
+                violations.setdefault("faults", []).extend(
+                    f"{name}: {r.error}" for r in failed_checks
                 )
         runs = figures.get("runs", {})
         return {

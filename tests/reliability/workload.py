@@ -203,7 +203,49 @@ def long_step(seconds: float) -> dict[str, Any]:
     }
 
 
-LOAD_WORKFLOWS = (FANOUT, BRANCHES, CHILD, PARENT)
+# Many of these accepted at once for one tenant at the default quotas (the driver's map
+# bursts): each run's map row is `running` (waiting for its items, on no worker) from its
+# acceptance, so a burst of more runs than the tenant's `max_concurrent_steps` has more waiting
+# map rows than the quota has slots.
+QUICK_LLM = {"latency_ms": 125, "jitter_ms": 75}  # 50-200 ms, streamed in slices
+MAP_BURST = {
+    "name": "mapburst",
+    "input_schema": {"type": "object", "required": ["items"]},
+    "steps": [
+        _llm("draft", "Draft {{ input['items'] }}", simulated=QUICK_LLM),
+        _llm(
+            "refine",
+            "Refine {{ steps.draft.output.text }}",
+            after=["draft"],
+            simulated=QUICK_LLM,
+        ),
+        _work("lookup", "{{ input['items'] }}", sleep_ms=0),
+        {
+            "id": "each",
+            "kind": "map",
+            "over": "{{ input['items'] }}",
+            "step": {
+                "kind": "llm",
+                "provider": "simulated",
+                "prompt": "Item {{ item }}",
+                "simulated": QUICK_LLM,
+                "retry": RETRY,
+                "timeout_s": STEP_TIMEOUT_S,
+            },
+        },
+        _work(
+            "finish",
+            "{{ steps.each.output | length }}",
+            sleep_ms=0,
+            after=["refine", "lookup", "each"],
+        ),
+    ],
+    "output": {"finish": "{{ steps.finish.output.value }}", "lookup": "{{ steps.lookup.output }}"},
+}
+# More runs than the default `max_concurrent_steps` (50).
+MAP_BURST_RUNS = 60
+
+LOAD_WORKFLOWS = (FANOUT, BRANCHES, CHILD, PARENT, MAP_BURST)
 DOCUMENTS = [
     {"title": "Refund policy", "text": "Refunds are possible within 30 days of an invoice."},
     {"title": "Shipping", "text": "Parcels ship within two days; tracking links come by mail."},
