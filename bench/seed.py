@@ -64,7 +64,7 @@ def template_run(tenant, version) -> int:
     direct admission, which would queue them, and its copies with them)."""
     from django.test.utils import override_settings
 
-    from jobs.services.runs import run_create
+    from jobs.transitions.runs import run_create
 
     with override_settings(SWITCHYARD_DIRECT_ADMISSION=False):
         return run_create(tenant=tenant, version=version, input={}).pk

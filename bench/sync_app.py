@@ -33,9 +33,9 @@ from django.db import close_old_connections  # noqa: E402
 from django.utils import timezone  # noqa: E402
 
 from jobs import engine  # noqa: E402
-from jobs.services.runs import definition_of  # noqa: E402
 from jobs.steps import registry  # noqa: E402
 from jobs.steps.registry import StepContext  # noqa: E402
+from jobs.transitions.txn import definition_of  # noqa: E402
 
 _ledger_lock = threading.Lock()
 _definition = None

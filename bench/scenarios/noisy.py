@@ -86,7 +86,7 @@ def _phase(bench, tenant_a, interactive, flood, p) -> tuple[list[float], float |
     from django.utils import timezone
 
     from jobs.models import Run, StepAttempt, StepRun
-    from jobs.services.runs import run_create
+    from jobs.transitions.runs import run_create
     from tenants.services import tenant_pause, tenant_resume
 
     flood_runs: list[int] = []

@@ -122,7 +122,7 @@ def _wait_final(run, timeout_s: float = 120, poll_s: float = 0.01):
 
 def _idle_dispatch(bench, tenant, version, p) -> list[float]:
     from jobs.models import StepAttempt
-    from jobs.services.runs import run_create
+    from jobs.transitions.runs import run_create
 
     runs = []
     stop_at = time.monotonic() + p.budget_s
@@ -142,7 +142,7 @@ def _idle_dispatch(bench, tenant, version, p) -> list[float]:
 
 
 def _switchyard_chains(bench, tenant, version, p) -> list[float]:
-    from jobs.services.runs import run_create
+    from jobs.transitions.runs import run_create
 
     walls = []
     stop_at = time.monotonic() + p.budget_s
