@@ -120,9 +120,7 @@ def test_a_submission_through_the_api_is_one_statement(owner):
     # (once a second) and the key's refresh (its cache entry lives a second).
     periodic = ('SELECT COUNT(*) AS "__count" FROM (SELECT', 'SELECT "tenants_apikey"')
     statements = [
-        query["sql"]
-        for query in queries.captured_queries
-        if not query["sql"].startswith(periodic)
+        query["sql"] for query in queries.captured_queries if not query["sql"].startswith(periodic)
     ]
     assert [sql.split("(", 1)[0] for sql in statements] == ["SELECT switchyard_run_submit"]
     run = Run.objects.get(public_id=response.json()["id"])
