@@ -144,7 +144,9 @@ def test_a_killed_worker_loses_no_step(owner, running, ledger):
     assert len(tools.calls("last")) == 1
 
 
-def test_a_stopped_scheduler_resumes_the_backlog_and_purged_queues_are_redispatched(owner, cluster):
+def test_a_stopped_scheduler_resumes_the_backlog_and_purged_queues_are_redispatched(
+    owner, cluster, scheduler_only
+):
     cluster.start_all_pools()
     definition = {
         "name": "resume",

@@ -191,8 +191,10 @@ def test_a_tenant_never_runs_more_steps_than_its_concurrency_quota_even_with_two
     assert all(len(tools.calls(f"c{i}")) == 1 for i in range(30))
 
 
-def test_the_steps_per_minute_quota_holds(cluster):
+def test_the_steps_per_minute_quota_holds(cluster, settings):
+    # Every process that admits (this one submits, and admits directly) has the same bucket.
     cluster.env["SWITCHYARD_RATE_BURST_S"] = "1"
+    settings.SWITCHYARD_RATE_BURST_S = 1
     cluster.start_scheduler()
     cluster.start_worker("steps.llm", pool="threads", concurrency=8)
     limited = make_tenant_client("limited", steps_per_minute=300).tenant  # 5 a second
@@ -296,7 +298,7 @@ def test_a_quota_change_applies_at_the_next_cycle_without_a_restart(cluster):
 
 
 @pytest.mark.django_db
-def test_the_tenant_admin_shows_usage_beside_each_quota(client, django_user_model):
+def test_the_tenant_admin_shows_usage_beside_each_quota(client, django_user_model, scheduler_only):
     tenant = make_tenant_client("shown", max_concurrent_steps=7).tenant
     flood(tenant, runs=2, width=3, latency_ms=10)
     TenantUsageDay.objects.create(tenant=tenant, day=timezone.now().date(), llm_tokens=1234)
