@@ -35,7 +35,7 @@ test: venv services chromium
 	$(PY) -m pytest tests/integration tests/browser tests/security -q -n 2 -m "not serial"
 	$(PY) -m pytest tests/integration tests/reliability -q -m serial
 
-# Issue 8's load: 500 clients submitting and streaming for 2 minutes; no 5xx, no lost run.
+# The load test: 500 clients submitting and streaming for 2 minutes; no 5xx, no lost run.
 load: venv services
 	SWITCHYARD_LOAD_CLIENTS=500 SWITCHYARD_LOAD_SECONDS=120 $(PY) -m pytest tests/reliability/test_load.py -q -s
 

@@ -6,7 +6,6 @@ import pytest
 from rest_framework.test import APIClient
 
 import tests.support.tools  # noqa: F401 - registers the test tools in this process
-from orchestrator.celery import app
 
 
 class TenantClient:
@@ -44,19 +43,6 @@ def ledger(tmp_path, monkeypatch):
     path.mkdir()
     monkeypatch.setenv("SWITCHYARD_TEST_LEDGER", str(path))
     return path
-
-
-@pytest.fixture(autouse=True)
-def _broker_connections_of_this_process(settings):
-    """After each test, this process's Celery connections point at the broker of the settings
-    again: a test that moved the broker (a private RabbitMQ, a dead port) must not leave the
-    publisher of direct admissions talking to it."""
-    yield
-    app.conf.broker_url = settings.CELERY_BROKER_URL
-    app.conf.broker_write_url = None
-    if app._pool is not None:
-        app._pool.force_close_all()
-        app._pool = None
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ waits in their queue, within the tenant's quotas, under the scheduler's admissio
 
 from __future__ import annotations
 
+import httpx
 import psycopg
 import pytest
 from django.db import connection, transaction
@@ -128,13 +129,20 @@ def test_while_the_scheduler_holds_the_admission_lock_the_step_is_left_ready(own
 @pytest.mark.cluster
 def test_a_chain_runs_to_its_end_with_no_scheduler_on_an_idle_system(owner, cluster, settings):
     """Each step's report admits the next one: with no scheduler process at all, a run of
-    ten steps ends (with direct admission off it would wait for ever in `ready`)."""
-    settings.SWITCHYARD_DIRECT_ADMISSION = True
+    ten steps submitted to the web ends (with direct admission off it would wait for ever in
+    `ready`). The web admits and publishes the first step, the workers the others."""
     settings.SWITCHYARD_QUEUE_PREFIX = cluster.prefix
     cluster.start_worker("steps.llm", concurrency=2)
+    base_url = cluster.start_web()
     steps = [_llm("s0")] + [_llm(f"s{i}", after=[f"s{i - 1}"]) for i in range(1, 10)]
+    headers = {"Authorization": f"Bearer {owner.raw_key}"}
+    with httpx.Client(base_url=base_url, headers=headers, timeout=30) as client:
+        created = client.post("/api/v1/workflows/", json={"name": "ten", "steps": steps})
+        assert created.status_code == 201, created.text
+        accepted = client.post("/api/v1/runs/", json={"workflow": "ten", "input": {}})
+        assert accepted.status_code == 202, accepted.text
 
-    run = cluster.wait_run(submit(owner.tenant, {"name": "ten", "steps": steps}), timeout=60)
+    run = cluster.wait_run(Run.objects.get(public_id=accepted.json()["id"]), timeout=60)
 
     assert run.status == "succeeded", run.error
     types = event_types(run)
