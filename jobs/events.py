@@ -301,12 +301,17 @@ class _LivePublisher:
     """One daemon thread per process with an asyncio loop that owns the channel layer."""
 
     MAX_PENDING = 10_000
+    # Sends in progress at once: each holds a connection of the channel layer's Redis pool
+    # (100 by default), which raises rather than waits when a burst asks for more; the rest
+    # wait their turn here instead of failing.
+    MAX_SENDING = 32
 
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.pending = 0
         self.lock = threading.Lock()
         self.loop = asyncio.new_event_loop()
+        self.sending = asyncio.Semaphore(self.MAX_SENDING)
         self.thread = threading.Thread(
             target=self.loop.run_forever, name="live-publisher", daemon=True
         )
@@ -328,7 +333,8 @@ class _LivePublisher:
         try:
             layer = get_channel_layer()
             if layer is not None:
-                await layer.group_send(group, message)
+                async with self.sending:
+                    await layer.group_send(group, message)
         except Exception:
             log.warning("live publish to %s failed", group, exc_info=True)
         finally:

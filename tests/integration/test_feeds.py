@@ -13,7 +13,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.db import connection
 
-from jobs.events import event_payload, run_group
+from jobs.events import _publisher, event_payload, run_group
 from jobs.feeds import GAP_WAIT_S, Idle, RunFeed, StoredEvent
 from jobs.models import Event, Run
 from tests.support.workflows import submit, tool_step
@@ -137,6 +137,40 @@ def test_a_burst_for_many_subscribers_of_one_process_is_not_dropped():
                 await layer.group_discard(f"burst-{index}", channel)
 
     assert asyncio.run(burst()) == subscribers
+
+
+def test_a_burst_of_live_publishes_from_one_worker_reaches_its_subscriber():
+    """A worker's transitions hand their live messages to one publisher per process. A burst
+    of them (hundreds of reports at once) is sent, not refused: sends at once exceed the
+    Redis pool's connections (100), which raised on each one past it (the message was lost
+    and its stream waited for the next heartbeat)."""
+    burst = 600
+
+    async def subscribe_and_receive(ready: threading.Event, done: list[int]) -> None:
+        layer = get_channel_layer()
+        channel = await layer.new_channel()
+        await layer.group_add("publisher-burst", channel)
+        ready.set()
+        try:
+            while len(done) < burst:
+                async with asyncio.timeout(10):
+                    message = await layer.receive(channel)
+                done.append(message["n"])
+        finally:
+            await layer.group_discard("publisher-burst", channel)
+
+    ready, received = threading.Event(), []
+    subscriber = threading.Thread(
+        target=lambda: asyncio.run(subscribe_and_receive(ready, received)), daemon=True
+    )
+    subscriber.start()
+    assert ready.wait(10)
+    publisher = _publisher()
+    for n in range(burst):
+        publisher.send("publisher-burst", {"type": "run.events", "n": n})
+    subscriber.join(30)
+
+    assert sorted(received) == list(range(burst))
 
 
 def test_the_heartbeat_is_not_held_back_by_a_slow_log_read(run):
