@@ -1,4 +1,4 @@
-"""`GET /metrics`: Prometheus text exposition (DESIGN §10), behind a bearer token.
+"""`GET /metrics`: Prometheus text exposition (docs/dashboard.md), behind a bearer token.
 
 A custom collector reads, at scrape time:
 - gauges from where they live: broker queue depth and consumers (RabbitMQ, passive

@@ -1,6 +1,6 @@
 """Admin pages for approvals and their votes: the audit of human decisions.
 
-Read-only (DESIGN §4, issue 5): nothing about a request or its decision can be edited here,
+Read-only (docs/approvals.md, "Audit"): nothing about a request or its decision can be edited here,
 and nothing can be added or deleted. Decisions are made in the inbox or through the API
 (`jobs.services.approvals`); every decision, expiry and escalation is also an event in the
 run's log (the run's admin page).

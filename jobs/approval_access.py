@@ -1,8 +1,8 @@
 """The one door to approvals: who may see a request and who may decide it.
 
 Every read of approvals by the inbox, its live socket and the API goes through a function
-here that takes the caller (a user, or the tenant of an API key) and scopes by it (DESIGN
-§3.6): another tenant's request is None (a 404), never a 403 that confirms it exists.
+here that takes the caller (a user, or the tenant of an API key) and scopes by it
+(docs/security.md): another tenant's request is None (a 404), never a 403 that confirms it exists.
 
 Rules (docs/approvals.md):
 - a user sees the requests of the tenants they are a member of (any role); staff see all;

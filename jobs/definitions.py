@@ -1,4 +1,4 @@
-"""The workflow definition language (DESIGN §5): parsing and validation.
+"""The workflow definition language (docs/workflows.md): parsing and validation.
 
 A definition arrives as JSON or YAML text (or an already decoded dict) and leaves as an
 immutable `Definition` whose steps are in a topological order, with every dependency explicit

@@ -1,4 +1,4 @@
-"""The workflow engine: pure graph transitions of one run (DESIGN §5, §6).
+"""The workflow engine: pure graph transitions of one run (docs/architecture.md, section 6).
 
 Given a run's definition, its input and the states of its steps, `advance` says what happens
 next: which steps become ready (with their rendered input), which are skipped, which maps fan

@@ -1,12 +1,12 @@
 """The run log and its live publication.
 
 Every state change of a run appends an `Event` in the same transaction, under the run's row
-lock, so that sequence numbers are gapless per run (DESIGN §3.3). After the transaction
+lock, so that sequence numbers are gapless per run. After the transaction
 commits, the new events go to the run's channel-layer group in one message; live views are
 projections of the database that resync by `seq`, so a message the channel layer drops costs
 nothing but latency. Only this module knows the group names.
 
-Token deltas (`step.delta`) are the exception DESIGN §3.3 allows: ephemeral, never stored, no
+Token deltas (`step.delta`) are the one exception to the log: ephemeral, never stored, no
 `seq`, coalesced per step attempt (`DeltaCoalescer`) and sent to a group of their own, so that
 a client that only waits for a run's end is not woken twenty times a second per LLM step.
 """

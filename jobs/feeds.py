@@ -1,7 +1,7 @@
 """Live feeds of one run's events, for the SSE stream, the WebSocket and the waiting API.
 
-A feed is a projection of the run's log in PostgreSQL (DESIGN §3) that the channel layer only
-speeds up. It is gapless and free of duplicates by construction:
+A feed is a projection of the run's log in PostgreSQL that the channel layer only speeds up
+(docs/architecture.md, invariant 3). It is gapless and free of duplicates by construction:
 
 1. subscribe first: join the run's groups before reading anything, so that an event committed
    while the log is read arrives twice (stored and live), never zero times;

@@ -1,7 +1,7 @@
 """Workflows, their immutable versions, runs, step runs, attempts, the event log, documents.
 
-PostgreSQL is the source of truth (DESIGN §3.1): the broker only ever carries a step run's id
-and its dispatch token. All writes go through `jobs.services`.
+PostgreSQL is the source of truth (docs/architecture.md, invariant 1): the broker only ever
+carries a step run's id and its dispatch token. All writes go through `jobs.services`.
 """
 
 import uuid
@@ -33,7 +33,7 @@ class Workflow(models.Model):
 
 
 class WorkflowVersion(models.Model):
-    """A validated definition (DESIGN §5). Never updated: a change is a new version."""
+    """A validated definition (docs/workflows.md). Never updated: a change is a new version."""
 
     workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE, related_name="versions")
     version = models.PositiveIntegerField()
@@ -84,7 +84,7 @@ class Run(models.Model):
         related_name="child_run",
     )
     # The next event's sequence number; incremented under the run's row lock so that
-    # sequence numbers are gapless per run (DESIGN §3.3).
+    # sequence numbers are gapless per run (docs/architecture.md, invariant 3).
     next_seq = models.PositiveIntegerField(default=1)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)

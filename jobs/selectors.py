@@ -1,5 +1,5 @@
 """Reads of the jobs app. Every function that serves a tenant takes the tenant and scopes by
-it: this is the one door to tenant data (DESIGN §3.6); callers never query by bare id."""
+it: this is the one door to tenant data (docs/security.md); callers never query by bare id."""
 
 from __future__ import annotations
 

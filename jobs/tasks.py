@@ -1,6 +1,6 @@
 """Celery tasks: thin wrappers that take ids and call one service.
 
-Step tasks store no result (DESIGN §3: result tables bloat) and rely on the broker settings
+Step tasks store no result (result tables would bloat) and rely on the broker settings
 in `orchestrator.settings`: acks late, reject on worker lost, prefetch 1, except the steps
 too long to hold a delivery for (`execute_step_unheld`). No task is ever published with an
 ETA or countdown: retry delays live in the database.

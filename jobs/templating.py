@@ -1,4 +1,4 @@
-"""The sandboxed expression language of workflow definitions (DESIGN §5).
+"""The sandboxed expression language of workflow definitions (docs/workflows.md).
 
 This module owns the one language that step templates (`"prompt": "Label {{ input.ticket }}"`),
 `when` conditions (`steps.classify.output.text == 'refund'`) and a definition's `output` are

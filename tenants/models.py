@@ -16,7 +16,7 @@ class Lane(models.TextChoices):
     BATCH = "batch", "batch"
 
 
-# Higher number = more urgent. AMQP priorities of the step queues (DESIGN §7).
+# Higher number = more urgent. AMQP priorities of the step queues (docs/scheduling.md).
 LANE_PRIORITY = {Lane.INTERACTIVE: 9, Lane.STANDARD: 5, Lane.BATCH: 1}
 LANE_RANK = {Lane.BATCH: 0, Lane.STANDARD: 1, Lane.INTERACTIVE: 2}
 

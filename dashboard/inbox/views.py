@@ -1,4 +1,4 @@
-"""The reviewers' inbox (DESIGN §9): pending requests, one request's page, the history.
+"""The reviewers' inbox (docs/approvals.md): pending requests, one request's page, the history.
 
 Session-authenticated pages. Every approval is read through `jobs.approval_access` with the
 user's `ReviewerScope` (another tenant's request is a 404) and decided through

@@ -1,4 +1,4 @@
-"""The approvals API (DESIGN §8): a tenant's requests, and deciding them from its own tools.
+"""The approvals API (docs/approvals.md): a tenant's requests, and deciding them from its tools.
 
 `GET /api/v1/approvals/?status=`, `GET /api/v1/approvals/{id}/` and
 `POST /api/v1/approvals/{id}/decision/`. The API key is the reviewer (by its name): any key of

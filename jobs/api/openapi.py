@@ -107,7 +107,7 @@ LAST_EVENT_ID = OpenApiParameter(
 class WorkflowVersionOut(serializers.Serializer):
     name = serializers.CharField()
     version = serializers.IntegerField()
-    definition = serializers.DictField(help_text="The definition as stored (DESIGN §5).")
+    definition = serializers.DictField(help_text="The workflow definition as stored.")
     created_at = serializers.DateTimeField()
 
 

@@ -1,4 +1,4 @@
-"""The long-lived requests of the client API (DESIGN §8): live SSE streams and waiting.
+"""The long-lived requests of the client API (docs/api.md): live SSE streams and waiting.
 
 - `GET /api/v1/runs/{id}/events/` with `Accept: text/event-stream`: every stored event after
   `Last-Event-ID` (or `?after=`), then live events, as SSE frames with `id:` = seq; token

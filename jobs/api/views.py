@@ -1,4 +1,4 @@
-"""The client API (DESIGN §8). Views authenticate by API key, read through selectors scoped
+"""The client API (docs/api.md). Views authenticate by API key, read through selectors scoped
 to the caller's tenant, and change state only through services."""
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class WorkflowListView(APIView):
         tags=["workflows"],
         operation_id="workflows_create",
         summary="Create a workflow, or the next version of it",
-        description="A definition (DESIGN §5) as JSON, or as YAML with `application/yaml`.",
+        description="A workflow definition as JSON, or as YAML with `application/yaml`.",
         request={
             "application/json": OpenApiTypes.OBJECT,
             "application/yaml": OpenApiTypes.STR,

@@ -1,6 +1,6 @@
 """Webhook deliveries: every state change, from the run's end to the last attempt.
 
-Lifecycle of a `WebhookDelivery` (DESIGN §8; retries in the database, DESIGN §3):
+Lifecycle of a `WebhookDelivery` (docs/api.md, "7. Webhooks"; retries wait in the database):
 
 1. `webhook_delivery_create`, in the transaction that ends the run: the body is frozen and the
    delivery is due at once.
