@@ -1,4 +1,4 @@
-"""The minimal client API (DESIGN §8) against the real database, as a tenant's app uses it."""
+"""The minimal client API (docs/api.md) against the real database, as a tenant's app uses it."""
 
 from __future__ import annotations
 

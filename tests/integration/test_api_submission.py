@@ -1,6 +1,6 @@
-"""Submitting runs (DESIGN §7, §8): idempotency keys under concurrency and after 24 h,
-backpressure (429 and 503 with Retry-After), the body size limit (413), and the outbound URL
-policy on `webhook_url`, all against the real database.
+"""Submitting runs (docs/api.md, "2. Submit a run"): idempotency keys under concurrency and
+after 24 h, backpressure (429 and 503 with Retry-After), the body size limit (413), and the
+outbound URL policy on `webhook_url`, all against the real database.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The RabbitMQ settings that DESIGN §3's traps call for, checked against the real broker."""
+"""The RabbitMQ settings that keep clear of Celery's known traps (docs/architecture.md,
+invariants 1, 5 and 13), checked against the real broker."""
 
 from __future__ import annotations
 

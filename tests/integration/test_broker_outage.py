@@ -1,6 +1,6 @@
-"""The API never waits on the broker (DESIGN §3.7): with RabbitMQ stopped, a submission still
-answers 202 at once, and the run completes once RabbitMQ is back, with the scheduler and the
-worker pools reconnecting on their own.
+"""The API never waits on the broker (docs/architecture.md, invariant 7): with RabbitMQ
+stopped, a submission still answers 202 at once, and the run completes once RabbitMQ is back,
+with the scheduler and the worker pools reconnecting on their own.
 
 This stops the local RabbitMQ application (`rabbitmqctl stop_app`) for a few seconds and always
 starts it again, waiting until it accepts AMQP connections. It needs to run as a user allowed

@@ -1,4 +1,4 @@
-"""The operators' scripting surface (DESIGN §12) and the admin pages."""
+"""The operators' scripting surface (README.md, "Operating it") and the admin pages."""
 
 from __future__ import annotations
 

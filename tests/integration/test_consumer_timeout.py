@@ -1,4 +1,5 @@
-"""Steps longer than RabbitMQ's consumer_timeout (DESIGN §3's trap, celery#6760).
+"""Steps longer than RabbitMQ's consumer_timeout (docs/architecture.md, invariant 13;
+celery#6760).
 
 RabbitMQ closes the channel of a consumer that holds a delivery unacknowledged for longer
 than `consumer_timeout`; Celery took that channel error as unrecoverable and the whole worker

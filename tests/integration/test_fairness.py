@@ -1,4 +1,4 @@
-"""Fair multi-tenant scheduling (DESIGN §7) with real scheduler and worker processes.
+"""Fair multi-tenant scheduling (docs/scheduling.md) with real scheduler and worker processes.
 
 Steps are short simulated LLM calls on one threads pool of 8; shares and waits are read from
 the steps' timestamps in PostgreSQL.

@@ -1,6 +1,7 @@
 """A run's live feed (jobs.feeds.RunFeed) against the real Redis channel layer and PostgreSQL:
 events that arrive out of order are put back in order without a read of the log, and an event
-the channel layer dropped is read from the log (DESIGN §3: no event is lost from a stream).
+the channel layer dropped is read from the log (no event is lost from a stream:
+docs/architecture.md, invariant 3).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The OpenAPI description (DESIGN §8): it validates, describes every endpoint, its docs page
+"""The OpenAPI description (docs/api.md): it validates, describes every endpoint, its docs page
 loads nothing from another host, and the live API keeps to it under Schemathesis."""
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Live streams of a run's events (DESIGN §8, issue 3): SSE and WebSocket against a real daphne
-process, with the real scheduler and workers where a run has to progress."""
+"""Live streams of a run's events (docs/api.md, "4. Stream its events"): SSE and WebSocket
+against a real daphne process, with the real scheduler and workers where a run has to progress.
+"""
 
 from __future__ import annotations
 

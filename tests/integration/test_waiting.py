@@ -1,5 +1,6 @@
-"""Waiting for a run's end without a thread (DESIGN §8, issue 3): `POST /api/v1/runs/?wait=N`
-and `GET /api/v1/runs/{id}/?wait=N` against a real daphne process."""
+"""Waiting for a run's end without a thread (docs/api.md, "5. Wait for the end"):
+`POST /api/v1/runs/?wait=N` and `GET /api/v1/runs/{id}/?wait=N` against a real daphne process.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Webhooks end to end (DESIGN §8): a run submitted through the API ends on real workers, the
-scheduler's sweep publishes its delivery on the `webhooks` queue, a webhooks worker POSTs it
-to a real receiver on 127.0.0.1, signed; failed attempts are retried from the database.
+"""Webhooks end to end (docs/api.md, "7. Webhooks"): a run submitted through the API ends on
+real workers, the scheduler's sweep publishes its delivery on the `webhooks` queue, a webhooks
+worker POSTs it to a real receiver on 127.0.0.1, signed; failed attempts are retried from the
+database.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The invariants, checked over everything the chaos run accepted (DESIGN §3).
+"""The invariants (docs/architecture.md, section 7), checked over all that the chaos run accepted.
 
 Each check returns figures and a list of violations (strings naming the run and step); an
 empty list is a pass. They read the private database, the ledger and the client API.

@@ -1,4 +1,5 @@
-"""Load: many concurrent clients submitting runs and streaming them to their end (issue 8).
+"""Load: many concurrent clients submitting runs and streaming them to their end
+(docs/reliability.md, "Load").
 
 Every client, back to back until the time is up: POST /api/v1/runs/ with an Idempotency-Key
 (re-sent with the same key when no answer came), then follow the run's SSE stream to its final

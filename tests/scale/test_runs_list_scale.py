@@ -1,4 +1,4 @@
-"""The operators' runs list stays fast with a million runs in the table (issue 6).
+"""The operators' runs list stays fast with a million runs in the table (docs/dashboard.md).
 
 One bulk `INSERT ... SELECT generate_series` seeds 1,000,000 runs over two tenants, two
 workflows, three lanes and a few statuses (4 % failed, with three error texts), then every filter of

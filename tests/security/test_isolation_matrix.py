@@ -1,4 +1,4 @@
-"""The tenant-isolation matrix (DESIGN §3.6, docs/security.md), generated from the routing.
+"""The tenant-isolation matrix (docs/security.md), generated from the routing.
 
 Every HTTP route of the URL configuration and every WebSocket route of `orchestrator.asgi` is
 found by walking the routing tables; each must have an entry in the expectation tables below
@@ -139,7 +139,7 @@ HTTP: dict[str, Spec] = {
             )
         }
     ),
-    # --- the client API (DESIGN §8) ---
+    # --- the client API (docs/api.md) ---
     "api/v1/workflows/": Spec(
         {"GET": api(200, outsider_key=200), "POST": api(201, outsider_key=201)},
         data={"POST": NEW_WORKFLOW},
@@ -187,7 +187,7 @@ HTTP: dict[str, Spec] = {
     "accounts/logout/": Spec(
         {"GET": everyone(405), "POST": everyone(To("/accounts/login/"))}, changes_a=False
     ),
-    # --- the reviewers' inbox (DESIGN §9) ---
+    # --- the reviewers' inbox (docs/approvals.md) ---
     "inbox/": Spec({"GET": members(200, 200, 200, 200)}),
     "inbox/history/": Spec({"GET": members(200, 200, 200, 200)}),
     "inbox/<str:approval_id>/": Spec(
@@ -198,7 +198,7 @@ HTTP: dict[str, Spec] = {
         },
         data={"POST": REFUND_DECISION},
     ),
-    # --- the operators' dashboard (DESIGN §9) ---
+    # --- the operators' dashboard (docs/dashboard.md) ---
     "dashboard/": Spec({"GET": staff(200)}),
     "dashboard/workers/": Spec({"GET": staff(200)}),
     "dashboard/tenants/": Spec({"GET": staff(200)}),

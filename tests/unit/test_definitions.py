@@ -36,8 +36,9 @@ def isolated_registry(monkeypatch):
         registry.register_tool(name)(lambda ctx, **args: args)
 
 
-# The example of DESIGN.md §5, verbatim.
-DESIGN_EXAMPLE = """
+# The support-triage example: classify a ticket, search the documents, look up the account,
+# have a refund reviewed, summarise each document found, and draft the reply.
+SUPPORT_TRIAGE_EXAMPLE = """
 {
   "name": "support-triage",
   "input_schema": {"type": "object", "required": ["ticket"],
@@ -83,11 +84,11 @@ def single_fault(document) -> str:
     return faults[0]
 
 
-# --- the DESIGN example and the result -------------------------------------------------------
+# --- the support-triage example and the result ----------------------------------------------
 
 
-def test_the_design_example_parses():
-    definition = parse_definition(DESIGN_EXAMPLE)
+def test_the_support_triage_example_parses():
+    definition = parse_definition(SUPPORT_TRIAGE_EXAMPLE)
     assert isinstance(definition, Definition)
     assert definition.name == "support-triage"
     assert [step.id for step in definition.steps] == [
@@ -104,11 +105,11 @@ def test_the_design_example_parses():
         "required": ["ticket"],
         "properties": {"ticket": {"type": "string"}},
     }
-    assert definition.document == json.loads(DESIGN_EXAMPLE)
+    assert definition.document == json.loads(SUPPORT_TRIAGE_EXAMPLE)
 
 
-def test_the_design_example_steps_carry_their_kind_queue_and_config():
-    definition = parse_definition(DESIGN_EXAMPLE)
+def test_the_support_triage_example_steps_carry_their_kind_queue_and_config():
+    definition = parse_definition(SUPPORT_TRIAGE_EXAMPLE)
     classify = definition.step("classify")
     assert classify.kind == "llm"
     assert classify.queue == "steps.llm"
@@ -128,7 +129,7 @@ def test_the_design_example_steps_carry_their_kind_queue_and_config():
 
 
 def test_a_map_step_holds_its_inner_step():
-    per_doc = parse_definition(DESIGN_EXAMPLE).step("per_doc")
+    per_doc = parse_definition(SUPPORT_TRIAGE_EXAMPLE).step("per_doc")
     assert per_doc.kind == "map"
     assert per_doc.config == {"over": "{{ steps.search.output.documents }}", "max_parallel": 4}
     assert per_doc.max_parallel == 4
@@ -149,7 +150,7 @@ def test_max_parallel_defaults_to_10():
 
 
 def test_a_template_reference_is_an_implicit_dependency():
-    definition = parse_definition(DESIGN_EXAMPLE)
+    definition = parse_definition(SUPPORT_TRIAGE_EXAMPLE)
     assert definition.step("per_doc").depends_on == frozenset({"search"})
     assert definition.step("per_doc").after == ()
     assert definition.step("draft").depends_on == frozenset({"per_doc", "account", "review"})
@@ -172,7 +173,7 @@ def test_when_and_inner_step_templates_are_dependencies():
 
 
 def test_dependents_are_the_reverse_edges():
-    definition = parse_definition(DESIGN_EXAMPLE)
+    definition = parse_definition(SUPPORT_TRIAGE_EXAMPLE)
     assert definition.dependents("search") == frozenset({"per_doc"})
     assert definition.dependents("draft") == frozenset()
     assert definition.dependents("classify") == frozenset({"review"})

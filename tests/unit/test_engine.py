@@ -552,10 +552,10 @@ def test_an_empty_plan_is_empty():
     assert Plan(run_status="succeeded").is_empty()
 
 
-# --- the design example end to end -----------------------------------------------------------
+# --- the support-triage example end to end ----------------------------------------------------
 
 
-def test_the_design_example_runs_to_its_output():
+def test_the_support_triage_example_runs_to_its_output():
     registry.register_tool("crm.lookup")(lambda ctx, **args: args)
     wf = parse_definition(
         {
