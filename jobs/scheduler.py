@@ -40,6 +40,7 @@ from jobs.transitions.steps import (
     steps_admit,
 )
 from jobs.webhooks import webhooks_dispatch_due
+from schedules.services import schedules_fire_due
 from tenants.quotas import throttle_fold, throttle_record, usage_roll_up
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,8 @@ def _sweep(stats: CycleStats, now) -> None:
     stats.approvals_escalated = approvals_escalate_due(now=now)
     # LLM token uses appended by steps' reports, into the tenants' days.
     usage_roll_up()
+    # Schedules' fire times that are due, each fired once (docs/schedules.md).
+    schedules_fire_due(now=now)
 
 
 # How soon a cycle that found the admission lock held looks again.

@@ -54,6 +54,9 @@ from jinja2.visitor import NodeTransformer
 
 # The names a template may read, in the order error messages list them.
 NAMES = ("input", "steps", "item", "index")
+# What a schedule's input reads (rendered at each fire), and an event trigger's `when`.
+SCHEDULE_NAMES = ("fire", "schedule")
+EVENT_NAMES = ("event",)
 # What `steps.<id>` holds.
 STEP_FIELDS = ("output", "status")
 
@@ -115,21 +118,25 @@ def has_template_syntax(value: str) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def check(template: str) -> TemplateInfo:
-    """Parse a template and report what it reads; raise TemplateError if it is invalid."""
+def check(template: str, names: tuple[str, ...] = NAMES) -> TemplateInfo:
+    """Parse a template and report what it reads; raise TemplateError if it is invalid.
+
+    `names`: what the template may read, where it is rendered with another context than a
+    step's (a schedule's input reads `fire` and `schedule`, an event trigger's `event`).
+    """
     if not has_template_syntax(template):
         return TemplateInfo()
     try:
-        return _analyse(_compile(template).ast)
+        return _analyse(_compile(template).ast, names)
     except RecursionError:
         raise TemplateError(TOO_DEEP) from None
 
 
 @functools.lru_cache(maxsize=4096)
-def check_expression(expr: str) -> TemplateInfo:
+def check_expression(expr: str, names: tuple[str, ...] = NAMES) -> TemplateInfo:
     """Like `check`, for a bare expression such as a `when` condition."""
     try:
-        return _analyse(_compile_expression(expr).ast)
+        return _analyse(_compile_expression(expr).ast, names)
     except RecursionError:
         raise TemplateError(TOO_DEEP) from None
 
@@ -621,25 +628,25 @@ def _syntax_message(exc: TemplateSyntaxError, source: str) -> str:
 # --- analysis --------------------------------------------------------------------------------
 
 
-def _analyse(ast: nodes.Template) -> TemplateInfo:
+def _analyse(ast: nodes.Template, names: tuple[str, ...] = NAMES) -> TemplateInfo:
     undeclared = set(meta.find_undeclared_variables(ast))
     # `self` (the template reference) is declared by Jinja itself; templates have no use for it.
     if _reads_name(ast, "self") and not _binds_name(ast, "self"):
         undeclared.add("self")
-    unknown = sorted(undeclared - set(NAMES))
+    unknown = sorted(undeclared - set(names))
     if unknown:
-        raise TemplateError(_unknown_names_message(unknown))
+        raise TemplateError(_unknown_names_message(unknown, names))
     return TemplateInfo(
         step_refs=_step_refs(ast) if "steps" in undeclared else frozenset(),
         uses_item=bool(undeclared & {"item", "index"}),
     )
 
 
-def _unknown_names_message(unknown: list[str]) -> str:
+def _unknown_names_message(unknown: list[str], names: tuple[str, ...]) -> str:
     quoted = ", ".join(f"'{name}'" for name in unknown)
     label = "unknown name" if len(unknown) == 1 else "unknown names"
-    message = f"{label} {quoted}; templates see {', '.join(NAMES)}"
-    close = difflib.get_close_matches(unknown[0], NAMES, n=1)
+    message = f"{label} {quoted}; templates see {', '.join(names)}"
+    close = difflib.get_close_matches(unknown[0], names, n=1)
     if close:
         message += f" (did you mean '{close[0]}'?)"
     return message

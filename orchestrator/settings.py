@@ -73,6 +73,7 @@ INSTALLED_APPS = [
     "tenants",
     "jobs",
     "dashboard",
+    "schedules",
 ]
 
 MIDDLEWARE = [
@@ -198,7 +199,7 @@ CHANNEL_LAYERS = {
 }
 
 # --- Celery on RabbitMQ -----------------------------------------------------------------------
-# The traps these settings avoid are listed in DESIGN §3 and docs/decisions.md.
+# The traps these settings avoid: docs/decisions.md and docs/architecture.md (invariants 1, 5, 13).
 SWITCHYARD_QUEUE_PREFIX = env_str("SWITCHYARD_QUEUE_PREFIX", "")
 _STEP_QUEUES = ["steps.llm", "steps.tool", "steps.retrieval", "steps.control"]
 
@@ -330,7 +331,8 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
-    # Docs assets come from drf-spectacular-sidecar's static files: no CDN (DESIGN §8).
+    # Docs assets come from drf-spectacular-sidecar's static files: no CDN (the product works
+    # offline).
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
