@@ -88,6 +88,21 @@ _INNER_STEP_SCHEMA = {
     "properties": {k: v for k, v in _COMMON_PROPERTIES.items() if k not in INNER_STEP_REFUSED},
 }
 
+EVENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$"
+MAX_TRIGGERS = 20
+_TRIGGER_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["event"],
+    "properties": {
+        "event": {"type": "string", "pattern": EVENT_NAME_PATTERN},
+        # An expression over `event` (`event.data.total > 100`), as a step's `when`.
+        "when": {"type": "string", "minLength": 1},
+        # The run's input, templated over `event`; by default the event's data.
+        "input": {},
+    },
+}
+
 _DOCUMENT_SCHEMA = {
     "type": "object",
     "additionalProperties": False,
@@ -100,12 +115,16 @@ _DOCUMENT_SCHEMA = {
         # not stop the checks of the others.
         "steps": {"type": "array", "minItems": 1, "maxItems": MAX_STEPS},
         "output": {},
+        # Events that start the workflow (POST /api/v1/events/, docs/schedules.md).
+        "triggers": {"type": "array", "maxItems": MAX_TRIGGERS, "items": _TRIGGER_SCHEMA},
     },
 }
 
 _PATTERN_HINTS = {
     NAME_PATTERN: "use lowercase letters, digits, '_', '.' and '-', starting with a letter or a "
     "digit, at most 100 characters",
+    EVENT_NAME_PATTERN: "use letters, digits, '_', '.', ':' and '-', starting with a letter or a "
+    "digit, at most 200 characters",
     ID_PATTERN: "use lowercase letters, digits and '_', starting with a letter or '_', at most "
     "64 characters (an id is written steps.<id> in templates)",
 }
@@ -187,6 +206,15 @@ class StepDef:
 
 
 @dataclass(frozen=True)
+class TriggerDef:
+    """An event that starts the workflow: its name, a condition on it, the run's input."""
+
+    event: str
+    when: str | None
+    input: Any = field(hash=False)  # None: the event's data
+
+
+@dataclass(frozen=True)
 class Definition:
     name: str
     description: str
@@ -195,6 +223,7 @@ class Definition:
     steps: tuple[StepDef, ...]
     output: Any = field(hash=False)
     document: dict[str, Any] = field(hash=False, repr=False)
+    triggers: tuple[TriggerDef, ...] = ()
     _by_id: dict[str, StepDef] = field(init=False, repr=False, compare=False, hash=False)
     _dependents: dict[str, frozenset[str]] = field(
         init=False, repr=False, compare=False, hash=False
@@ -429,6 +458,8 @@ class _Validator:
                 self.check_step(draft)
         if "output" in self.document:
             self.check_templates(self.document["output"], "output", in_map=False, on=None)
+        if "triggers" in self.document and "triggers" not in broken:
+            self.check_triggers(self.document["triggers"])
         order = self.order_steps()
         if self.faults:
             faults = sorted(dict.fromkeys(self.faults), key=_document_position)
@@ -623,6 +654,23 @@ class _Validator:
             for index, item in enumerate(value):
                 self.check_templates(item, path_join(path, index), in_map=in_map, on=on)
 
+    def check_triggers(self, triggers: list[dict[str, Any]]) -> None:
+        """A trigger's `when` and `input` read the event alone (`event.name`, `event.data`,
+        `event.id`): no step has run when it is evaluated."""
+        names = templating.EVENT_NAMES
+        for index, trigger in enumerate(triggers):
+            path = f"triggers[{index}]"
+            if "when" in trigger:
+                try:
+                    templating.check_expression(trigger["when"], names)
+                except TemplateError as exc:
+                    self.fault(f"{path}.when", f"template error: {exc.message}")
+            for where, text in template_strings(trigger.get("input"), f"{path}.input"):
+                try:
+                    templating.check(text, names)
+                except TemplateError as exc:
+                    self.fault(where, f"template error: {exc.message}")
+
     def check_one(self, source: str, path: str, *, expression: bool) -> TemplateInfo | None:
         try:
             if expression:
@@ -721,6 +769,10 @@ class _Validator:
             steps=steps,
             output=document.get("output"),
             document=document,
+            triggers=tuple(
+                TriggerDef(event=t["event"], when=t.get("when"), input=t.get("input"))
+                for t in document.get("triggers", [])
+            ),
         )
 
     def build_step(self, draft: _Draft) -> StepDef:
@@ -747,6 +799,18 @@ class _Validator:
             item=item,
             max_parallel=max_parallel,
         )
+
+
+def template_strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    """Every string inside `value`, with its path."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from template_strings(item, path_join(path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from template_strings(item, path_join(path, index))
 
 
 def _retry_policy(raw: dict[str, Any]) -> RetryPolicy:

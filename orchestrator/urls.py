@@ -10,6 +10,7 @@ urlpatterns = [
     path("", dashboard_views.home, name="home"),
     path("admin/", admin.site.urls),
     path("api/v1/", include("jobs.api.urls")),
+    path("api/v1/", include("schedules.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("healthz", dashboard_views.healthz, name="healthz"),

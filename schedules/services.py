@@ -24,7 +24,7 @@ from django.db import transaction
 
 from jobs import selectors as job_selectors
 from jobs import templating
-from jobs.definitions import Fault
+from jobs.definitions import Fault, template_strings
 from jobs.models import RUN_FINAL, Run, Workflow
 from jobs.services.submission import (
     Backpressure,
@@ -187,21 +187,11 @@ def _check(schedule: Schedule) -> None:
 
 def _input_faults(value: Any) -> list[Fault]:
     faults = []
-
-    def walk(item: Any, path: str) -> None:
-        if isinstance(item, dict):
-            for key, inner in item.items():
-                walk(inner, templating.path_join(path, key))
-        elif isinstance(item, list):
-            for index, inner in enumerate(item):
-                walk(inner, templating.path_join(path, index))
-        elif isinstance(item, str):
-            try:
-                templating.check(item, templating.SCHEDULE_NAMES)
-            except TemplateError as exc:
-                faults.append(Fault(path, f"template error: {exc.message}"))
-
-    walk(value, "input")
+    for path, text in template_strings(value, "input"):
+        try:
+            templating.check(text, templating.SCHEDULE_NAMES)
+        except TemplateError as exc:
+            faults.append(Fault(path, f"template error: {exc.message}"))
     return faults
 
 

@@ -44,6 +44,14 @@ ENDPOINTS = {
     "/api/v1/approvals/": {"get"},
     "/api/v1/approvals/{approval_id}/": {"get"},
     "/api/v1/approvals/{approval_id}/decision/": {"post"},
+    "/api/v1/schedules/": {"get", "post"},
+    "/api/v1/schedules/{schedule_id}/": {"get", "patch", "delete"},
+    "/api/v1/schedules/{schedule_id}/pause/": {"post"},
+    "/api/v1/schedules/{schedule_id}/resume/": {"post"},
+    "/api/v1/schedules/{schedule_id}/trigger/": {"post"},
+    "/api/v1/schedules/{schedule_id}/backfill/": {"post"},
+    "/api/v1/schedules/{schedule_id}/fires/": {"get"},
+    "/api/v1/events/": {"get", "post"},
 }
 
 

@@ -34,6 +34,8 @@ from django.test import AsyncClient
 
 from jobs.events import inbox_group
 from jobs.models import Approval, Document, Run, StepRun, WorkflowVersion
+from schedules.models import Schedule, ScheduleFire, TriggerEvent
+from schedules.services import schedule_pause
 from tenants.models import ApiKey, Tenant
 from tenants.services import tenant_pause
 from tests.security.routes import Route, http_routes, websocket_routes
@@ -117,6 +119,7 @@ PARAMETERS = {
     "key_id": "plain_key",
     "name": "workflow",
     "slug": "tenant_a",
+    "schedule_id": "schedule",
 }
 
 NEW_WORKFLOW = {"name": "fresh", "steps": [{"id": "a", "kind": "tool", "tool": "echo"}]}
@@ -171,6 +174,31 @@ HTTP: dict[str, Spec] = {
     "api/v1/keys/<str:key_id>/": Spec({"DELETE": api(200, 403)}),
     "api/v1/webhook-secret/": Spec({"GET": api(200, 403, outsider_key=200)}),
     "api/v1/webhook-secret/rotate/": Spec({"POST": api(200, 403, outsider_key=200)}),
+    # --- schedules and events (docs/schedules.md) ---
+    "api/v1/schedules/": Spec(
+        # The outsider names A's workflow: unknown in its own tenant.
+        {"GET": api(200, outsider_key=200), "POST": api(201, outsider_key=404)},
+        data={"POST": {"name": "planted", "workflow": "flaky", "cron": "0 4 * * *"}},
+    ),
+    "api/v1/schedules/<str:schedule_id>/": Spec(
+        {"GET": api(200), "PATCH": api(200), "DELETE": api(204)},
+        data={"PATCH": {"cron": "0 5 * * *"}},
+    ),
+    "api/v1/schedules/<str:schedule_id>/pause/": Spec({"POST": api(200)}),
+    "api/v1/schedules/<str:schedule_id>/resume/": Spec(
+        {"POST": api(200)}, before=lambda world: schedule_pause(schedule=world.schedule)
+    ),
+    "api/v1/schedules/<str:schedule_id>/trigger/": Spec({"POST": api(202)}),
+    "api/v1/schedules/<str:schedule_id>/backfill/": Spec(
+        {"POST": api(202)},
+        data={"POST": {"start": "2026-01-01T00:00:00Z", "end": "2026-01-03T00:00:00Z"}},
+    ),
+    "api/v1/schedules/<str:schedule_id>/fires/": Spec({"GET": api(200)}),
+    # An event starts only the sender's own workflows; A's `flaky` has no trigger.
+    "api/v1/events/": Spec(
+        {"GET": api(200, outsider_key=200), "POST": api(202, outsider_key=202)},
+        data={"POST": {"name": "order.created", "data": {"total": 1}, "id": "evt-1"}},
+    ),
     # Public: the API's description. A key that is presented is still checked.
     "api/schema/": Spec({"GET": everyone(200, revoked_key=401)}),
     "api/docs/": Spec({"GET": everyone(200, revoked_key=401)}),
@@ -283,6 +311,7 @@ def _values(world, spec: Spec, route: Route) -> dict[str, str]:
         "plain_key": str(world.plain_key.public_id),
         "workflow": "refund",
         "tenant_a": world.tenant_a.slug,
+        "schedule": str(world.schedule.public_id),
     }
     values = {}
     for name in route.parameters:
@@ -308,6 +337,13 @@ def fingerprint(tenant: Tenant) -> dict[str, Any]:
         "keys": sorted(ApiKey.objects.filter(tenant=tenant).values_list("prefix", "revoked_at")),
         "versions": WorkflowVersion.objects.filter(workflow__tenant=tenant).count(),
         "documents": Document.objects.filter(tenant=tenant).count(),
+        "schedules": sorted(
+            Schedule.objects.filter(tenant=tenant).values_list(
+                "public_id", "name", "cron", "paused"
+            )
+        ),
+        "fires": ScheduleFire.objects.filter(tenant=tenant).count(),
+        "events": TriggerEvent.objects.filter(tenant=tenant).count(),
     }
 
 

@@ -19,8 +19,11 @@ from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.test import Client
+from django.utils import timezone
 
 from jobs.models import Approval, Run
+from schedules.models import Schedule
+from schedules.services import schedule_create
 from tenants.models import ApiKey, Membership, Role, Scope, Tenant
 from tenants.services import api_key_issue, api_key_revoke, tenant_create
 from tests.support.approvals import refund_workflow, run_ready_steps
@@ -46,6 +49,7 @@ class World:
     waiting_run: Run
     failed_run: Run
     approval: Approval
+    schedule: Schedule
     # Strings that identify A's objects: none may appear in what another tenant is shown.
     secrets_of_a: list[str] = field(default_factory=list)
 
@@ -79,6 +83,9 @@ def build_world() -> World:
     work_locally(failed, fail=frozenset({"second"}))
     waiting.refresh_from_db()
     failed.refresh_from_db()
+    schedule = schedule_create(
+        tenant=tenant_a, name="nightly", workflow="flaky", now=timezone.now(), cron="0 3 * * *"
+    )
     assert waiting.status == "waiting" and failed.status == "failed"
 
     users = {
@@ -101,7 +108,9 @@ def build_world() -> World:
         waiting_run=waiting,
         failed_run=failed,
         approval=approval,
+        schedule=schedule,
         secrets_of_a=[
+            str(schedule.public_id),
             str(waiting.public_id),
             str(failed.public_id),
             str(approval.public_id),
