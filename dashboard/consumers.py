@@ -1,7 +1,7 @@
 """Live sockets of the operators' dashboard (staff only, Django session).
 
-`WS /ws/dashboard/?view=overview|workers|tenants[&since=<epoch s>]` pushes the page's live
-part: `{"type": "refresh", "view", "html", "figures", "samples"}`. `html` is the page's
+`WS /ws/dashboard/?view=overview|workers|tenants|schedules|events[&since=<epoch s>]` pushes the
+page's live part: `{"type": "refresh", "view", "html", "figures", "samples"}`. `html` is the page's
 fragment rendered from the database, `figures` the same numbers as data (for scripts and
 tests), `samples` the chart points taken since the last push (overview only). A push happens
 at connect, within about a second after any run changes (the `dashboard.changed` ping that
@@ -31,6 +31,7 @@ from django.utils import timezone
 from dashboard import sampling, selectors
 from jobs.events import DASHBOARD_GROUP
 from jobs.feeds import Idle, RunFeed, db_call
+from schedules.dashboard import events_frame, schedules_frame
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
 # At most one push per this interval, however many runs change.
 MIN_GAP_S = 0.5
-VIEWS = ("overview", "workers", "tenants")
+VIEWS = ("overview", "workers", "tenants", "schedules", "events")
 CHART_WINDOW = timedelta(hours=1)
 
 
@@ -181,6 +182,10 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
             return workers_frame()
         if self.view == "tenants":
             return tenants_frame()
+        if self.view == "schedules":
+            return schedules_frame()
+        if self.view == "events":
+            return events_frame()
         frame, self.chart_since = overview_frame(self.chart_since)
         return frame
 

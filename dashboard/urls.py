@@ -3,6 +3,7 @@
 from django.urls import path
 
 from dashboard import views
+from schedules import dashboard as schedules
 
 app_name = "dashboard"
 
@@ -29,4 +30,25 @@ urlpatterns = [
     path("runs/<str:run_id>/retry/", views.run_action, {"action": "retry"}, name="run-retry"),
     path("runs/<str:run_id>/rerun/", views.run_action, {"action": "rerun"}, name="run-rerun"),
     path("failures/", views.failures, name="failures"),
+    # Schedules and events (schedules.dashboard).
+    path("schedules/", schedules.schedules_page, name="schedules"),
+    path(
+        "schedules/<str:schedule_id>/pause/",
+        schedules.schedule_action,
+        {"action": "pause"},
+        name="schedule-pause",
+    ),
+    path(
+        "schedules/<str:schedule_id>/resume/",
+        schedules.schedule_action,
+        {"action": "resume"},
+        name="schedule-resume",
+    ),
+    path(
+        "schedules/<str:schedule_id>/trigger/",
+        schedules.schedule_action,
+        {"action": "trigger"},
+        name="schedule-trigger",
+    ),
+    path("events/", schedules.events_page, name="events"),
 ]

@@ -85,6 +85,14 @@ def schedule_by_public_id(schedule_id: str | uuid.UUID) -> Schedule | None:
     return Schedule.objects.select_related("tenant", "workflow").filter(public_id=public_id).first()
 
 
+def recent_fires(*, limit: int = 30) -> list[ScheduleFire]:
+    return list(
+        ScheduleFire.objects.select_related("schedule", "tenant", "run").order_by(
+            "-created_at", "-fire_at"
+        )[:limit]
+    )
+
+
 def recent_events(*, limit: int = 100) -> list[TriggerEvent]:
     return list(
         TriggerEvent.objects.select_related("tenant", "api_key")

@@ -256,6 +256,18 @@ HTTP: dict[str, Spec] = {
         data={"POST": {"step": "second"}},
     ),
     "dashboard/failures/": Spec({"GET": staff(200)}),
+    "dashboard/schedules/": Spec({"GET": staff(200)}),
+    "dashboard/schedules/<str:schedule_id>/pause/": Spec(
+        {"GET": staff(405), "POST": staff(To("/dashboard/schedules/"))}
+    ),
+    "dashboard/schedules/<str:schedule_id>/resume/": Spec(
+        {"GET": staff(405), "POST": staff(To("/dashboard/schedules/"))},
+        before=lambda world: schedule_pause(schedule=world.schedule),
+    ),
+    "dashboard/schedules/<str:schedule_id>/trigger/": Spec(
+        {"GET": staff(405), "POST": staff(To("/dashboard/schedules/"))}
+    ),
+    "dashboard/events/": Spec({"GET": staff(200)}),
 }
 
 # WebSocket routes: "frame" = accepted and streaming (the first frame arrives), or the close
