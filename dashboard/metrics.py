@@ -38,6 +38,7 @@ from dashboard.models import MetricCounter
 from dashboard.sampling import DURATION_BOUNDS, WAIT_BOUNDS
 from jobs.models import Run
 from jobs.selectors import in_flight_sql
+from schedules.metrics import schedule_metrics
 
 _STEP_COUNTS = f"""
 SELECT t.slug, s.lane, s.status, count(*)
@@ -87,6 +88,7 @@ class SwitchyardCollector:
         yield from self._steps_and_runs()
         yield from self._workers()
         yield from self._counters()
+        yield from schedule_metrics()
 
     def _broker(self) -> Iterator[Metric]:
         queues = selectors.broker_queues()

@@ -4,12 +4,11 @@ explicitly platform-wide (the operators' dashboard, the metrics)."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 
-from django.db.models import Count, Prefetch, QuerySet
+from django.db.models import Prefetch, QuerySet
 
 from jobs.models import Run
-from schedules.models import FireStatus, Schedule, ScheduleFire, TriggerEvent
+from schedules.models import Schedule, ScheduleFire, TriggerEvent
 from tenants.models import Tenant
 
 _STARTED_RUNS = Prefetch(
@@ -99,21 +98,3 @@ def recent_events(*, limit: int = 100) -> list[TriggerEvent]:
         .prefetch_related(_STARTED_RUNS)
         .order_by("-created_at", "-id")[:limit]
     )
-
-
-def fire_counts() -> list[tuple[str, str, str, int]]:
-    """(tenant slug, status, code, count) over every fire: the metrics' counters."""
-    rows = (
-        ScheduleFire.objects.values_list("tenant__slug", "status", "code")
-        .annotate(n=Count("id"))
-        .order_by()
-    )
-    return [(slug, status, code, n) for slug, status, code, n in rows]
-
-
-def fire_lateness_since(since: datetime) -> list[tuple[str, float]]:
-    """(tenant slug, seconds late) of each fire submitted since `since`."""
-    fires = ScheduleFire.objects.filter(
-        status=FireStatus.SUBMITTED, submitted_at__gte=since
-    ).values_list("tenant__slug", "submitted_at", "due_at")
-    return [(slug, max(0.0, (sub - due).total_seconds())) for slug, sub, due in fires]

@@ -3,6 +3,8 @@ services (recorded in the audit trail), their live frames, and the admin's sched
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
@@ -10,7 +12,7 @@ from dashboard.models import OperatorAction
 from jobs.services.workflows import workflow_version_create
 from schedules.dashboard import events_frame, schedules_frame
 from schedules.models import ScheduleFire
-from schedules.services import schedule_create
+from schedules.services import schedule_create, schedule_update, schedules_fire_due
 from schedules.triggers import event_receive
 from tests.support.dashboard import make_operator, signed_in
 from tests.support.workflows import tool_step
@@ -78,3 +80,23 @@ def test_the_admin_lists_schedules_per_tenant(owner, outsider):
     page = client.get(f"/admin/schedules/schedule/?tenant__id__exact={owner.tenant.pk}")
     assert page.status_code == 200
     assert page.content.decode().count('class="field-name"') == 1
+
+
+def test_metrics_count_fires_skips_and_lateness(owner, client, settings):
+    settings.SWITCHYARD_METRICS_TOKEN = "scrape"
+    schedule = nightly(owner.tenant)
+    start = schedule.next_fire_at
+    schedule_update(schedule=schedule, now=start - timedelta(seconds=1), catchup_window_s=60)
+    # Two nights later: the first night is past the window (skipped), the second is 2 s late.
+    schedules_fire_due(now=start + timedelta(days=1, seconds=2))
+
+    text = client.get("/metrics", HTTP_AUTHORIZATION="Bearer scrape").content.decode()
+
+    assert 'switchyard_schedule_fires_total{code="",status="submitted",tenant="owner"} 1.0' in text
+    assert (
+        'switchyard_schedule_fires_total{code="outside_catchup_window",status="skipped",'
+        'tenant="owner"} 1.0' in text
+    )
+    assert 'switchyard_schedule_fire_lateness_seconds_bucket{le="1",tenant="owner"} 0.0' in text
+    assert 'switchyard_schedule_fire_lateness_seconds_bucket{le="2",tenant="owner"} 1.0' in text
+    assert 'switchyard_schedule_fire_lateness_seconds_sum{tenant="owner"} 2.0' in text
