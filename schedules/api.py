@@ -51,7 +51,11 @@ class ScheduleIn(serializers.Serializer):
     name = serializers.RegexField(r"^[a-z0-9][a-z0-9_.-]{0,99}$")
     workflow = serializers.CharField(max_length=100, help_text="The workflow's name.")
     version = serializers.IntegerField(
-        min_value=1, required=False, allow_null=True, help_text="Omitted or null: the latest."
+        min_value=1,
+        max_value=2**31 - 1,
+        required=False,
+        allow_null=True,
+        help_text="Omitted or null: the latest.",
     )
     input = serializers.DictField(
         required=False, help_text="The run's input; templates read `fire` and `schedule`."
@@ -61,7 +65,9 @@ class ScheduleIn(serializers.Serializer):
         max_length=200, required=False, allow_blank=True, help_text="Five fields, `L`, `#`."
     )
     timezone = serializers.CharField(max_length=64, required=False, help_text="IANA name.")
-    interval_s = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    interval_s = serializers.IntegerField(
+        min_value=1, max_value=366 * 86400, required=False, allow_null=True
+    )
     starts_at = serializers.DateTimeField(required=False)
     ends_at = serializers.DateTimeField(required=False, allow_null=True)
     overlap = serializers.ChoiceField(choices=Overlap.choices, required=False)

@@ -45,6 +45,7 @@ MATERIALIZE_BATCH = 1000
 SUBMIT_BATCH = 50
 # At most this many fire times per backfill request.
 MAX_BACKFILL = 1000
+EARLIEST_BACKFILL = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 class ScheduleError(Exception):
@@ -288,6 +289,8 @@ def schedule_backfill(
         raise ScheduleError("a backfill ends in the past", code="invalid_range")
     if start > end:
         raise ScheduleError("start must not be after end", code="invalid_range")
+    if start < EARLIEST_BACKFILL:
+        raise ScheduleError("a backfill starts in 2000 or later", code="invalid_range")
     timing = _timing_from(schedule, start)
     times = []
     for fire_at in timing.times_between(start - timedelta(microseconds=1), end):

@@ -41,6 +41,8 @@ class Timing:
             raise TimingError("give either a cron expression or an interval_s, not both")
         zone = self.zone()
         if self.cron:
+            if len(self.cron.split()) != 5:
+                raise TimingError(f"a cron expression has five fields, got {self.cron!r}")
             try:
                 CronSim(self.cron, self.starts_at.astimezone(zone))
             except CronSimError as exc:

@@ -13,6 +13,7 @@ import schemathesis
 import yaml
 from django.contrib.staticfiles import finders
 from django.core.management import call_command
+from django.utils import timezone
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import checks
@@ -24,6 +25,7 @@ from jobs.services.webhooks import (
     webhook_delivery_dispatch,
 )
 from jobs.transitions.runs import run_cancel
+from schedules.services import schedule_create
 from tenants.services import api_key_issue
 from tests.support.approvals import refund_workflow, run_ready_steps
 from tests.support.workflows import submit
@@ -170,7 +172,11 @@ def _fixtures(owner) -> dict[str, str]:
     [approval] = run_ready_steps(
         submit(owner.tenant, refund_workflow(), {"customer": "Ann", "amount": 1})
     )
+    schedule = schedule_create(
+        tenant=owner.tenant, name="hourly", workflow="greet", now=timezone.now(), cron="0 * * * *"
+    )
     return {
+        "schedule_id": str(schedule.public_id),
         "run_id": str(running.public_id),
         "ended_run_id": str(ended.public_id),
         "name": "greet",
@@ -190,7 +196,7 @@ def _strategy(operation, known: dict[str, str]):
     """Random cases, and as many with real ids in the path where the path takes one."""
     names = {parameter.name for parameter in operation.path_parameters}
     strategies = [operation.as_strategy()]
-    for name in names & {"run_id", "name", "key_id", "approval_id"}:
+    for name in names & {"run_id", "name", "key_id", "approval_id", "schedule_id"}:
         strategies.append(operation.as_strategy(path_parameters={name: known[name]}))
     if "run_id" in names:
         strategies.append(operation.as_strategy(path_parameters={"run_id": known["ended_run_id"]}))

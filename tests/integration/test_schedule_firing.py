@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from jobs.models import Run, RunStatus
+from jobs.services.submission import platform_backlog_cache_clear
 from jobs.services.workflows import workflow_version_create
 from jobs.transitions.runs import run_cancel
 from schedules.models import FireStatus, ScheduleFire
@@ -23,6 +24,7 @@ from schedules.services import (
     schedule_update,
     schedules_fire_due,
 )
+from schedules.timing import jitter_of
 from tests.support.workflows import tool_step
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -330,6 +332,8 @@ def test_backfill_refuses_future_and_oversized_ranges(nightly, clock):
 
 def test_a_schedule_with_bad_timing_or_input_is_refused(nightly, clock):
     with pytest.raises(ScheduleError, match="invalid cron expression"):
+        every_minute(nightly, clock, cron="0 0 31 4 *")
+    with pytest.raises(ScheduleError, match="a cron expression has five fields"):
         every_minute(nightly, clock, cron="every day")
     with pytest.raises(ScheduleError, match=r"unknown name .steps.; templates see fire, schedule"):
         every_minute(nightly, clock, input={"day": "{{ steps.x.output }}"})
@@ -340,3 +344,40 @@ def test_a_fire_whose_input_the_workflow_refuses_is_recorded_as_failed(nightly, 
     schedules_fire_due(now=clock.advance(minutes=1))
     [fire] = fires(schedule)
     assert (fire.status, fire.code, fire.run) == ("failed", "invalid_input", None)
+
+
+def test_a_jittered_fire_is_due_at_its_fire_time_plus_its_jitter_in_every_process(nightly, clock):
+    schedule = every_minute(nightly, clock, overlap="allow_all", jitter_s=30)
+    fire_at = T0 + timedelta(minutes=1)
+    due_at = fire_at + jitter_of(str(schedule.public_id), fire_at, 30)
+    assert due_at > fire_at  # this schedule's first fire has a jitter (not 0)
+
+    schedules_fire_due(now=due_at - timedelta(milliseconds=1))
+    assert fires(schedule) == []
+    schedules_fire_due(now=due_at)
+
+    [fire] = fires(schedule)
+    assert (fire.fire_at, fire.due_at, fire.status) == (fire_at, due_at, "submitted")
+    assert fire.run.input["at"] == "2026-05-04T08:01:00+00:00"  # the fire time, not the jitter
+
+
+def test_a_fire_refused_by_the_platform_backlog_waits_and_its_successors_keep_their_order(
+    nightly, clock, settings
+):
+    settings.SWITCHYARD_API_RETRY_AFTER_S = 20
+    settings.SWITCHYARD_PLATFORM_MAX_BACKLOG = 0  # every submission is refused
+    platform_backlog_cache_clear()
+    schedule = every_minute(nightly, clock, overlap="allow_all")
+    schedules_fire_due(now=clock.advance(minutes=2))
+    assert statuses(schedule) == [
+        ("08:01", "pending", "platform_backlog_full"),
+        ("08:02", "pending", ""),  # waits behind 08:01
+    ]
+
+    settings.SWITCHYARD_PLATFORM_MAX_BACKLOG = 100_000
+    platform_backlog_cache_clear()
+    schedules_fire_due(now=clock.advance(seconds=20))
+
+    submitted = fires(schedule)
+    assert [f.status for f in submitted] == ["submitted", "submitted"]
+    assert submitted[0].run.created_at < submitted[1].run.created_at
