@@ -381,3 +381,31 @@ def test_a_fire_refused_by_the_platform_backlog_waits_and_its_successors_keep_th
     submitted = fires(schedule)
     assert [f.status for f in submitted] == ["submitted", "submitted"]
     assert submitted[0].run.created_at < submitted[1].run.created_at
+
+
+def test_a_backfill_waits_for_the_quota_in_order_and_never_expires(nightly, clock, settings):
+    settings.SWITCHYARD_API_RETRY_AFTER_S = 30
+    nightly.max_queued_runs = 1
+    nightly.save()
+    schedule = every_minute(nightly, clock, overlap="allow_all", catchup_window_s=60)
+    schedule_pause(schedule=schedule)
+    clock.advance(hours=1)
+    schedule_backfill(
+        schedule=schedule,
+        start=T0 + timedelta(minutes=1),
+        end=T0 + timedelta(minutes=3),
+        now=clock.now,
+    )
+    schedules_fire_due(now=clock.advance(seconds=1))
+    assert statuses(schedule) == [
+        ("08:01", "submitted", ""),
+        ("08:02", "pending", "queued_runs_quota_full"),
+        ("08:03", "pending", ""),
+    ]
+    for _ in range(2):  # each time the quota has room for one more run
+        end_runs(schedule)
+        schedules_fire_due(now=clock.advance(hours=2))  # far past any catch-up window
+
+    assert [s[1] for s in statuses(schedule)] == ["submitted"] * 3
+    runs = [f.run for f in fires(schedule)]
+    assert [r.created_at for r in runs] == sorted(r.created_at for r in runs)

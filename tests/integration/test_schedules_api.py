@@ -4,15 +4,19 @@ filtered by `when`, never another tenant's (docs/schedules.md)."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from jobs.models import Run
 from jobs.services.workflows import workflow_version_create
 from schedules.models import ScheduleFire, TriggerEvent
 from schedules.services import schedules_fire_due
+from schedules.triggers import event_receive
 from tests.support.workflows import tool_step
 
 
@@ -233,3 +237,33 @@ def test_a_trigger_reading_steps_is_refused_at_upload(owner):
             "message": "template error: unknown name 'steps'; templates see event",
         }
     ]
+
+
+def test_the_same_event_sent_eight_times_at_once_starts_one_run(transactional_db, owner):
+    """Concurrent deliveries of one event (a sender's retries racing): the advisory lock on
+    (tenant, id) lets one store it; the others answer with its runs."""
+    orders_workflow(owner.tenant)
+    barrier = threading.Barrier(8)
+
+    def deliver(_: int):
+        barrier.wait()
+        try:
+            return event_receive(
+                tenant=owner.tenant,
+                name="order.created",
+                data={"total": 700},
+                event_id="race-1",
+                now=timezone.now(),
+            )
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        receipts = list(pool.map(deliver, range(8)))
+
+    assert sorted(r.duplicate for r in receipts) == [False] + [True] * 7
+    assert {tuple(run.pk for run in r.runs) for r in receipts} == {
+        tuple(Run.objects.filter(tenant=owner.tenant).values_list("pk", flat=True))
+    }
+    assert Run.objects.filter(tenant=owner.tenant).count() == 1
+    assert TriggerEvent.objects.filter(tenant=owner.tenant).count() == 1
