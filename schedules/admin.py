@@ -80,7 +80,7 @@ class ScheduleAdmin(ReadOnlyAdmin):
     @admin.action(description="Pause the selected schedules", permissions=["change"])
     def pause(self, request, queryset):
         for schedule in queryset:
-            schedule_pause(schedule=schedule)
+            schedule_pause(schedule=schedule, now=timezone.now())
         self.message_user(request, f"Paused {queryset.count()} schedule(s).")
 
     @admin.action(description="Resume the selected schedules", permissions=["change"])

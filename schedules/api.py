@@ -388,7 +388,9 @@ class SchedulePauseView(APIView):
         responses={200: ScheduleOut, **openapi.errors(404)},
     )
     def post(self, request: Request, schedule_id: str) -> Response:
-        schedule = schedule_pause(schedule=_schedule_or_404(request, schedule_id))
+        schedule = schedule_pause(
+            schedule=_schedule_or_404(request, schedule_id), now=timezone.now()
+        )
         return Response(_one(schedule))
 
 

@@ -90,7 +90,7 @@ def schedule_action(request: HttpRequest, schedule_id: str, action: str) -> Http
     label = f"{schedule.tenant.slug}/{schedule.name}"
     detail: dict[str, Any] = {}
     if action == "pause":
-        schedule_pause(schedule=schedule)
+        schedule_pause(schedule=schedule, now=now)
         messages.success(request, f"Paused {label}: no fire time is recorded until resumed.")
     elif action == "resume":
         schedule = schedule_resume(schedule=schedule, now=now)

@@ -15,12 +15,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from jobs import selectors as job_selectors
 from jobs import templating
@@ -64,7 +64,6 @@ class FireStats:
     skipped: int = 0
     refused: int = 0  # by a quota or backpressure: to be retried
     failed: int = 0
-    submitted_fires: list[ScheduleFire] = field(default_factory=list, repr=False)
 
 
 def fire_idempotency_key(schedule: Schedule, fire_at: datetime) -> str:
@@ -119,28 +118,34 @@ def schedule_create(
             setattr(schedule, key, value)
     _check(schedule)
     _plan_next(schedule, after=now)
-    if Schedule.objects.filter(tenant=tenant, name=name).exists():
-        raise ScheduleError(f"a schedule named {name!r} exists", code="name_taken")
-    schedule.save()
+    try:
+        with transaction.atomic():
+            schedule.save()
+    except IntegrityError:
+        raise ScheduleError(f"a schedule named {name!r} exists", code="name_taken") from None
     return schedule
 
 
 def schedule_update(*, schedule: Schedule, now: datetime, **changes: Any) -> Schedule:
-    """Change a schedule; a change of its timing (or no change at all) plans its next fire
-    from `now`."""
+    """Change a schedule. An active schedule first records its fire times due by `now` (as a
+    sweep would: none is lost to the change); then a change of its timing, a resume (or no
+    change at all) plans its next fire from `now`."""
     unknown = set(changes) - set(EDITABLE)
     if unknown:
         raise ScheduleError(f"unknown fields: {sorted(unknown)}")
     with transaction.atomic():
-        locked = Schedule.objects.select_for_update().select_related("tenant").get(pk=schedule.pk)
+        locked = (
+            Schedule.objects.select_for_update(of=("self",))
+            .select_related("tenant")
+            .get(pk=schedule.pk)
+        )
+        was_paused = locked.paused
+        _record_due_times(locked, now, FireStats())
         for key, value in changes.items():
             setattr(locked, key, value)
         _check(locked)
-        if (
-            not changes
-            or TIMING_FIELDS & set(changes)
-            or ("paused" in changes and not locked.paused)
-        ):
+        resumed = was_paused and not locked.paused
+        if not changes or TIMING_FIELDS & set(changes) or resumed:
             _plan_next(locked, after=now)
         taken = Schedule.objects.filter(tenant=locked.tenant, name=locked.name)
         if taken.exclude(pk=locked.pk).exists():
@@ -149,11 +154,10 @@ def schedule_update(*, schedule: Schedule, now: datetime, **changes: Any) -> Sch
     return locked
 
 
-def schedule_pause(*, schedule: Schedule) -> Schedule:
-    """No fire time is recorded while paused; fires already pending still go on."""
-    Schedule.objects.filter(pk=schedule.pk).update(paused=True)
-    schedule.refresh_from_db()
-    return schedule
+def schedule_pause(*, schedule: Schedule, now: datetime) -> Schedule:
+    """No fire time is recorded while paused (those due by `now` are recorded first); fires
+    already pending still go on."""
+    return schedule_update(schedule=schedule, now=now, paused=True)
 
 
 def schedule_resume(*, schedule: Schedule, now: datetime) -> Schedule:
@@ -462,7 +466,6 @@ def _submit_pending(schedule: Schedule, now: datetime, stats: FireStats) -> None
             stats.failed += 1
             continue
         stats.submitted += 1
-        stats.submitted_fires.append(fire)
         active.append(fire.run)
 
 

@@ -125,7 +125,8 @@ def test_berlin_fire_times_across_spring_forward_and_fall_back(nightly):
     for _ in range(3 * 24):
         schedules_fire_due(now=spring.advance(hours=1))
     fall = Clock(datetime(2026, 10, 24, 12, tzinfo=BERLIN))
-    schedule_update(schedule=schedule, now=fall.now)  # plans its next fire from then
+    schedule_pause(schedule=schedule, now=spring.now)
+    schedule_resume(schedule=schedule, now=fall.now)  # plans its next fire from then
     for _ in range(3 * 24):
         schedules_fire_due(now=fall.advance(hours=1))
 
@@ -278,7 +279,7 @@ def test_a_fire_refused_past_its_catch_up_window_is_skipped_with_the_refusal(
 
 def test_trigger_now_starts_a_run_at_once_and_pause_stops_scheduled_fires(nightly, clock):
     schedule = every_minute(nightly, clock, overlap="allow_all", input={"day": "{{ fire.kind }}"})
-    schedule_pause(schedule=schedule)
+    schedule_pause(schedule=schedule, now=clock.now)
     fire = schedule_fire_now(schedule=schedule, now=clock.advance(seconds=10))
     assert fire.status == "submitted" and fire.run.input == {"day": "manual"}
 
@@ -388,7 +389,7 @@ def test_a_backfill_waits_for_the_quota_in_order_and_never_expires(nightly, cloc
     nightly.max_queued_runs = 1
     nightly.save()
     schedule = every_minute(nightly, clock, overlap="allow_all", catchup_window_s=60)
-    schedule_pause(schedule=schedule)
+    schedule_pause(schedule=schedule, now=clock.now)
     clock.advance(hours=1)
     schedule_backfill(
         schedule=schedule,
@@ -409,3 +410,23 @@ def test_a_backfill_waits_for_the_quota_in_order_and_never_expires(nightly, cloc
     assert [s[1] for s in statuses(schedule)] == ["submitted"] * 3
     runs = [f.run for f in fires(schedule)]
     assert [r.created_at for r in runs] == sorted(r.created_at for r in runs)
+
+
+def test_a_change_of_timing_or_a_pause_first_records_the_times_already_due(nightly, clock):
+    """No sweep ran for three minutes (a slow scheduler); then the timing changes: the three
+    due times are not lost to the change."""
+    schedule = every_minute(nightly, clock, overlap="allow_all")
+    schedule_update(schedule=schedule, now=clock.advance(minutes=3, seconds=10), cron="0 * * * *")
+    schedules_fire_due(now=clock.advance(seconds=1))
+    assert [s[:2] for s in statuses(schedule)] == [
+        ("08:01", "submitted"),
+        ("08:02", "submitted"),
+        ("08:03", "submitted"),
+    ]
+    schedule.refresh_from_db()
+    assert schedule.next_fire_at == datetime(2026, 5, 4, 9, 0, tzinfo=UTC)
+
+    schedule_update(schedule=schedule, now=clock.now, cron="* * * * *")
+    schedule_pause(schedule=schedule, now=clock.advance(minutes=2))
+    schedules_fire_due(now=clock.advance(minutes=5))
+    assert [s[0] for s in statuses(schedule)][3:] == ["08:04", "08:05"]  # then nothing

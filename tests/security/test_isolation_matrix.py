@@ -31,6 +31,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.contenttypes.models import ContentType
 from django.db import transaction
 from django.test import AsyncClient
+from django.utils import timezone
 
 from jobs.events import inbox_group
 from jobs.models import Approval, Document, Run, StepRun, WorkflowVersion
@@ -186,7 +187,8 @@ HTTP: dict[str, Spec] = {
     ),
     "api/v1/schedules/<str:schedule_id>/pause/": Spec({"POST": api(200)}),
     "api/v1/schedules/<str:schedule_id>/resume/": Spec(
-        {"POST": api(200)}, before=lambda world: schedule_pause(schedule=world.schedule)
+        {"POST": api(200)},
+        before=lambda world: schedule_pause(schedule=world.schedule, now=timezone.now()),
     ),
     "api/v1/schedules/<str:schedule_id>/trigger/": Spec({"POST": api(202)}),
     "api/v1/schedules/<str:schedule_id>/backfill/": Spec(
@@ -262,7 +264,7 @@ HTTP: dict[str, Spec] = {
     ),
     "dashboard/schedules/<str:schedule_id>/resume/": Spec(
         {"GET": staff(405), "POST": staff(To("/dashboard/schedules/"))},
-        before=lambda world: schedule_pause(schedule=world.schedule),
+        before=lambda world: schedule_pause(schedule=world.schedule, now=timezone.now()),
     ),
     "dashboard/schedules/<str:schedule_id>/trigger/": Spec(
         {"GET": staff(405), "POST": staff(To("/dashboard/schedules/"))}
