@@ -50,8 +50,9 @@ def every_second(owner):
 
 
 def assert_each_fire_time_has_exactly_one_run(schedules, *, fired_until) -> int:
-    """Every fire time of each schedule, from its first to `fired_until` (less a margin for the
-    last sweep), is recorded once, submitted, with its own run; returns the number of runs."""
+    """Every fire time of each schedule, from its first to `fired_until` (less a margin for a
+    sweep slowed by a busy machine), is recorded once, submitted, with its own run; returns
+    the number of runs."""
     total = 0
     for schedule in schedules:
         fires = list(ScheduleFire.objects.filter(schedule=schedule).order_by("fire_at"))
@@ -59,7 +60,7 @@ def assert_each_fire_time_has_exactly_one_run(schedules, *, fired_until) -> int:
         first = schedule.next_fire_at  # as planned at creation
         expected = [first + timedelta(seconds=n) for n in range(len(times))]
         assert times == expected, f"{schedule.name}: fire times with a gap or a repeat"
-        assert times[-1] >= fired_until - timedelta(seconds=3), f"{schedule.name} fell behind"
+        assert times[-1] >= fired_until - timedelta(seconds=4), f"{schedule.name} fell behind"
         wrong = [(f.fire_at, f.status, f.code, f.reason) for f in fires if f.status != "submitted"]
         assert not wrong, f"{schedule.name}: fires not submitted: {wrong[:3]}"
         runs = Run.objects.filter(schedule_fires__schedule=schedule)
@@ -77,11 +78,11 @@ def test_two_schedulers_fire_each_fire_time_once(cluster, every_second):
     first = cluster.start_scheduler("scheduler-1")
     second = cluster.start_scheduler("scheduler-2")
     time.sleep(8)
+    stopping_at = timezone.now()
     cluster.stop(first)
     cluster.stop(second)
-    stopped_at = timezone.now()
 
-    runs = assert_each_fire_time_has_exactly_one_run(every_second, fired_until=stopped_at)
+    runs = assert_each_fire_time_has_exactly_one_run(every_second, fired_until=stopping_at)
     assert runs >= SCHEDULES * 5
     for proc in (first, second):
         assert "firing failed" not in proc.log(), proc.log()[-2000:]
@@ -110,7 +111,7 @@ def test_a_scheduler_killed_mid_fire_leaves_no_fire_half_done_and_none_lost(clus
 
     replacement = cluster.start_scheduler("replacement")
     time.sleep(5)
+    stopping_at = timezone.now()
     cluster.stop(replacement)
-    stopped_at = timezone.now()
 
-    assert_each_fire_time_has_exactly_one_run(every_second, fired_until=stopped_at)
+    assert_each_fire_time_has_exactly_one_run(every_second, fired_until=stopping_at)
