@@ -9,13 +9,18 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from jobs.models import Run, RunStatus
-from jobs.services.submission import platform_backlog_cache_clear
+from jobs.models import Run, RunStatus, WorkflowVersion
+from jobs.services.submission import (
+    platform_backlog_cache_clear,
+    request_fingerprint,
+    run_submit,
+)
 from jobs.services.workflows import workflow_version_create
 from jobs.transitions.runs import run_cancel
 from schedules.models import FireStatus, ScheduleFire
 from schedules.services import (
     ScheduleError,
+    fire_idempotency_key,
     schedule_backfill,
     schedule_create,
     schedule_fire_now,
@@ -430,3 +435,25 @@ def test_a_change_of_timing_or_a_pause_first_records_the_times_already_due(night
     schedule_pause(schedule=schedule, now=clock.advance(minutes=2))
     schedules_fire_due(now=clock.advance(minutes=5))
     assert [s[0] for s in statuses(schedule)][3:] == ["08:04", "08:05"]  # then nothing
+
+
+def test_a_fire_time_whose_run_already_exists_gets_that_run_not_a_second(nightly, clock):
+    """The idempotency key is the second guard: if a fire time's run exists (a submission
+    whose commit was acknowledged to nobody, a failover), firing that time replays it."""
+    schedule = every_minute(nightly, clock, overlap="allow_all")
+    fire_at = T0 + timedelta(minutes=1)
+    earlier = run_submit(
+        tenant=nightly,
+        version=WorkflowVersion.objects.get(workflow__name="nightly"),
+        input={"day": "2026-05-04"},
+        idempotency_key=fire_idempotency_key(schedule, fire_at),
+        request_hash=request_fingerprint(
+            {"schedule": str(schedule.public_id), "fire_at": fire_at.isoformat()}
+        ),
+    ).run
+
+    schedules_fire_due(now=clock.advance(minutes=1))
+
+    [fire] = fires(schedule)
+    assert fire.status == "submitted" and fire.run == earlier
+    assert Run.objects.filter(tenant=nightly).count() == 1
