@@ -245,19 +245,27 @@ def schedules_fire_due(*, now: datetime, limit: int | None = None) -> FireStats:
 
 
 def _fire_one(schedule_id: int, now: datetime, stats: FireStats) -> None:
-    with transaction.atomic():
-        schedule = (
-            Schedule.objects.select_for_update(skip_locked=True, of=("self",))
-            .select_related("tenant", "workflow")
-            .filter(pk=schedule_id)
-            .first()
-        )
-        if schedule is None:
-            stats.busy += 1
+    """Record the schedule's due times, then submit its pending fires: one run per
+    transaction, so that no transaction holds the schedule's lock (nor the admission lock
+    that a run's direct admission may take) for more than one submission."""
+    for number in range(SUBMIT_BATCH):
+        with transaction.atomic():
+            schedule = (
+                Schedule.objects.select_for_update(skip_locked=True, of=("self",))
+                .select_related("tenant", "workflow")
+                .filter(pk=schedule_id)
+                .first()
+            )
+            if schedule is None:
+                if number == 0:
+                    stats.busy += 1
+                return
+            if number == 0:
+                stats.schedules += 1
+                _record_due_times(schedule, now, stats)
+            more = _submit_pending(schedule, now, stats, limit=1)
+        if not more:
             return
-        stats.schedules += 1
-        _record_due_times(schedule, now, stats)
-        _submit_pending(schedule, now, stats)
 
 
 def schedule_fire_now(*, schedule: Schedule, now: datetime) -> ScheduleFire:
@@ -388,8 +396,11 @@ def _active_runs(schedule: Schedule) -> list[Run]:
     )
 
 
-def _submit_pending(schedule: Schedule, now: datetime, stats: FireStats) -> None:
-    """Submit the schedule's pending fires, oldest fire time first, by its overlap policy.
+def _submit_pending(
+    schedule: Schedule, now: datetime, stats: FireStats, *, limit: int = SUBMIT_BATCH
+) -> bool:
+    """Submit the schedule's pending fires, oldest fire time first, by its overlap policy;
+    at most `limit` runs. True if it stopped at `limit` with fires left to look at.
 
     Call inside a transaction holding the schedule's row lock. A fire refused by a quota or
     backpressure stays pending until its `retry_at`, and the fires after it wait behind it
@@ -399,7 +410,8 @@ def _submit_pending(schedule: Schedule, now: datetime, stats: FireStats) -> None
         schedule.fires.filter(status=FireStatus.PENDING).order_by("fire_at")[:SUBMIT_BATCH]
     )
     if not pending:
-        return
+        return False
+    submitted = 0
     active = _active_runs(schedule)
     window = timedelta(seconds=schedule.catchup_window_s)
     buffered: ScheduleFire | None = None
@@ -458,15 +470,19 @@ def _submit_pending(schedule: Schedule, now: datetime, stats: FireStats) -> None
             fire.save()
             stats.skipped += 1
             continue
+        if submitted == limit:
+            return True
         outcome = _fire_submit(schedule, fire, now)
         if outcome == "refused":
             stats.refused += 1
-            break
+            return False
         if outcome == "failed":
             stats.failed += 1
             continue
         stats.submitted += 1
+        submitted += 1
         active.append(fire.run)
+    return False
 
 
 def _fire_submit(schedule: Schedule, fire: ScheduleFire, now: datetime) -> str:
