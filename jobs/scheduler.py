@@ -39,6 +39,7 @@ from jobs.transitions.steps import (
     step_release_retry,
     steps_admit,
 )
+from jobs.wakeups import channel_connection
 from jobs.webhooks import webhooks_dispatch_due
 from schedules.services import schedules_fire_due
 from tenants.quotas import throttle_fold, throttle_record, usage_roll_up
@@ -145,16 +146,7 @@ def admission_lock_try() -> bool:
 
 
 def _listen_connection() -> psycopg.Connection:
-    params = connection.settings_dict
-    conn = psycopg.connect(
-        dbname=params["NAME"],
-        user=params.get("USER") or None,
-        password=params.get("PASSWORD") or None,
-        host=params.get("HOST") or None,
-        port=params.get("PORT") or None,
-        autocommit=True,
-        connect_timeout=5,
-    )
+    conn = channel_connection()
     conn.execute(f"LISTEN {READY_CHANNEL}")
     return conn
 

@@ -248,6 +248,9 @@ SWITCHYARD_SCHEDULER_BATCH = env_int("SWITCHYARD_SCHEDULER_BATCH", 200, minimum=
 SWITCHYARD_SCHEDULER_SWEEP_S = env_float(
     "SWITCHYARD_SCHEDULER_SWEEP_S", SWITCHYARD_SCHEDULER_POLL_S, minimum=0.01
 )
+# A process wakes the scheduler (a NOTIFY, jobs/wakeups.py) at most once per this interval:
+# the first wake-up after a quiet interval goes at once, faster ones are joined.
+SWITCHYARD_WAKE_INTERVAL_S = env_float("SWITCHYARD_WAKE_INTERVAL_S", 0.005, minimum=0.0)
 SWITCHYARD_DISPATCH_STALE_S = env_float("SWITCHYARD_DISPATCH_STALE_S", 30.0, minimum=0.1)
 SWITCHYARD_LEASE_GRACE_S = env_float("SWITCHYARD_LEASE_GRACE_S", 10.0, minimum=0.0)
 # A step whose attempt may run longer than this (timeout_s + lease grace) is acknowledged to

@@ -45,6 +45,7 @@ from jobs.transitions.txn import (
     step_lock,
     step_rows,
 )
+from jobs.wakeups import wake_after_commit
 from tenants.models import LANE_RANK, Lane, Tenant
 
 
@@ -385,6 +386,8 @@ def run_insert(
         run.workflow_version = version
         publish_live_on_commit(run.public_id, result["events"])
         publish_after_commit([dispatch_of(d, run.tenant_id) for d in result["dispatches"]])
+        if result["wake"]:
+            wake_after_commit()
         if run.status in RUN_FINAL:
             with run_locked(run.pk) as txn:
                 _run_ended(txn, run.status)

@@ -43,6 +43,7 @@ from jobs.transitions.txn import (
     skips_busy_runs,
     step_lock,
 )
+from jobs.wakeups import wake_after_commit
 from tenants.quotas import usage_day
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,8 @@ def step_claim(*, step_run_id: int, dispatch_token: str, worker: str) -> Claim |
     if claimed["outcome"] != "claimed":
         return None
     publish_live_on_commit(claimed["run_public_id"], claimed["events"])
+    if claimed["wake"]:
+        wake_after_commit()
     started_at = sql.parse_time(claimed["started_at"])
     return Claim(
         run_pk=claimed["run_pk"],

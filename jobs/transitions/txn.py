@@ -29,6 +29,7 @@ from jobs.dispatch import Dispatch, publish_after_commit, unheld_timeout_above_s
 from jobs.events import RunLog, publish_live_on_commit
 from jobs.models import Run, StepAttempt, StepRun, WorkflowVersion
 from jobs.transitions import sql
+from jobs.wakeups import wake_after_commit
 
 # Parsed definitions by version id: versions are immutable, and an id is never reused.
 _DEFINITIONS: dict[int, Definition] = {}
@@ -186,6 +187,8 @@ def apply_writes(txn: RunTxn, plan: dict[str, Any], wake: str | None) -> dict[st
     txn.run.next_seq = result["run"]["next_seq"]
     publish_live_on_commit(txn.run.public_id, result["events"])
     publish_after_commit([dispatch_of(row, txn.run.tenant_id) for row in result["dispatches"]])
+    if result["wake"]:
+        wake_after_commit()
     return result
 
 

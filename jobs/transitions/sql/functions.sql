@@ -95,11 +95,12 @@ BEGIN
     v_events := v_events || jsonb_build_object(
         'type', 'step.started', 'step_id', s.step_id, 'map_index', s.map_index,
         'data', jsonb_build_object('attempt', s.attempt, 'worker', p_worker));
-    -- A queued slot of this queue is free: it matters only if some step waits for admission.
-    PERFORM pg_notify('switchyard_ready', '')
-     WHERE EXISTS (SELECT 1 FROM jobs_steprun WHERE status = 'ready');
     RETURN jsonb_build_object(
         'outcome', 'claimed',
+        -- A queued slot of this queue is free: the scheduler matters only if a step waits for
+        -- admission. The caller wakes it after the commit (jobs/wakeups.py: a NOTIFY here
+        -- would serialise this commit with every other notifying one).
+        'wake', EXISTS (SELECT 1 FROM jobs_steprun WHERE status = 'ready'),
         'run_pk', r.id,
         'run_public_id', r.public_id,
         'tenant_id', r.tenant_id,
@@ -257,7 +258,7 @@ $$;
 -- map's items), step changes by key, the run's change, its events (gapless seq), then the
 -- direct admission of the steps made ready (when nothing else waits in their queue and the
 -- tenant's quotas allow; the same rules as jobs/admission.py, which hands over the queues'
--- room), and the scheduler's wake-up.
+-- room), and whether the scheduler should be woken (the caller wakes it after the commit).
 --
 -- p_plan: {
 --   "new_steps": [{"step_id", "map_index", "kind", "queue", "max_attempts", "timeout_s"}],
@@ -270,7 +271,8 @@ $$;
 --                 "queues": {queue: {"max_queued": int, "capacity": int}}} | null,
 --   "wake": "always" | "if_ready" | null
 -- }
--- Returns {"dispatches": [{"id", "token", "queue", "lane", "timeout_s"}], "events": [...]}.
+-- Returns {"dispatches": [{"id", "token", "queue", "lane", "timeout_s"}], "events": [...],
+--          "wake": bool}.
 CREATE OR REPLACE FUNCTION switchyard_run_apply(p_run bigint, p_plan jsonb)
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
@@ -300,7 +302,7 @@ DECLARE
     v_dispatches jsonb := '[]'::jsonb;
     v_admission jsonb;
     v_logged jsonb;
-    v_wake boolean := p_plan->>'wake' = 'always';
+    v_wake boolean := coalesce(p_plan->>'wake' = 'always', false);
 BEGIN
     SELECT * INTO r FROM jobs_run WHERE id = p_run;  -- locked by the caller's transaction
 
@@ -443,14 +445,13 @@ BEGIN
         v_wake := true;
     END IF;
 
-    IF v_wake THEN
-        PERFORM pg_notify('switchyard_ready', '');
-    ELSIF p_plan->>'wake' = 'if_ready' THEN
-        PERFORM pg_notify('switchyard_ready', '')
-         WHERE EXISTS (SELECT 1 FROM jobs_steprun WHERE status = 'ready');
+    IF NOT v_wake AND p_plan->>'wake' = 'if_ready' THEN
+        v_wake := EXISTS (SELECT 1 FROM jobs_steprun WHERE status = 'ready');
     END IF;
     RETURN jsonb_build_object(
         'dispatches', v_dispatches,
+        -- Whether the scheduler should look: woken by the caller after the commit.
+        'wake', v_wake,
         'events', coalesce(v_logged, '[]'::jsonb),
         'run', jsonb_build_object('status', r.status,
                                    'next_seq', r.next_seq + jsonb_array_length(
@@ -540,6 +541,7 @@ BEGIN
     SELECT * INTO r FROM jobs_run WHERE id = r.id;
     RETURN jsonb_build_object('outcome', 'created', 'run', to_jsonb(r),
                               'dispatches', v_applied->'dispatches',
-                              'events', v_applied->'events');
+                              'events', v_applied->'events',
+                              'wake', v_applied->'wake');
 END;
 $$;
