@@ -63,10 +63,14 @@ RUN_FINAL = (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
 
 
 class Run(models.Model):
+    # No single-column index where a composite one of Meta.indexes starts with the column: a
+    # run's row changes several times per step, and each index is one more write per change.
     public_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
-    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="runs")
+    tenant = models.ForeignKey(
+        Tenant, on_delete=models.CASCADE, related_name="runs", db_index=False
+    )
     workflow_version = models.ForeignKey(
-        WorkflowVersion, on_delete=models.PROTECT, related_name="runs"
+        WorkflowVersion, on_delete=models.PROTECT, related_name="runs", db_index=False
     )
     input = models.JSONField(default=dict)
     lane = models.CharField(max_length=16, choices=Lane.choices, default=Lane.STANDARD)
@@ -86,7 +90,7 @@ class Run(models.Model):
     # The next event's sequence number; incremented under the run's row lock so that
     # sequence numbers are gapless per run (docs/architecture.md, invariant 3).
     next_seq = models.PositiveIntegerField(default=1)
-    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -146,7 +150,8 @@ STEP_FINAL = (StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepS
 class StepRun(models.Model):
     """One step of one run (or one item of a map step). Its `output` is the checkpoint."""
 
-    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps")
+    # Indexed by `steprun_unique_key` (run, step_id, map_index).
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps", db_index=False)
     step_id = models.CharField(max_length=64)
     map_index = models.IntegerField(null=True, blank=True)
     kind = models.CharField(max_length=32)
@@ -229,7 +234,10 @@ class AttemptOutcome(models.TextChoices):
 
 
 class StepAttempt(models.Model):
-    step_run = models.ForeignKey(StepRun, on_delete=models.CASCADE, related_name="attempts")
+    # Indexed by `attempt_unique_number` (step_run, number).
+    step_run = models.ForeignKey(
+        StepRun, on_delete=models.CASCADE, related_name="attempts", db_index=False
+    )
     number = models.PositiveIntegerField()
     outcome = models.CharField(max_length=16, choices=AttemptOutcome.choices, default="running")
     dispatch_token = models.UUIDField()
@@ -255,7 +263,8 @@ class StepAttempt(models.Model):
 class Event(models.Model):
     """The append-only run log. `seq` is gapless and increasing per run."""
 
-    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="events")
+    # Indexed by `event_unique_seq` (run, seq).
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="events", db_index=False)
     seq = models.PositiveIntegerField()
     type = models.CharField(max_length=64)
     step_id = models.CharField(max_length=64, blank=True)
