@@ -1,12 +1,14 @@
-"""An operator on the Schedules page in a real browser (headless Debian Chromium), with a real
-scheduler firing: the scheduled fire's run appears without reloading, Pause stops the fires,
-Trigger now starts a run at once. Screenshot: tests/browser/artifacts/dashboard-schedules.png.
+"""An operator on the Schedules and Events pages in a real browser (headless Debian Chromium),
+with a real scheduler and web: the scheduled fire's run appears without reloading, Pause stops
+the fires, Trigger now starts a run at once; an event sent to the API appears with its run.
+Screenshots: tests/browser/artifacts/dashboard-schedules.png, dashboard-events.png.
 """
 
 from __future__ import annotations
 
 import time
 
+import httpx
 import pytest
 from django.utils import timezone
 
@@ -75,3 +77,39 @@ def test_an_operator_sees_fires_live_pauses_and_triggers_a_schedule(
 
     time.sleep(3)  # paused: the scheduler records no fire time
     assert ScheduleFire.objects.filter(schedule=schedule, kind="scheduled").count() == scheduled
+
+
+def test_an_operator_sees_an_event_and_the_run_it_started_arrive_live(
+    owner, cluster, site, browser, screenshot
+):
+    make_operator("olga")
+    workflow_version_create(
+        tenant=owner.tenant,
+        document={
+            "name": "on-order",
+            "steps": [tool_step("note", "echo", args={})],
+            "triggers": [{"event": "order.created", "when": "event.data.total > 100"}],
+        },
+    )
+    page = browser.new_page(viewport=VIEWPORT)
+    page.goto(f"{site}/dashboard/events/")
+    page.fill("#id_username", "olga")
+    page.fill("#id_password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{site}/dashboard/events/")
+    assert "No event yet" in page.inner_text("#live-events")
+
+    sent = httpx.post(
+        f"{site}/api/v1/events/",
+        json={"name": "order.created", "data": {"total": 120}, "id": "order-77"},
+        headers={"Authorization": f"Bearer {owner.raw_key}"},
+        timeout=10,
+    )
+    assert sent.status_code == 202, sent.text
+    [run] = sent.json()["runs"]
+
+    row = page.locator(f'tr[data-event="{sent.json()["event"]["id"]}"]')
+    row.wait_for(timeout=20_000)
+    assert row.locator("a[data-run]").get_attribute("data-run") == run["id"]
+    assert "order-77" in row.inner_text() and "key default" in row.inner_text()
+    screenshot(page, "dashboard-events")
