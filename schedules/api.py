@@ -37,7 +37,7 @@ from schedules.services import (
     schedule_resume,
     schedule_update,
 )
-from schedules.triggers import event_receive
+from schedules.triggers import MAX_EVENT_ID, event_receive
 from tenants.models import ApiKey, Lane
 
 SCHEDULE_ID = OpenApiParameter("schedule_id", OpenApiTypes.UUID, OpenApiParameter.PATH)
@@ -91,7 +91,7 @@ class TriggerEventIn(serializers.Serializer):
     name = serializers.RegexField(EVENT_NAME_PATTERN)
     data = serializers.JSONField(required=False, default=dict)
     id = serializers.CharField(
-        max_length=200,
+        max_length=MAX_EVENT_ID,
         required=False,
         allow_blank=True,
         help_text="Your event id: the same id within 24 h starts nothing again.",

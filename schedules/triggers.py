@@ -23,12 +23,15 @@ from django.db.models import F, OuterRef, Subquery
 
 from jobs import templating
 from jobs.models import Run, WorkflowVersion
-from jobs.services.submission import request_fingerprint, run_submit
+from jobs.services.submission import Backpressure, request_fingerprint, run_submit
 from jobs.templating import TemplateError
 from jobs.transitions.runs import RunError
 from jobs.transitions.txn import definition_of
 from schedules.models import TriggerEvent
 from tenants.models import ApiKey, Tenant
+
+# An event id fits a run's idempotency key with any workflow name: `event:<id>:<name>`.
+MAX_EVENT_ID = 128
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,11 @@ def event_receive(
     """Store the event and start each subscribed workflow whose `when` holds, once per id.
 
     Raises Backpressure (nothing stored: retry later with the same id) or RunError.
+    `event_id`: at most MAX_EVENT_ID characters.
     """
     event_id = event_id or str(uuid.uuid4())
+    if len(event_id) > MAX_EVENT_ID:
+        raise RunError(f"an event id has at most {MAX_EVENT_ID} characters", code="invalid_id")
     since = now - timedelta(seconds=settings.SWITCHYARD_IDEMPOTENCY_TTL_S)
     with transaction.atomic():
         _lock(tenant, event_id)
@@ -121,19 +127,19 @@ def _start(tenant: Tenant, version: WorkflowVersion, event: TriggerEvent, contex
         except TemplateError as exc:
             reasons.append(f"template error: {exc}")
             continue
-        key = f"event:{event.event_id}:{version.workflow.name}"
+        workflow = version.workflow.name
         try:
             with transaction.atomic():
                 submission = run_submit(
                     tenant=tenant,
                     version=version,
                     input=run_input if isinstance(run_input, dict) else {"value": run_input},
-                    idempotency_key=key[:255],
-                    request_hash=request_fingerprint({"event": event.event_id}),
+                    idempotency_key=f"event:{event.event_id}:{workflow}",
+                    request_hash=request_fingerprint({"event": event.event_id, "to": workflow}),
                 )
+        except Backpressure:
+            raise  # the whole event is refused: nothing of it is stored
         except RunError as exc:
-            if exc.code in ("queued_runs_quota_full", "platform_backlog_full"):
-                raise
             reasons.append(f"{exc.code}: {exc.message}")
             continue
         return submission.run

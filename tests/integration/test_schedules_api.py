@@ -267,3 +267,14 @@ def test_the_same_event_sent_eight_times_at_once_starts_one_run(transactional_db
     }
     assert Run.objects.filter(tenant=owner.tenant).count() == 1
     assert TriggerEvent.objects.filter(tenant=owner.tenant).count() == 1
+
+
+def test_a_longest_event_id_starts_each_long_named_workflow_its_own_run(owner):
+    first, second = "w" * 99 + "1", "w" * 99 + "2"
+    orders_workflow(owner.tenant, name=first, when="true")
+    orders_workflow(owner.tenant, name=second, when="true")
+    response = send(owner, name="order.created", data={"total": 1}, id="i" * 128)
+
+    assert sorted(r["workflow"] for r in response.json()["runs"]) == [first, second]
+    assert Run.objects.filter(tenant=owner.tenant).count() == 2
+    assert send(owner, name="order.created", id="i" * 129).status_code == 400
