@@ -3,7 +3,9 @@
 - `GET /api/v1/runs/{id}/events/` with `Accept: text/event-stream`: every stored event after
   `Last-Event-ID` (or `?after=`), then live events, as SSE frames with `id:` = seq; token
   deltas as `event: step.delta` frames without an `id:`; a `: heartbeat` comment after
-  `SWITCHYARD_SSE_HEARTBEAT_S` of silence; the stream ends after the run's final event.
+  `SWITCHYARD_SSE_HEARTBEAT_S` of silence; the stream ends after the run's final event. A
+  client that already has the final event gets 204 No Content: the answer that stops an
+  `EventSource` from reconnecting (after an empty 200 it reconnects every few seconds, forever).
 - `POST /api/v1/runs/?wait=N`: submit, then wait up to N seconds for the run to end: 200 with
   the run's detail if it did, else the submission's own 202.
 - `GET /api/v1/runs/{id}/?wait=N`: the run's detail (200) as soon as it has ended, else the
@@ -245,11 +247,23 @@ async def run_events(request: HttpRequest, run_id: str) -> HttpResponse:
         return _error(
             400, "invalid_request", f"{source} {message}", [{"path": source, "message": message}]
         )
+    if await db_call(_has_everything)(run, int(after)):
+        return HttpResponse(status=204)
     response = StreamingHttpResponse(_event_stream(run, int(after)), content_type=EVENT_STREAM)
     response["Cache-Control"] = "no-cache"
     # Proxies that buffer responses (nginx) would hold the frames back.
     response["X-Accel-Buffering"] = "no"
     return response
+
+
+def _has_everything(run: Run, after: int) -> bool:
+    """Whether the run has ended and a client that has seen up to seq `after` has its log.
+
+    The status is read first: if the run was final then, its final event was committed by
+    then too (same transaction), so the read of the log that follows sees it.
+    """
+    run.refresh_from_db(fields=["status"])
+    return run.is_final and not selectors.events_for(run=run, after=after, limit=1)
 
 
 async def _event_stream(run: Run, after: int) -> AsyncIterator[bytes]:

@@ -145,6 +145,42 @@ def test_an_idle_stream_sends_heartbeats_and_ends_with_the_runs_final_event(owne
     assert stored_log(web, owner.raw_key, run_id) == events
 
 
+def test_a_client_that_has_a_final_runs_last_event_gets_204_and_one_that_has_not_gets_the_rest(
+    owner, web
+):
+    # No scheduler: the run stays accepted until it is cancelled.
+    run_id = submit(web, owner.raw_key, STEADY)
+    cancelled = httpx.post(f"{web}/api/v1/runs/{run_id}/cancel/", headers=auth(owner.raw_key))
+    assert cancelled.status_code == 200, cancelled.text
+    log = stored_log(web, owner.raw_key, run_id)
+    last = log[-1]["seq"]
+    assert log[-1]["type"] == "run.cancelled" and last > 1
+
+    # A client that never saw the run gets all of it, then the end of the stream.
+    assert read_sse_to_end(web, owner.raw_key, run_id) == log
+    # One that missed the last event gets it.
+    with open_sse(web, owner.raw_key, run_id, last_event_id=last - 1) as response:
+        assert response.status_code == 200
+        assert list(stored_events(response)) == log[-1:]
+    # One that has everything, by EventSource's header or by the URL, is told to stop:
+    # EventSource does not reconnect after a 204.
+    for seen in ({"last_event_id": last}, {"after": last}, {"last_event_id": last + 5}):
+        with open_sse(web, owner.raw_key, run_id, **seen) as response:
+            response.read()
+            assert response.status_code == 204, seen
+            assert response.content == b""
+
+
+def test_a_stream_of_a_run_that_has_not_ended_is_not_ended_early(owner, web):
+    # No scheduler: the run stays accepted, and its last event so far is not its last.
+    run_id = submit(web, owner.raw_key, STEADY)
+    last = stored_log(web, owner.raw_key, run_id)[-1]["seq"]
+    with open_sse(web, owner.raw_key, run_id, last_event_id=last) as response:
+        assert response.status_code == 200
+        frames = sse_frames(response)
+        assert next(frames).comment == f"run {run_id} after {last}"
+
+
 def test_llm_deltas_stream_coalesced_and_without_ids(owner, stepping, web):
     run_id = submit(web, owner.raw_key, CHATTY)
     with ThreadPoolExecutor(1) as pool:
