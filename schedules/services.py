@@ -241,6 +241,14 @@ def schedules_fire_due(*, now: datetime, limit: int | None = None) -> FireStats:
         except Exception:
             # This schedule's transaction rolled back: its fires are retried at the next sweep.
             log.exception("schedule %s: firing failed", schedule_id)
+    if stats.submitted or stats.skipped or stats.refused or stats.failed:
+        log.info(
+            "schedules: submitted=%d skipped=%d refused=%d failed=%d",
+            stats.submitted,
+            stats.skipped,
+            stats.refused,
+            stats.failed,
+        )
     return stats
 
 

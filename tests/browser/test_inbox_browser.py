@@ -10,8 +10,15 @@ import pytest
 from django.contrib.auth import get_user_model
 
 from jobs.models import Approval, ApprovalStatus
+from jobs.services.approvals import approval_decide
 from tenants.models import Role
-from tests.support.approvals import PASSWORD, make_reviewer, refund_workflow
+from tests.support.approvals import (
+    PASSWORD,
+    as_reviewer,
+    make_reviewer,
+    refund_workflow,
+    run_ready_steps,
+)
 from tests.support.workflows import submit
 
 pytestmark = pytest.mark.cluster
@@ -32,6 +39,17 @@ def wait_for_approval(cluster, run) -> Approval:
         30,
         f"run {run.public_id} never asked for an approval",
     )
+
+
+def signed_in_at(browser, site: str, username: str, path: str):
+    """A new page of `username`, signed in through the login page, showing `path`."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{site}/accounts/login/?next={path}")
+    page.fill("#id_username", username)
+    page.fill("#id_password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{site}{path}")
+    return page
 
 
 def test_a_reviewer_decides_a_request_that_appeared_live(
@@ -120,15 +138,40 @@ def test_a_viewer_sees_the_request_without_decision_buttons(
     run = submit(owner.tenant, refund_workflow(timeout_s=600), {"customer": "Ann", "amount": 1})
     approval = wait_for_approval(cluster, run)
 
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.goto(f"{site}/accounts/login/?next=/inbox/{approval.public_id}/")
-    page.fill("#id_username", "vic")
-    page.fill("#id_password", PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{site}/inbox/{approval.public_id}/")
+    page = signed_in_at(browser, site, "vic", f"/inbox/{approval.public_id}/")
 
     assert page.locator("button[value=approve]").count() == 0
     assert "viewers can read requests but not approve or reject them" in page.inner_text(
         "#decision"
     )
     screenshot(page, "detail-viewer")
+
+
+def test_a_reviewer_reads_votes_in_words_and_is_offered_no_admin_link(
+    owner, cluster, browser, screenshot
+):
+    ann = make_reviewer("ann", owner.tenant)
+    bob = make_reviewer("bob", owner.tenant)
+    run = submit(
+        owner.tenant,
+        refund_workflow("four-eyes", required_approvals=2, timeout_s=600),
+        {"customer": "Ann", "amount": 5},
+    )
+    [approval] = run_ready_steps(run)
+    approval_decide(approval=approval, reviewer=as_reviewer(ann), decision="approve", comment="")
+    approval_decide(approval=approval, reviewer=as_reviewer(bob), decision="reject", comment="")
+    site = cluster.start_web()
+
+    page = signed_in_at(browser, site, "ann", f"/inbox/{approval.public_id}/")
+
+    votes = page.locator(".votes li").all_inner_texts()
+    assert any(re.match(r"✓\s*ann approved at \d\d:\d\d", v) for v in votes), votes
+    assert any(re.match(r"✕\s*bob rejected at \d\d:\d\d", v) for v in votes), votes
+    nav = page.locator("header nav")
+    assert nav.get_by_role("link", name="Inbox").count() == 1
+    assert nav.get_by_role("link", name="Admin").count() == 0
+    screenshot(page, "detail-votes")
+
+    page.goto(f"{site}/inbox/history/")
+    history = page.locator(f'tr[data-approval="{approval.public_id}"]').inner_text()
+    assert "bob rejected" in history and "rejectd" not in history

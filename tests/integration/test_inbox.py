@@ -137,6 +137,16 @@ def test_staff_see_every_tenant_but_decide_only_as_members(outsider, pending):
     assert client.post(f"/inbox/{pending.public_id}/", {"action": "approve"}).status_code == 403
 
 
+def test_the_admin_link_is_shown_only_to_those_who_may_use_the_admin(ann, pending):
+    staff = get_user_model().objects.create_user("op", password=PASSWORD, is_staff=True)
+    for path in ("/inbox/", f"/inbox/{pending.public_id}/", "/inbox/history/"):
+        assert 'href="/admin/"' not in page(signed_in(ann).get(path)), path
+        assert 'href="/admin/"' in page(signed_in(staff).get(path)), path
+    # The admin indeed refuses the reviewer and lets the staff user in.
+    assert signed_in(ann).get("/admin/").status_code == 302
+    assert signed_in(staff).get("/admin/").status_code == 200
+
+
 def test_decisions_need_the_csrf_token(ann, pending):
     client = Client(enforce_csrf_checks=True)
     client.login(username="ann", password=PASSWORD)
@@ -249,6 +259,18 @@ def test_the_history_shows_who_decided_what_and_when(owner, ann, pending):
     assert "Refund 120 EUR to Ann?" in html
     assert "<strong>ann</strong>" in html and "too much" in html
     assert "status-rejected" in html
+    assert "<strong>ann</strong> rejected <span" in html and "rejectd" not in html
+
+
+def test_the_detail_page_says_in_words_how_each_reviewer_voted(owner, ann):
+    approval = start(owner.tenant, required_approvals=2)
+    bob = make_reviewer("bob", owner.tenant)
+    approval_decide(approval=approval, reviewer=as_reviewer(ann), decision="approve", comment="")
+    approval_decide(approval=approval, reviewer=as_reviewer(bob), decision="reject", comment="")
+    html = page(signed_in(ann).get(f"/inbox/{approval.public_id}/"))
+    assert "<strong>ann</strong> approved <span" in html
+    assert "<strong>bob</strong> rejected <span" in html
+    assert "rejectd" not in html
 
 
 def test_most_urgent_first_sorts_by_deadline(owner, ann):
