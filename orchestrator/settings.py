@@ -236,7 +236,11 @@ CELERY_TASK_QUEUES = [
 CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True
 CELERY_TASK_IGNORE_RESULT = True
-CELERY_WORKER_SEND_TASK_EVENTS = True
+# Celery's task events (received, started, succeeded: three more AMQP messages per step, a
+# sixth of a worker's CPU on zero-latency steps) are for monitors such as Flower, which turns
+# them on in the running workers itself (its `enable_events` option, on by default); nothing of
+# Switchyard reads them. CELERY_TASK_EVENTS=true sends them from the start.
+CELERY_WORKER_SEND_TASK_EVENTS = env_bool("CELERY_TASK_EVENTS", False)
 CELERY_TASK_SEND_SENT_EVENT = False
 
 # --- Switchyard engine ----------------------------------------------------------------------

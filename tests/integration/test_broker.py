@@ -4,6 +4,9 @@ invariants 1, 5 and 13), checked against the real broker."""
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
 import uuid
 
 import pytest
@@ -74,3 +77,44 @@ def test_step_tasks_store_no_celery_result(owner, running):
     )
     assert running.wait_run(run).status == "succeeded"
     assert TaskResult.objects.count() == 0
+
+
+def _task_events_of(node: str, action) -> list[str]:
+    """The Celery task events that worker `node` sends while `action` runs."""
+    seen: list[dict] = []
+    ready = threading.Event()
+    with app.connection_for_read() as conn:
+        receiver = app.events.Receiver(conn, handlers={"*": seen.append})
+        receiver.on_consume_ready = lambda *args, **kwargs: ready.set()
+
+        def capture() -> None:
+            for _ in receiver.consume(safety_interval=0.2):
+                pass
+
+        thread = threading.Thread(target=capture, daemon=True)
+        thread.start()
+        assert ready.wait(10)
+        action()
+        time.sleep(1.0)  # a worker flushes its events shortly after the task
+        receiver.should_stop = True
+        thread.join(5)
+    return [e["type"] for e in seen if e.get("hostname") == node and e["type"].startswith("task")]
+
+
+def test_workers_send_no_task_events_until_a_monitor_turns_them_on(owner, cluster, settings):
+    """Task events (three more AMQP messages per step) are off by default; a monitor such as
+    Flower turns them on in the running workers with the `enable_events` control command."""
+    settings.SWITCHYARD_QUEUE_PREFIX = cluster.prefix
+    worker = cluster.start_worker("steps.tool", concurrency=1)
+    node = f"{worker.name}@{socket.gethostname()}"
+    workflow = {"name": "events", "steps": [tool_step("a", "test.count", args={"key": "e"})]}
+
+    def one_run() -> None:
+        assert cluster.wait_run(submit(owner.tenant, workflow)).status == "succeeded"
+
+    assert _task_events_of(node, one_run) == []
+
+    app.control.enable_events(destination=[node])
+    events = _task_events_of(node, one_run)
+
+    assert "task-received" in events and "task-succeeded" in events
