@@ -28,6 +28,22 @@
     else text = Math.round(s / 86400) + " d";
     return future ? "in " + text : text + " ago";
   }
+  // A time since a start, as the event log's server-side rows show it (`since_start`).
+  function offset(seconds) {
+    const sign = seconds < 0 ? "-" : "+";
+    let s = Math.abs(seconds);
+    if (s < 60) return sign + s.toFixed(3) + "s";
+    const pad = (n, width) => String(n).padStart(width, "0");
+    let m = Math.floor(s / 60);
+    s -= m * 60;
+    if (m < 60) return sign + m + "m" + pad(s.toFixed(3), 6) + "s";
+    const h = Math.floor(m / 60);
+    m -= h * 60;
+    return sign + h + "h" + pad(m, 2) + "m" + pad(Math.round(s), 2) + "s";
+  }
+  function exactUtc(date) {
+    return date.toISOString().replace("T", " ").replace("Z", " UTC");
+  }
   function refreshTimes(root) {
     (root || document).querySelectorAll("time[data-rel]").forEach((el) => {
       el.textContent = relative(new Date(el.getAttribute("datetime")));
@@ -243,6 +259,7 @@
     const table = document.getElementById("events");
     const body = table.querySelector("tbody");
     let lastSeq = parseInt(table.dataset.lastSeq || "0", 10);
+    const started = new Date(table.dataset.started);
     let timer = null;
     let delay = 1000;
 
@@ -285,11 +302,12 @@
         const td = document.createElement("td");
         if (cls) td.className = cls;
         if (i === 1) {
+          const at = new Date(e.at);
           const time = document.createElement("time");
           time.setAttribute("datetime", e.at);
-          time.title = e.at;
-          time.dataset.rel = "";
-          time.textContent = relative(new Date(e.at));
+          time.title = exactUtc(at);
+          time.textContent = offset((at.getTime() - started.getTime()) / 1000);
+          td.className = "num";
           td.appendChild(time);
         } else if (i === 2) {
           const span = document.createElement("span");

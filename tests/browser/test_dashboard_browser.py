@@ -187,3 +187,46 @@ def test_an_operator_watches_the_platform_live_and_opens_every_page(
     group.locator("a", has_text="Retry all").click()
     assert "This will retry 1 run" in page.locator("#bulk-count").inner_text()
     screenshot(page, "dashboard-bulk-confirm")
+
+
+def event_times(page) -> list[tuple[str, str]]:
+    """The event log's time column: (what it shows, what its hover title says) per row."""
+    cells = page.locator("#events tr[data-seq] time")
+    return [
+        (cells.nth(i).inner_text(), cells.nth(i).get_attribute("title"))
+        for i in range(cells.count())
+    ]
+
+
+def test_a_run_pages_event_log_counts_time_from_the_runs_start(
+    owner, outsider, cluster, site, browser, screenshot
+):
+    make_operator("olga")
+    page = browser.new_page(viewport=VIEWPORT)
+    sign_in(page, site)
+    run = submit(owner.tenant, triage(), {"nap": 1500})
+    page.goto(f"{site}/dashboard/runs/{run.public_id}/")
+    rendered_at_load = page.locator("#events tr[data-seq]").count()
+    page.wait_for_function(
+        "document.querySelector('g.node[data-step=reply]').dataset.status === 'succeeded'",
+        timeout=30_000,
+    )
+    page.wait_for_function(
+        f"document.querySelectorAll('#events tr[data-seq]').length === "
+        f"{Run.objects.get(pk=run.pk).events.count()}"
+    )
+    live = event_times(page)
+    assert len(live) > rendered_at_load  # some rows were added by the page's script
+    screenshot(page, "dashboard-run-event-log")
+
+    run.refresh_from_db()
+    start = run.created_at.replace(microsecond=run.created_at.microsecond // 1000 * 1000)
+    expected = []
+    for event in run.events.order_by("seq"):
+        at = event.created_at.replace(microsecond=event.created_at.microsecond // 1000 * 1000)
+        exact = at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
+        expected.append((f"+{(at - start).total_seconds():.3f}s", exact))
+    assert live == expected
+    assert live[-1][0] != live[0][0] and float(live[-1][0][1:-1]) >= 1.5  # the nap, at least
+    page.reload()
+    assert event_times(page) == expected  # rendered by the server as by the script

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from dashboard.templatetags.dashboard_tags import ago, relative
+from dashboard.templatetags.dashboard_tags import ago, offset, relative, since_start
 from jobs.definitions import parse_definition
 from jobs.services.operations import steps_to_rerun
 from jobs.steps import registry
@@ -81,3 +81,21 @@ def test_times_are_relative_with_the_exact_time_on_hover():
     assert relative(now - timedelta(minutes=5), now) == "5 min ago"
     assert relative(now + timedelta(hours=3), now) == "in 3 h"
     assert 'title="2026-11-28 11:55:00 UTC"' in ago(now - timedelta(minutes=5))
+
+
+def test_event_times_are_offsets_from_the_runs_start_with_the_exact_time_on_hover():
+    start = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+    assert offset(0) == "+0.000s"
+    assert offset(1.25) == "+1.250s"
+    assert offset(0.05) != offset(0.1)  # a short run's events are told apart
+    assert offset(125.5) == "+2m05.500s"
+    assert offset(3725) == "+1h02m05s"
+    assert offset(-0.002) == "-0.002s"
+    html = since_start(start + timedelta(seconds=1, milliseconds=234), start)
+    assert html == (
+        '<time datetime="2026-11-28T12:00:01.234000+00:00" '
+        'title="2026-11-28 12:00:01.234 UTC">+1.234s</time>'
+    )
+    # Milliseconds as a browser counts them (its Date drops the microseconds of both times).
+    late = since_start(start + timedelta(microseconds=1_999), start + timedelta(microseconds=999))
+    assert ">+0.001s<" in late
