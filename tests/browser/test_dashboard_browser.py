@@ -230,3 +230,35 @@ def test_a_run_pages_event_log_counts_time_from_the_runs_start(
     assert live[-1][0] != live[0][0] and float(live[-1][0][1:-1]) >= 1.5  # the nap, at least
     page.reload()
     assert event_times(page) == expected  # rendered by the server as by the script
+
+
+PHONE = {"width": 390, "height": 844}
+
+# The elements that end past the right edge of the screen (what makes it scroll sideways).
+OVERFLOWING = """() => [...document.querySelectorAll('body *')]
+  .filter((el) => el.getBoundingClientRect().right > document.documentElement.clientWidth + 0.5)
+  .filter((el) => !el.closest('.panel, .chart'))
+  .map((el) => el.tagName + '.' + el.className + ' ' + Math.round(el.getBoundingClientRect().right))
+"""
+
+
+def test_the_overview_fits_a_phones_width(owner, outsider, cluster, site, browser, screenshot):
+    make_operator("olga")
+    slow = submit(owner.tenant, triage(), {"nap": 8000})  # active runs and a backlog to show
+    review = submit(owner.tenant, refund_workflow(timeout_s=1800), {"customer": "Ann", "amount": 9})
+    run_ready_steps(review)
+    page = browser.new_page(viewport=PHONE, is_mobile=True, device_scale_factor=2)
+    sign_in(page, site)
+    page.wait_for_selector("#live-status[data-state=live]")
+    page.wait_for_selector(f'#active-runs a[href="/dashboard/runs/{slow.public_id}/"]')
+    page.wait_for_function(
+        "document.querySelector('[data-chart=throughput]').dataset.points >= 2", timeout=20_000
+    )
+    assert page.locator("#approval-queues tr[data-tenant]").count() == 1
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, page.evaluate(OVERFLOWING)
+    # Wide tables scroll inside their panel instead, and every chart is as wide as the screen.
+    for chart in page.locator(".chart-card").all():
+        box = chart.bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 390
+    screenshot(page, "dashboard-overview-phone")
