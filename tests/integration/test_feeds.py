@@ -168,7 +168,7 @@ def test_a_burst_of_live_publishes_from_one_worker_reaches_its_subscriber():
     assert ready.wait(10)
     publisher = _publisher()
     for n in range(burst):
-        publisher.send("publisher-burst", {"type": "run.events", "n": n})
+        publisher.send("publisher-burst", {"type": "burst.message", "n": n})
     subscriber.join(30)
 
     assert sorted(received) == list(range(burst))
