@@ -74,7 +74,7 @@ def publish(dispatches: list[Dispatch]) -> tuple[int, int]:
         with app.producer_or_acquire() as producer:
             for dispatch in dispatches:
                 # A step that may outlast RabbitMQ's consumer_timeout must not hold its
-                # delivery: the broker would close the worker's channel (celery#6760).
+                # delivery: the broker would close the worker's channel.
                 held = dispatch.lease_s <= settings.SWITCHYARD_HELD_DELIVERY_MAX_S
                 try:
                     app.send_task(

@@ -181,7 +181,7 @@ CHANNEL_LAYERS = {
                     "address": REDIS_URL,
                     # redis-py 8 times reads out after 5 s by default, as long as channels_redis
                     # blocks in BZPOPMIN: receive() then raises on every idle channel
-                    # (channels_redis#422). Longer than the pop, so a dead Redis still shows.
+                    # instead of waiting. Longer than the pop, so a dead Redis still shows.
                     "socket_timeout": 15,
                 }
             ],
@@ -204,7 +204,7 @@ SWITCHYARD_QUEUE_PREFIX = env_str("SWITCHYARD_QUEUE_PREFIX", "")
 _STEP_QUEUES = ["steps.llm", "steps.tool", "steps.retrieval", "steps.control"]
 
 CELERY_BROKER_URL = env_str("BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
-# Confirmed publishes: a publish returns only once RabbitMQ has taken the message (kombu#59).
+# Confirmed publishes: a publish returns only once RabbitMQ has taken the message.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True, "max_retries": 3}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_CONNECTION_TIMEOUT = env_float("BROKER_CONNECTION_TIMEOUT", 4.0, minimum=0.1)
@@ -214,13 +214,13 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 # After a broker reconnection with tasks still running, Celery lowers the prefetch count and
 # raises it again as those tasks are acknowledged; their acknowledgements belong to the closed
-# connection and fail, so it is never raised and the consumer can stall (celery#9512, seen by
+# connection and fail, so it is never raised and the consumer can stall (seen by
 # the chaos suite as a worker that consumed nothing after a RabbitMQ restart). The documented
 # workaround: keep the full prefetch (one message per slot) across reconnections.
 CELERY_WORKER_ENABLE_PREFETCH_COUNT_REDUCTION = False
 # A channel error (RabbitMQ closing a channel whose delivery outlived its consumer_timeout)
 # restarts the consumer; without this, Celery treats it as unrecoverable and the worker exits
-# with every step it was running (celery#6760, found by the chaos suite).
+# with every step it was running (found by the chaos suite).
 CELERY_BROKER_CHANNEL_ERROR_RETRY = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]

@@ -1,5 +1,4 @@
-"""Steps longer than RabbitMQ's consumer_timeout (docs/architecture.md, invariant 13;
-celery#6760).
+"""Steps longer than RabbitMQ's consumer_timeout (docs/architecture.md, invariant 13).
 
 RabbitMQ closes the channel of a consumer that holds a delivery unacknowledged for longer
 than `consumer_timeout`; Celery took that channel error as unrecoverable and the whole worker

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from tests.support.cluster import free_port
 
-# RabbitMQ closes a channel whose delivery is unacknowledged for this long (the trap of
-# celery#6760); low so that a step can outlast it within the chaos run.
+# RabbitMQ closes a channel whose delivery is unacknowledged for this long; low so
+# that a step can outlast it within the chaos run.
 CONSUMER_TIMEOUT_MS = 15_000
 
 
