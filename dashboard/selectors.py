@@ -8,6 +8,7 @@ shows and no more: lists are bounded, counts come from indexed or partial scans.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
@@ -835,8 +836,22 @@ def run_gantt(run: Run, steps: list[StepRun], now: datetime | None = None) -> Ga
                 )
             )
         rows.append(GanttRow(step.key, step.status, bars))
-    ticks = [(round(100 * i / 4, 1), f"+{span * i / 4:.1f}s") for i in range(5)]
-    return Gantt(rows, start, end, span, ticks)
+    return Gantt(rows, start, end, span, gantt_ticks(span))
+
+
+def gantt_ticks(span_s: float, most: int = 5) -> list[tuple[float, str]]:
+    """At most `most` ticks over `span_s` seconds: (percent of the span, label).
+
+    A round step (1, 2 or 5 times a power of ten seconds) and as many decimals as it needs, so
+    that no two labels read the same: a 0.12 s run gets `+0.00s +0.05s +0.10s`, not
+    `+0.0s +0.0s +0.1s`.
+    """
+    wanted = span_s / (most - 1)
+    magnitude = 10 ** math.floor(math.log10(wanted))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= wanted * (1 - 1e-9))
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    count = math.floor(span_s / step * (1 + 1e-9)) + 1
+    return [(round(100 * n * step / span_s, 1), f"+{n * step:.{decimals}f}s") for n in range(count)]
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from dashboard.selectors import gantt_ticks
 from dashboard.templatetags.dashboard_tags import ago, offset, relative, since_start
 from jobs.definitions import parse_definition
 from jobs.services.operations import steps_to_rerun
@@ -99,3 +100,25 @@ def test_event_times_are_offsets_from_the_runs_start_with_the_exact_time_on_hove
     # Milliseconds as a browser counts them (its Date drops the microseconds of both times).
     late = since_start(start + timedelta(microseconds=1_999), start + timedelta(microseconds=999))
     assert ">+0.001s<" in late
+
+
+@pytest.mark.parametrize("span_s", [0.001, 0.0123, 0.12, 0.25, 0.9, 1, 3.7, 59, 125, 3725, 86400])
+def test_timeline_ticks_are_round_distinct_and_within_the_span(span_s):
+    ticks = gantt_ticks(span_s)
+    labels = [label for _, label in ticks]
+    positions = [x for x, _ in ticks]
+    assert len(set(labels)) == len(labels) and 2 <= len(ticks) <= 5, labels
+    assert positions[0] == 0 and positions == sorted(positions) and positions[-1] <= 100
+    assert positions[-1] >= 50  # the ticks cover most of the span
+
+
+def test_a_short_runs_timeline_labels_its_ticks_precisely():
+    assert [label for _, label in gantt_ticks(0.12)] == ["+0.00s", "+0.05s", "+0.10s"]
+    assert gantt_ticks(2) == [
+        (0, "+0.0s"),
+        (25, "+0.5s"),
+        (50, "+1.0s"),
+        (75, "+1.5s"),
+        (100, "+2.0s"),
+    ]
+    assert [label for _, label in gantt_ticks(125)] == ["+0s", "+50s", "+100s"]
