@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -703,14 +703,24 @@ class Graph:
 NODE_W, NODE_H, GAP_X, GAP_Y, PAD = 150.0, 44.0, 56.0, 16.0, 8.0
 
 
-def run_graph(run: Run, steps: list[StepRun]) -> Graph:
-    """The workflow's steps laid out by dependency depth (columns), each with its status."""
-    definition = definition_of(run.workflow_version)
-    by_key = {(s.step_id, s.map_index): s for s in steps}
+def _map_items(steps: list[StepRun]) -> dict[str, list[StepRun]]:
+    """The items of each map step, by the map's step id."""
     items: dict[str, list[StepRun]] = defaultdict(list)
     for step in steps:
         if step.map_index is not None:
             items[step.step_id].append(step)
+    return items
+
+
+def _items_done(map_items: list[StepRun]) -> int:
+    return sum(i.status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED) for i in map_items)
+
+
+def run_graph(run: Run, steps: list[StepRun]) -> Graph:
+    """The workflow's steps laid out by dependency depth (columns), each with its status."""
+    definition = definition_of(run.workflow_version)
+    by_key = {(s.step_id, s.map_index): s for s in steps}
+    items = _map_items(steps)
     depth: dict[str, int] = {}
     for step_def in definition.steps:  # topological order
         depth[step_def.id] = 1 + max((depth[d] for d in step_def.depends_on), default=-1)
@@ -731,7 +741,7 @@ def run_graph(run: Run, steps: list[StepRun]) -> Graph:
                 status=row_step.status if row_step else StepStatus.PENDING,
                 x=PAD + column * (NODE_W + GAP_X),
                 y=PAD + offset + row * (NODE_H + GAP_Y),
-                items_done=sum(i.status in ("succeeded", "skipped") for i in map_items),
+                items_done=_items_done(map_items),
                 items_total=len(map_items),
                 optional=step_def.optional,
             )
@@ -860,6 +870,10 @@ class StepDetail:
     input: str
     output: str
     attempts: list[StepAttempt]
+    # A map's own row: how many of its items are done, of how many. That row never runs on
+    # a worker (its items do), so it has no attempts to count.
+    items_done: int | None = None
+    items_total: int | None = None
 
 
 def _shown(value: Any) -> str:
@@ -871,6 +885,13 @@ def _shown(value: Any) -> str:
     return text
 
 
+def _step_detail(step: StepRun, map_items: list[StepRun]) -> StepDetail:
+    detail = StepDetail(step, _shown(step.input), _shown(step.output), list(step.attempts.all()))
+    if step.kind == "map" and step.map_index is None:
+        return replace(detail, items_done=_items_done(map_items), items_total=len(map_items))
+    return detail
+
+
 def run_detail(run: Run) -> dict[str, Any]:
     """What the run page shows: steps with attempts, graph, timeline, latest events."""
     steps = list(StepRun.objects.filter(run=run).prefetch_related("attempts").order_by("id"))
@@ -878,6 +899,7 @@ def run_detail(run: Run) -> dict[str, Any]:
     events.reverse()
     definition = definition_of(run.workflow_version)
     shown, per_map = [], defaultdict(int)
+    items = _map_items(steps)
     for step in steps:
         if step.map_index is not None and step.status != StepStatus.FAILED:
             per_map[step.step_id] += 1
@@ -885,10 +907,7 @@ def run_detail(run: Run) -> dict[str, Any]:
                 continue
         shown.append(step)
     return {
-        "steps": [
-            StepDetail(step, _shown(step.input), _shown(step.output), list(step.attempts.all()))
-            for step in shown
-        ],
+        "steps": [_step_detail(step, items.get(step.step_id, [])) for step in shown],
         "steps_hidden": len(steps) - len(shown),
         "graph": run_graph(run, steps),
         "gantt": run_gantt(run, steps),

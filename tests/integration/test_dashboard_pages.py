@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from dashboard.models import OperatorAction, ProcessHeartbeat
 from jobs.models import Event, Run, RunStatus, StepRun, StepStatus
+from jobs.transitions.steps import step_claim, step_complete
 from tenants.models import Role, Tenant
 from tests.support.approvals import make_reviewer
 from tests.support.dashboard import chain, make_operator, make_user, signed_in, work_locally
@@ -231,6 +232,33 @@ def test_the_run_page_draws_the_graph_timeline_steps_and_log(owner, staff):
     seqs = [int(s) for s in re.findall(r'<tr data-seq="(\d+)"', page)]
     assert seqs == list(Event.objects.filter(run=run).order_by("seq").values_list("seq", flat=True))
     assert 'id="retry"' in page and "Cancel run" not in page
+
+
+def test_a_map_step_shows_its_items_progress_not_an_attempt_count(owner, staff):
+    run = submit(
+        owner.tenant,
+        {"name": "fanout", "steps": [
+            {"id": "each", "kind": "map", "over": "{{ ['a', 'b', 'c'] }}",
+             "step": {"kind": "tool", "tool": "echo", "args": {"value": "{{ item }}"}}},
+        ]},
+    )  # fmt: skip
+    [item, *_] = StepRun.objects.filter(run=run, map_index__isnull=False).order_by("map_index")
+    step_complete(
+        claim=step_claim(
+            step_run_id=item.pk, dispatch_token=dispatch_token_of(item), worker="local@test/1"
+        ),
+        output={"value": "a"},
+    )
+
+    page = squash(text(staff.get(f"/dashboard/runs/{run.public_id}/")))
+
+    summary = re.search(r'<details class="step" data-step="each".*?</summary>', page).group(0)
+    assert '<span data-figure="items">1/3 items done</span>' in summary
+    assert "attempt" not in summary
+    item_summary = re.search(
+        r'<details class="step" data-step="each\[0\]".*?</summary>', page
+    ).group(0)
+    assert '<span data-figure="attempt">attempt 1/' in item_summary
 
 
 def test_an_unknown_run_is_a_404(staff):
