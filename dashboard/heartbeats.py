@@ -3,11 +3,14 @@
 Workers: when a Celery worker is ready (`worker_ready`, sent in its main process whatever the
 pool: threads, prefork, gevent, solo), a daemon thread of that process upserts its
 `ProcessHeartbeat` row every `SWITCHYARD_WORKER_HEARTBEAT_S` seconds: node name, queues, pool
-type and concurrency, and the attempts that finished on the node since the last beat (counted
-from `jobs_stepattempt`, whose `worker` is `<node>/<pid>`, over a window that trails the clock
-by `COUNT_LAG` so that a commit in flight is counted once, in the next beat). A clean shutdown
-(`worker_shutdown`) stamps `stopped_at`; a killed worker simply stops beating, and the
-dashboard marks it down once its last beat is older than `SWITCHYARD_WORKER_DOWN_AFTER_S`.
+type and concurrency, and the work that finished on the node since the last beat: step attempts
+(`jobs_stepattempt`) and, on a node that consumes the `webhooks` queue, webhook POSTs
+(`jobs_webhookattempt`; a 2xx answer is done, anything else failed), both of whose `worker` is
+`<node>/<pid>`, over a window that trails the clock by `COUNT_LAG` so that a commit in flight
+is counted once, in the next beat. The row's `steps_succeeded` and `steps_failed` hold both.
+A clean shutdown (`worker_shutdown`) stamps `stopped_at`; a killed worker simply stops
+beating, and the dashboard marks it down once its last beat is older than
+`SWITCHYARD_WORKER_DOWN_AFTER_S`.
 
 A thread rather than Celery's own heartbeat timer: a slow database must never stall the
 consumer's event loop (which also acks messages), and the thread works the same on every pool.
@@ -43,6 +46,9 @@ log = logging.getLogger(__name__)
 # a moment ago may not have committed yet.
 COUNT_LAG = timedelta(seconds=2)
 
+# A webhook POST that delivered: what `webhook_attempt_record` settles as succeeded.
+_DELIVERED = "(status_code BETWEEN 200 AND 299 AND error = '')"
+
 _COUNT_AND_BEAT = f"""
 UPDATE {ProcessHeartbeat._meta.db_table} AS h
 SET last_seen_at = %(now)s,
@@ -51,10 +57,20 @@ SET last_seen_at = %(now)s,
     steps_failed = h.steps_failed + c.failed,
     counted_until = %(until)s
 FROM (
-    SELECT count(*) FILTER (WHERE outcome = 'succeeded') AS succeeded,
-           count(*) FILTER (WHERE outcome IN ('failed', 'lost')) AS failed
-    FROM jobs_stepattempt
-    WHERE finished_at > %(since)s AND finished_at <= %(until)s AND worker LIKE %(pattern)s
+    SELECT coalesce(sum(succeeded), 0) AS succeeded, coalesce(sum(failed), 0) AS failed
+    FROM (
+        SELECT count(*) FILTER (WHERE outcome = 'succeeded') AS succeeded,
+               count(*) FILTER (WHERE outcome IN ('failed', 'lost')) AS failed
+        FROM jobs_stepattempt
+        WHERE finished_at > %(since)s AND finished_at <= %(until)s AND worker LIKE %(pattern)s
+        UNION ALL
+        SELECT count(*) FILTER (WHERE {_DELIVERED}) AS succeeded,
+               count(*) FILTER (WHERE NOT {_DELIVERED}) AS failed
+        FROM jobs_webhookattempt
+        -- A constant: PostgreSQL skips this scan for a node that delivers no webhooks.
+        WHERE %(delivers_webhooks)s
+          AND at > %(since)s AND at <= %(until)s AND worker LIKE %(pattern)s
+    ) AS per_kind
 ) AS c
 WHERE h.name = %(name)s
 """
@@ -79,6 +95,7 @@ class WorkerBeat:
         self.queues = queues
         self.pool = pool
         self.concurrency = concurrency
+        self.delivers_webhooks = settings.SWITCHYARD_QUEUE_PREFIX + "webhooks" in queues
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name="dashboard-heartbeat", daemon=True)
 
@@ -140,6 +157,7 @@ class WorkerBeat:
                     "since": since,
                     "until": until,
                     "pattern": _like_prefix(self.node),
+                    "delivers_webhooks": self.delivers_webhooks,
                     "name": self.node,
                 },
             )

@@ -12,8 +12,17 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from dashboard.heartbeats import WorkerBeat
 from dashboard.models import OperatorAction, ProcessHeartbeat
-from jobs.models import Event, Run, RunStatus, StepRun, StepStatus
+from jobs.models import (
+    Event,
+    Run,
+    RunStatus,
+    StepRun,
+    StepStatus,
+    WebhookAttempt,
+    WebhookDelivery,
+)
 from jobs.transitions.steps import step_claim, step_complete
 from tenants.models import Role, Tenant
 from tests.support.approvals import make_reviewer
@@ -142,6 +151,48 @@ def test_the_workers_page_marks_a_silent_worker_down(staff, settings):
     assert re.search(r'data-worker="llm@alive" data-state="up"', page)
     assert re.search(r'data-worker="tool@silent" data-state="down"', page)
     assert '<td class="num" data-figure="succeeded">7</td>' in page
+
+
+def test_a_webhook_worker_is_credited_with_its_deliveries(owner, staff):
+    run = submit(owner.tenant, chain("pair", "a", "b"))
+    delivery = WebhookDelivery.objects.create(
+        run=run, tenant=owner.tenant, event_type="run.succeeded",
+        url="https://hooks.example.com/", payload="{}",
+    )  # fmt: skip
+    webhooks = WorkerBeat(node="hooks@host", queues=["webhooks"], pool="threads", concurrency=2)
+    tools = WorkerBeat(node="tools@host", queues=["steps.tool"], pool="threads", concurrency=2)
+    for beat in (webhooks, tools):
+        beat.register()
+    ProcessHeartbeat.objects.update(counted_until=timezone.now() - timedelta(minutes=1))
+    answered = timezone.now() - timedelta(seconds=30)
+    for number, (status_code, error, worker) in enumerate(
+        [
+            (204, "", "hooks@host/7"),
+            (200, "", "hooks@host/7"),
+            (503, "", "hooks@host/8"),
+            (None, "connection refused", "hooks@host/8"),
+            (200, "", "tools@host/9"),  # not a webhook worker's: never counted
+            (200, "", "other@host/1"),
+        ],
+        start=1,
+    ):
+        WebhookAttempt.objects.create(
+            delivery=delivery, number=number, status_code=status_code, error=error,
+            worker=worker, at=answered,
+        )  # fmt: skip
+    for beat in (webhooks, tools):
+        beat.beat()
+
+    page = squash(text(staff.get("/dashboard/workers/")))
+
+    row = re.search(r'data-worker="hooks@host".*?</tr>', page).group(0)
+    assert 'data-figure="succeeded">2</td>' in row
+    assert 'data-figure="failed">2</td>' in row
+    row = re.search(r'data-worker="tools@host".*?</tr>', page).group(0)
+    assert 'data-figure="succeeded">0</td>' in row
+    # Counted once: the next beat's window starts where this one ended.
+    webhooks.beat()
+    assert ProcessHeartbeat.objects.get(name="hooks@host").steps_succeeded == 2
 
 
 def test_the_workers_page_says_what_to_do_when_none_reported(staff):
