@@ -1,6 +1,7 @@
 """Exactly one run per fire time with real scheduler processes: two schedulers firing the same
 schedules at once, and a scheduler killed with SIGKILL in the middle of a fire (its
-transaction open, its fire rows and run written but not committed) and replaced.
+transaction open, its fire rows and run written but not committed) and replaced; and
+`buffer_one` with a real worker running the runs.
 
 Each schedule fires every second; afterwards every fire time from the first to the last must
 be there once, submitted, with a run of its own, and the tenant must have no other run.
@@ -8,6 +9,7 @@ be there once, submitted, with a run of its own, and the tenant must have no oth
 
 from __future__ import annotations
 
+import itertools
 import signal
 import time
 from datetime import timedelta
@@ -18,7 +20,7 @@ from django.utils import timezone
 from jobs.models import Run
 from jobs.services.workflows import workflow_version_create
 from schedules.models import FireStatus, ScheduleFire
-from schedules.services import fire_idempotency_key, schedule_create
+from schedules.services import fire_idempotency_key, schedule_create, schedule_pause
 from tests.support.stall import backends_alive, stop_inside_transaction
 from tests.support.workflows import tool_step
 
@@ -115,3 +117,54 @@ def test_a_scheduler_killed_mid_fire_leaves_no_fire_half_done_and_none_lost(clus
     cluster.stop(replacement)
 
     assert_each_fire_time_has_exactly_one_run(every_second, fired_until=stopping_at)
+
+
+def test_buffer_one_with_real_workers_never_overlaps_runs_and_keeps_one_fire_waiting(
+    cluster, owner
+):
+    """A run takes about 2.5 s and the schedule fires every second: under `buffer_one` each
+    run starts after the previous one ended, one fire waits for it, the others are skipped."""
+    workflow_version_create(
+        tenant=owner.tenant,
+        document={
+            "name": "slow",
+            "steps": [tool_step("work", "test.count", args={"key": "slow", "sleep_ms": 2500})],
+        },
+    )
+    schedule = schedule_create(
+        tenant=owner.tenant,
+        name="slow-every-second",
+        workflow="slow",
+        now=timezone.now(),
+        interval_s=1,
+        overlap="buffer_one",
+    )
+    cluster.start_scheduler()
+    cluster.start_worker("steps.tool", pool="threads", concurrency=4)
+    cluster.wait_until(
+        lambda: Run.objects.filter(tenant=owner.tenant, status="succeeded").count() >= 3,
+        timeout=40,
+        message="three runs did not finish",
+    )
+    schedule_pause(schedule=schedule, now=timezone.now())
+    # The times the pause recorded are looked at by the next sweep.
+    cluster.wait_until(
+        lambda: (
+            not ScheduleFire.objects.filter(schedule=schedule, status="pending", code="")
+            .exclude(code="waiting_for_run")
+            .exists()
+        ),
+        timeout=10,
+        message="the fires recorded by the pause were not looked at",
+    )
+
+    fires = list(ScheduleFire.objects.filter(schedule=schedule).order_by("fire_at"))
+    runs = [fire.run for fire in fires if fire.run is not None]
+    ended = [run for run in runs if run.finished_at is not None]
+    for previous, following in itertools.pairwise(runs):
+        assert previous.finished_at is not None
+        assert following.created_at >= previous.finished_at, "two runs of the schedule overlap"
+    assert len(ended) >= 3
+    skipped = [f for f in fires if f.status == "skipped"]
+    assert skipped and {f.code for f in skipped} == {"overlap_buffer_full"}
+    assert sum(f.status == "pending" for f in fires) <= 1
