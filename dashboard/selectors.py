@@ -936,11 +936,14 @@ class FailureGroup:
     sample_run: uuid.UUID
 
 
+# When a run failed: the failure stamps `finished_at` (`updated_at` is for a row without it).
+_FAILED_AT = "coalesce(r.finished_at, r.updated_at)"
+
 _FAILURES = f"""
 SELECT t.slug, w.name, {FINGERPRINT_SQL.format(col="r.error")} AS fp, count(*),
-       max(r.created_at), min(r.created_at),
-       (array_agg(r.error ORDER BY r.created_at DESC))[1],
-       (array_agg(r.public_id ORDER BY r.created_at DESC))[1]
+       max({_FAILED_AT}), min({_FAILED_AT}),
+       (array_agg(r.error ORDER BY {_FAILED_AT} DESC))[1],
+       (array_agg(r.public_id ORDER BY {_FAILED_AT} DESC))[1]
 FROM jobs_run r
 JOIN tenants_tenant t ON t.id = r.tenant_id
 JOIN jobs_workflowversion v ON v.id = r.workflow_version_id
@@ -953,7 +956,8 @@ LIMIT %s
 
 
 def failure_groups(*, since: datetime, limit: int = 100) -> list[FailureGroup]:
-    """Failed runs created since `since`, grouped by tenant, workflow and error fingerprint."""
+    """Failed runs created since `since`, grouped by tenant, workflow and error fingerprint,
+    each group with its first and last failure times and its latest failure's error and run."""
     with connection.cursor() as cursor:
         cursor.execute(_FAILURES, [since, limit])
         return [FailureGroup(*row) for row in cursor.fetchall()]

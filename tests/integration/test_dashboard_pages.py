@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from dashboard.heartbeats import WorkerBeat
 from dashboard.models import OperatorAction, ProcessHeartbeat
+from dashboard.selectors import failure_groups
 from jobs.models import (
     Event,
     Run,
@@ -358,6 +359,31 @@ def test_bulk_cancel_confirms_the_count_then_cancels_exactly_those(owner, outsid
     assert other.status == RunStatus.ACCEPTED
     bys = set(Event.objects.filter(type="run.cancelled").values_list("data__by", flat=True))
     assert bys == {"operator:olga"}
+
+
+def test_the_failures_view_says_when_a_group_first_and_last_failed(owner, staff):
+    now = timezone.now()
+    # (created, failed) minutes ago: the first created is not the first to fail.
+    times = [(180, 10), (120, 60), (90, 30)]
+    runs = []
+    for created, failed in times:
+        run = work_locally(submit(owner.tenant, chain("pair", "a", "b")), fail=frozenset({"b"}))
+        Run.objects.filter(pk=run.pk).update(
+            created_at=now - timedelta(minutes=created), finished_at=now - timedelta(minutes=failed)
+        )
+        runs.append(run)
+
+    [group] = failure_groups(since=now - timedelta(days=1))
+
+    assert group.count == 3
+    assert group.first_at == now - timedelta(minutes=60)
+    assert group.last_at == now - timedelta(minutes=10)
+    assert group.sample_run == runs[0].public_id  # the latest to fail
+    page = squash(text(staff.get("/dashboard/failures/?window=24h")))
+    row = re.search(r"<tr data-fingerprint=.*?</tr>", page).group(0)
+    last, first = re.findall(r'<time datetime="([^"]+)"', row)
+    assert (last, first) == (group.last_at.isoformat(), group.first_at.isoformat())
+    assert ">10 min ago</time>" in row and ">1 h ago</time>" in row
 
 
 def test_the_failures_view_groups_by_workflow_and_error_fingerprint(owner, staff):
