@@ -124,6 +124,38 @@
     return [];
   }
 
+  // Y-axis labels that fit the axis: compact counts (1.5K, 12K) and, for the queue-wait chart
+  // (ms), durations (250ms, 1.5s, 12s, 2m). The axis is as wide as its widest label.
+  const COMPACT = new Intl.NumberFormat("en", { notation: "compact", maximumFractionDigits: 1 });
+  function compactCount(value) {
+    return COMPACT.format(value);
+  }
+  function compactMs(value) {
+    const abs = Math.abs(value);
+    if (abs < 1000) return COMPACT.format(value) + "ms";
+    if (abs < 60000) return COMPACT.format(value / 1000) + "s";
+    if (abs < 3600000) return COMPACT.format(value / 60000) + "m";
+    return COMPACT.format(value / 3600000) + "h";
+  }
+  const measure = document.createElement("canvas").getContext("2d");
+  function yAxis(axis, el, format) {
+    return {
+      ...axis,
+      values: (u, splits) => splits.map(format),
+      size: (u, values) => {
+        measure.font = axis.font;
+        const widest = Math.max(0, ...(values || []).map((v) => measure.measureText(v).width));
+        // uPlot draws a label after the tick (10 px) and a gap (5 px); 4 px to spare.
+        const size = Math.max(30, Math.ceil(widest) + 19);
+        if (values) {
+          el.dataset.yLabels = values.join("|");
+          el.dataset.yAxisSize = String(size);
+        }
+        return size;
+      },
+    };
+  }
+
   function merge(samples) {
     if (!samples || !samples.t) return;
     const last = store.t.length ? store.t[store.t.length - 1] : -Infinity;
@@ -187,7 +219,7 @@
         width: Math.max(el.clientWidth, 200),
         height: 150,
         scales: { x: { time: true } },
-        axes: [{ ...axis, values: clock }, { ...axis, size: 46 }],
+        axes: [{ ...axis, values: clock }, yAxis(axis, el, name === "wait" ? compactMs : compactCount)],
         legend: { live: false },
         cursor: { drag: { x: false, y: false } },
         series: [{}, ...series.map((s) => ({

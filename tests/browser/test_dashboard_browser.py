@@ -6,10 +6,12 @@ kept in tests/browser/artifacts/ (dashboard-*.png)."""
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 
 import pytest
+from django.utils import timezone
 
-from dashboard.models import ProcessHeartbeat
+from dashboard.models import MetricSample, ProcessHeartbeat
 from jobs.models import Run, RunStatus, StepRun
 from tenants.models import Tenant
 from tests.support.approvals import refund_workflow, run_ready_steps
@@ -262,3 +264,46 @@ def test_the_overview_fits_a_phones_width(owner, outsider, cluster, site, browse
         box = chart.bounding_box()
         assert box["x"] >= 0 and box["x"] + box["width"] <= 390
     screenshot(page, "dashboard-overview-phone")
+
+
+def test_chart_axes_label_large_values_compactly_and_wholly(owner, cluster, browser, screenshot):
+    """Queue waits of tens of seconds (in ms) and depths in the tens of thousands: every y-axis
+    label is short and the axis is wider than its widest label (a wait of 10,000 ms read
+    "0,000", its first digit cut off)."""
+    make_operator("olga")
+    now = timezone.now()
+    points = []
+    for n, (p50, p95, depth) in enumerate(
+        [(900, 12_000, 9_000), (1_500, 18_500, 15_000), (2_000, 25_000, 42_000), (800, 14_000, 7)]
+    ):
+        at = now - timedelta(minutes=5 - n)
+        points += [
+            MetricSample(at=at, metric="wait_p50", key="standard", value=p50),
+            MetricSample(at=at, metric="wait_p95", key="standard", value=p95),
+            MetricSample(at=at, metric="queue_depth", key="steps.tool", value=depth),
+        ]
+    MetricSample.objects.bulk_create(points)
+    site = cluster.start_web()
+    page = browser.new_page(viewport=VIEWPORT)
+    sign_in(page, site)
+
+    labels = {}
+    for chart in ("wait", "queue_depth"):
+        element = page.locator(f'[data-chart="{chart}"]')
+        page.wait_for_function(f"document.querySelector('[data-chart={chart}]').dataset.yLabels")
+        labels[chart] = element.get_attribute("data-y-labels").split("|")
+        size = int(element.get_attribute("data-y-axis-size"))
+        widths = page.evaluate(
+            """(labels) => {
+                const ctx = document.createElement("canvas").getContext("2d");
+                ctx.font = "11px system-ui, sans-serif";
+                return labels.map((label) => ctx.measureText(label).width);
+            }""",
+            labels[chart],
+        )
+        assert max(widths) + 15 < size, (chart, labels[chart], size)
+    assert all(re.fullmatch(r"\d+(\.\d)?(ms|s|m)", label) for label in labels["wait"]), labels
+    assert any(label.endswith("s") and not label.endswith("ms") for label in labels["wait"])
+    assert all(re.fullmatch(r"\d+(\.\d)?K?", label) for label in labels["queue_depth"]), labels
+    assert any(label.endswith("K") for label in labels["queue_depth"])
+    screenshot(page, "dashboard-overview-large-values")
