@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export HOST PORT
 
-.PHONY: run test load chaos test-scale test-unit test-integration test-browser lint format services chromium venv venv-dev migrate seed clean
+.PHONY: run test load chaos test-scale test-unit test-browser lint format services chromium venv venv-dev migrate seed clean
 
 # Three sets, each with its stamp: the runtime (requirements.txt: what `make run` serves,
 # schedules and works with), tests, lint and browser tools on top of it (requirements-dev.txt),
