@@ -1,9 +1,10 @@
 """Live sockets of the operators' dashboard (staff only, Django session).
 
 `WS /ws/dashboard/?view=overview|workers|tenants|schedules|events[&since=<epoch s>]` pushes the
-page's live part: `{"type": "refresh", "view", "html", "figures", "samples"}`. `html` is the page's
-fragment rendered from the database, `figures` the same numbers as data (for scripts and
-tests), `samples` the chart points taken since the last push (overview only). A push happens
+page's live part: `{"type": "refresh", "view", "html", "figures", "samples"}`. `html` is the
+page's fragment rendered from the database (for the Tenants page, the search, sort and page of
+its `q`, `sort` and `page`), `figures` the same numbers as data (for scripts and tests),
+`samples` the chart points taken since the last push (overview only). A push happens
 at connect, within about a second after any run changes (the `dashboard.changed` ping that
 `jobs.events` sends, throttled per process), and every `SWITCHYARD_DASHBOARD_REFRESH_S` in any
 case (queue depths change without a run event, and the channel layer may drop a ping).
@@ -21,7 +22,7 @@ import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
@@ -109,20 +110,26 @@ def workers_frame() -> dict[str, Any]:
     return {"html": html, "figures": figures}
 
 
-def tenants_frame() -> dict[str, Any]:
-    usage = selectors.tenants_usage()
+def tenants_frame(query: selectors.TenantQuery | None = None) -> dict[str, Any]:
+    """The Tenants page's list as the page asked for it (its search, sort and page)."""
+    listing = selectors.tenants_usage(query)
     figures = {
         "tenants": {
             u.tenant.slug: {
                 "active": u.tenant.is_active,
                 **{bar.label: bar.used for bar in u.bars},
             }
-            for u in usage
+            for u in listing.usage
         }
     }
     html = render_to_string(
         "dashboard/_tenants_live.html",
-        {"tenants": usage, "actions": selectors.recent_actions(), "now": timezone.now()},
+        {
+            "listing": listing,
+            "query": urlencode(listing.query.as_query()),
+            "actions": selectors.recent_actions(),
+            "now": timezone.now(),
+        },
     )
     return {"html": html, "figures": figures}
 
@@ -142,6 +149,8 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
         except ValueError:
             since = 0.0
         self.chart_since = datetime.fromtimestamp(max(since, 0.0), UTC)
+        # The Tenants page sends its own search, sort and page along.
+        self.tenant_query = selectors.TenantQuery.from_query(query)
         self.poke = asyncio.Event()
         self.poke.set()
         await self.channel_layer.group_add(DASHBOARD_GROUP, self.channel_name)
@@ -181,7 +190,7 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
         if self.view == "workers":
             return workers_frame()
         if self.view == "tenants":
-            return tenants_frame()
+            return tenants_frame(self.tenant_query)
         if self.view == "schedules":
             return schedules_frame()
         if self.view == "events":

@@ -425,17 +425,91 @@ class TenantUsage:
     ready_steps: int
 
 
-def tenants_usage() -> list[TenantUsage]:
-    """Each tenant's use against its quotas (what the scheduler measures them against)."""
+# The Tenants page's sort keys (`?sort=`, `-` first for descending): name → what it orders by.
+TENANT_SORTS = {
+    "name": "name",
+    "slug": "slug",
+    "state": "is_active",
+    "active": "active_runs",
+    "queued": "queued_runs",
+    "in_flight": "in_flight_steps",
+    "ready": "ready_steps",
+}
+TENANTS_PER_PAGE = 24
+
+
+@dataclass(frozen=True)
+class TenantQuery:
+    """The Tenants page's search, sort and page, parsed from the query string (invalid values
+    fall back to the defaults: every tenant, by slug, the first page)."""
+
+    search: str = ""
+    sort: str = "slug"
+    page: int = 1
+
+    @classmethod
+    def from_query(cls, query: Any) -> TenantQuery:
+        search = (query.get("q") or "").strip()[:100]
+        sort = query.get("sort") or "slug"
+        if sort.removeprefix("-") not in TENANT_SORTS:
+            sort = "slug"
+        page = query.get("page") or ""
+        return cls(search, sort, int(page) if page.isdigit() and int(page) > 0 else 1)
+
+    def as_query(self) -> dict[str, str]:
+        return {
+            name: value
+            for name, value in (("q", self.search), ("sort", self.sort), ("page", str(self.page)))
+            if value and (name, value) not in (("sort", "slug"), ("page", "1"))
+        }
+
+    def order_by(self) -> list[str]:
+        key = self.sort.removeprefix("-")
+        field_name = TENANT_SORTS[key]
+        ordered = f"-{field_name}" if self.sort.startswith("-") else field_name
+        return [ordered, "slug"] if key != "slug" else [ordered]
+
+
+@dataclass(frozen=True)
+class TenantsPage:
+    usage: list[TenantUsage]
+    query: TenantQuery
+    total: int  # tenants that match the search
+    page: int  # the page shown (the last one if the query asked for a page past it)
+    pages: int
+
+    @property
+    def previous(self) -> int | None:
+        return self.page - 1 if self.page > 1 else None
+
+    @property
+    def next(self) -> int | None:
+        return self.page + 1 if self.page < self.pages else None
+
+
+def tenants_usage(
+    query: TenantQuery | None = None, *, per_page: int = TENANTS_PER_PAGE
+) -> TenantsPage:
+    """One page of tenants, each with its use against its quotas (what the scheduler measures
+    them against): those whose name or slug contains the search, in the query's order."""
+    query = query or TenantQuery()
+    tenants = Tenant.objects.all()
+    if query.search:
+        tenants = tenants.filter(Q(name__icontains=query.search) | Q(slug__icontains=query.search))
+    total = tenants.count()
+    pages = max(1, -(-total // per_page))
+    page = min(query.page, pages)
+    offset = (page - 1) * per_page
+    shown = list(with_usage(tenants).order_by(*query.order_by())[offset : offset + per_page])
     since = timezone.now() - timedelta(minutes=1)
     per_minute = dict(
-        StepRun.objects.filter(started_at__gte=since)
+        StepRun.objects.filter(started_at__gte=since, tenant__in=[t.pk for t in shown])
         .values_list("tenant_id")
         .annotate(n=Count("id"))
         .values_list("tenant_id", "n")
     )
     usage = []
-    for tenant in with_usage(Tenant.objects.order_by("slug")):
+    for tenant in shown:
         usage.append(
             TenantUsage(
                 tenant=tenant,
@@ -450,7 +524,7 @@ def tenants_usage() -> list[TenantUsage]:
                 ],
             )
         )
-    return usage
+    return TenantsPage(usage, query, total, page, pages)
 
 
 def tenant_by_slug(slug: str) -> Tenant | None:

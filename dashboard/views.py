@@ -118,11 +118,13 @@ def workers(request: HttpRequest) -> HttpResponse:
 
 @staff_required
 def tenants(request: HttpRequest) -> HttpResponse:
+    listing = selectors.tenants_usage(selectors.TenantQuery.from_query(request.GET))
     return render(
         request,
         "dashboard/tenants.html",
         {
-            "tenants": selectors.tenants_usage(),
+            "listing": listing,
+            "query": urlencode(listing.query.as_query()),
             "actions": selectors.recent_actions(),
             "now": timezone.now(),
             "section": "tenants",

@@ -263,7 +263,11 @@
     let refreshes = 0;
     function open() {
       const since = store.t.length ? store.t[store.t.length - 1] : 0;
-      const ws = new WebSocket(`${wsBase}/ws/dashboard/?view=${view}&since=${since}`);
+      // The page's own query (the Tenants page's search, sort and page) goes along.
+      const params = new URLSearchParams(location.search);
+      params.set("view", view);
+      params.set("since", String(since));
+      const ws = new WebSocket(`${wsBase}/ws/dashboard/?${params}`);
       ws.onopen = () => { delay = 1000; setLive("live", "live"); };
       ws.onmessage = (event) => {
         const frame = JSON.parse(event.data);

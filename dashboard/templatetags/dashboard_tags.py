@@ -133,3 +133,24 @@ def query(base: str, **overrides: str) -> str:
     params = dict(parse_qsl(base))
     params.update({name: value for name, value in overrides.items() if value is not None})
     return "?" + urlencode({name: value for name, value in params.items() if value != ""})
+
+
+@register.simple_tag
+def sort_link(base: str, current: str, key: str, label: str, descending_first: bool = False):
+    """A link that sorts a list by `key` (`?sort=key`, or `-key` for descending), from its
+    first page. The link of the current sort turns its direction around; a count sorts from
+    the largest first (`descending_first`)."""
+    if current.removeprefix("-") == key:
+        descending = current.startswith("-")
+        target = key if descending else f"-{key}"
+        return format_html(
+            '<a href="{}" class="on" data-sort="{}" aria-current="true">{} {}</a>',
+            query(base, sort=target, page=""),
+            key,
+            label,
+            "↓" if descending else "↑",
+        )
+    target = f"-{key}" if descending_first else key
+    return format_html(
+        '<a href="{}" data-sort="{}">{}</a>', query(base, sort=target, page=""), key, label
+    )

@@ -14,6 +14,7 @@ from django.utils import timezone
 from dashboard.models import MetricSample, ProcessHeartbeat
 from jobs.models import Run, RunStatus, StepRun
 from tenants.models import Tenant
+from tenants.services import tenant_create
 from tests.support.approvals import refund_workflow, run_ready_steps
 from tests.support.dashboard import PASSWORD, make_operator
 from tests.support.workflows import submit
@@ -307,3 +308,34 @@ def test_chart_axes_label_large_values_compactly_and_wholly(owner, cluster, brow
     assert all(re.fullmatch(r"\d+(\.\d)?K?", label) for label in labels["queue_depth"]), labels
     assert any(label.endswith("K") for label in labels["queue_depth"])
     screenshot(page, "dashboard-overview-large-values")
+
+
+def test_an_operator_finds_a_tenant_by_search_and_sort_and_the_live_list_keeps_them(
+    owner, outsider, cluster, browser, screenshot
+):
+    make_operator("olga")
+    for slug, name in [("acme-eu", "Acme Europe"), ("acme-us", "Acme US"), ("globex", "Globex")]:
+        tenant_create(slug=slug, name=name)
+    site = cluster.start_web(SWITCHYARD_DASHBOARD_REFRESH_S="1")
+    page = browser.new_page(viewport=VIEWPORT)
+    sign_in(page, site)
+    page.goto(f"{site}/dashboard/tenants/")
+    cards = page.locator("section[data-tenant]")
+    assert cards.count() == 5
+
+    page.fill("#tenant-search input[name=q]", "acme")
+    page.click("#tenant-search button[type=submit]")
+    page.wait_for_url(re.compile(r".*\?q=acme$"))
+    page.click("#tenant-sort a[data-sort=slug]")  # by slug, the other way round
+    page.wait_for_url(re.compile(r".*\?q=acme&sort=-slug$"))
+    page.wait_for_selector("#live-status[data-state=live]")
+    refreshes = int(page.evaluate("document.body.dataset.liveRefreshes || '0'"))
+    page.wait_for_function(f"Number(document.body.dataset.liveRefreshes) > {refreshes + 1}")
+    # Live refreshes replaced the list with the same search and order.
+    assert [cards.nth(i).get_attribute("data-tenant") for i in range(cards.count())] == [
+        "acme-us",
+        "acme-eu",
+    ]
+    assert page.locator("#tenant-count").inner_text() == "2 tenants matching “acme”"
+    assert page.input_value("#tenant-search input[name=q]") == "acme"
+    screenshot(page, "dashboard-tenants-search")

@@ -12,9 +12,10 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from dashboard.consumers import tenants_frame
 from dashboard.heartbeats import WorkerBeat
 from dashboard.models import OperatorAction, ProcessHeartbeat
-from dashboard.selectors import failure_groups
+from dashboard.selectors import TENANTS_PER_PAGE, TenantQuery, failure_groups
 from jobs.models import (
     Event,
     Run,
@@ -26,6 +27,7 @@ from jobs.models import (
 )
 from jobs.transitions.steps import step_claim, step_complete
 from tenants.models import Role, Tenant
+from tenants.services import tenant_create
 from tests.support.approvals import make_reviewer
 from tests.support.dashboard import chain, make_operator, make_user, signed_in, work_locally
 from tests.support.workflows import dispatch_token_of, submit
@@ -213,6 +215,83 @@ def test_the_tenants_page_shows_usage_against_quotas(owner, staff):
     assert queued.groups() == ("4", "10")
     assert 'style="width: 40%"' in section
     assert f"/admin/tenants/tenant/{owner.tenant.pk}/change/" in section
+
+
+def shown_tenants(page: str) -> list[str]:
+    return re.findall(r'<section class="panel tenant[^"]*" data-tenant="([^"]+)"', page)
+
+
+def test_the_tenants_page_searches_names_and_slugs(owner, outsider, staff):
+    tenant_create(slug="acme-eu", name="Acme Europe")
+    tenant_create(slug="globex", name="Globex for ACME")
+    tenant_create(slug="initech", name="Initech")
+
+    page = squash(text(staff.get("/dashboard/tenants/?q=acme")))
+
+    assert shown_tenants(page) == ["acme-eu", "globex"]  # by slug, then by name
+    assert "2 tenants matching “acme”" in page
+    assert 'name="q" value="acme"' in page
+    none = squash(text(staff.get("/dashboard/tenants/?q=umbrella")))
+    assert shown_tenants(none) == [] and "No tenant's name or slug contains “umbrella”" in none
+
+
+def test_the_tenants_page_sorts_by_a_column_either_way(owner, outsider, staff):
+    busy = tenant_create(slug="busy", name="Zeta busy")[0]
+    for _ in range(3):
+        submit(busy, chain("pair", "a", "b"))
+    submit(outsider.tenant, chain("pair", "a", "b"))
+
+    assert shown_tenants(text(staff.get("/dashboard/tenants/"))) == ["busy", "outsider", "owner"]
+    by_queued = squash(text(staff.get("/dashboard/tenants/?sort=-queued")))
+    assert shown_tenants(by_queued) == ["busy", "outsider", "owner"]
+    assert shown_tenants(text(staff.get("/dashboard/tenants/?sort=queued"))) == [
+        "owner",
+        "outsider",
+        "busy",
+    ]
+    assert shown_tenants(text(staff.get("/dashboard/tenants/?sort=-name"))) == [
+        "busy",  # Zeta busy
+        "owner",
+        "outsider",
+    ]
+    # The current sort's link turns it around; the others start from the largest count.
+    assert 'href="?sort=queued" class="on" data-sort="queued" aria-current="true"' in by_queued
+    assert 'href="?sort=-active" data-sort="active"' in by_queued
+    assert 'href="?sort=name" data-sort="name"' in by_queued
+    # An unknown sort is the default one.
+    assert shown_tenants(text(staff.get("/dashboard/tenants/?sort=weight;drop"))) == [
+        "busy",
+        "outsider",
+        "owner",
+    ]
+
+
+def test_the_tenants_page_pages_through_many_tenants(owner, outsider, staff):
+    for n in range(30):
+        tenant_create(slug=f"t{n:02}", name=f"Tenant {n:02}")
+    first = squash(text(staff.get("/dashboard/tenants/?q=tenant&sort=-slug")))
+    shown = shown_tenants(first)
+    assert len(shown) == TENANTS_PER_PAGE and shown[:3] == ["t29", "t28", "t27"]
+    assert "30 tenants matching “tenant” · page 1 of 2" in first
+    assert 'href="?q=tenant&amp;sort=-slug&amp;page=2" rel="next"' in first
+    second = squash(text(staff.get("/dashboard/tenants/?q=tenant&sort=-slug&page=2")))
+    assert shown_tenants(second) == [f"t{n:02}" for n in range(5, -1, -1)]
+    assert (
+        'href="?q=tenant&amp;sort=-slug&amp;page=1" rel="prev"' in second
+        and 'rel="next"' not in second
+    )
+    # A page past the end shows the last one.
+    past = text(staff.get("/dashboard/tenants/?q=tenant&sort=-slug&page=9"))
+    assert shown_tenants(past) == shown_tenants(second)
+    everyone = squash(text(staff.get("/dashboard/tenants/")))
+    assert "32 tenants · page 1 of 2" in everyone
+
+
+def test_the_tenants_live_list_keeps_the_pages_search_and_sort(owner, outsider):
+    tenant_create(slug="acme", name="Acme")
+    frame = tenants_frame(TenantQuery.from_query({"q": "o", "sort": "-slug"}))
+    assert shown_tenants(squash(frame["html"])) == ["owner", "outsider"]
+    assert list(frame["figures"]["tenants"]) == ["owner", "outsider"]
 
 
 def test_pause_and_resume_go_through_the_services_and_are_audited(owner, staff, olga):
