@@ -56,7 +56,7 @@ class _Waker:
                     conn = channel_connection()
                 conn.execute("SELECT pg_notify(%s, '')", [READY_CHANNEL])
                 self.sent += 1
-            except psycopg.Error as exc:
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive any failure
                 log.warning("scheduler wake-up not sent (%s); its poll will see the work", exc)
                 if conn is not None:
                     conn.close()

@@ -44,7 +44,7 @@ def test_a_wake_up_is_sent_after_the_commit_and_not_for_a_rollback(listener):
     with transaction.atomic():
         wakeups.wake_after_commit()
         assert _arrivals(listener, 0.3) == []  # not while the transaction is open
-    assert len(_arrivals(listener, 1.0)) == 1
+    assert len(_arrivals(listener, 5.0)) == 1
 
     with pytest.raises(RuntimeError), transaction.atomic():
         wakeups.wake_after_commit()
@@ -61,10 +61,10 @@ def test_a_burst_of_wake_ups_is_joined_and_its_last_is_not_lost(listener, settin
     time.sleep(0.05)
     wakeups.wake_after_commit()  # inside the interval of the first: joined, sent at its end
 
-    arrivals = _arrivals(listener, 1.2)
+    arrivals = _arrivals(listener, 3.0)
 
     assert len(arrivals) == 2, arrivals
-    assert arrivals[0] - started < 0.2  # the first at once
+    assert arrivals[0] - started < 0.3  # the first at once, before the interval's end
     assert arrivals[1] - arrivals[0] >= 0.25  # the rest together, one interval later
 
 
@@ -83,7 +83,7 @@ def test_a_claim_that_frees_a_slot_while_steps_wait_wakes_the_scheduler(
 
     step.refresh_from_db()
     step_execute(step_run_id=step.pk, dispatch_token=dispatch_token_of(step), worker="test/1")
-    assert len(_arrivals(listener, 1.0)) >= 1
+    assert len(_arrivals(listener, 5.0)) >= 1
 
     [other] = StepRun.objects.filter(run=second)
     steps_admit(step_run_ids=[other.pk])

@@ -49,7 +49,7 @@ class Flow:
         # Also the parts a careless message might quote: the key's secret part.
         return {
             "API key": self.raw_key,
-            "API key secret part": self.raw_key.rsplit("_", 1)[1],
+            "API key secret part": self.raw_key.split("_", 2)[2],  # sy_<prefix>_<secret>
             "webhook secret": self.secret,
             "webhook secret body": self.secret.removeprefix("whsec_"),
         }
