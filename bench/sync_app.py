@@ -33,6 +33,7 @@ from django.db import close_old_connections  # noqa: E402
 from django.utils import timezone  # noqa: E402
 
 from jobs import engine  # noqa: E402
+from jobs.statuses import StepStatus  # noqa: E402
 from jobs.steps import registry  # noqa: E402
 from jobs.steps.registry import StepContext  # noqa: E402
 from jobs.transitions.txn import definition_of  # noqa: E402
@@ -84,7 +85,7 @@ def run_workflow(request_id: str, ticket: str) -> Any:
                 deadline=timezone.now() + timedelta(seconds=300),
             )
             output = registry.kind(ready.kind).load_handler()(context)
-            states[ready.key] = engine.StepState(engine.S.SUCCEEDED, output=output)
+            states[ready.key] = engine.StepState(StepStatus.SUCCEEDED, output=output)
 
 
 def _record(request_id: str) -> None:

@@ -29,7 +29,6 @@ from dashboard.models import OperatorAction, ProcessHeartbeat, ProcessRole, Samp
 from jobs.admission import max_queued, pool_capacity
 from jobs.metrics import LaneMetrics, scheduling_metrics
 from jobs.models import (
-    RUN_FINAL,
     Event,
     Run,
     RunStatus,
@@ -39,6 +38,7 @@ from jobs.models import (
     WorkflowVersion,
 )
 from jobs.selectors import in_flight_steps
+from jobs.statuses import RUN_FINAL
 from jobs.transitions.txn import definition_of
 from tenants.admin import with_usage
 from tenants.models import Lane, Tenant

@@ -24,34 +24,9 @@ from typing import Any
 
 from jobs import templating
 from jobs.definitions import Definition, StepDef
+from jobs.statuses import STEP_ACTIVE, STEP_FINAL, RunStatus, StepStatus
 from jobs.steps import registry
 from jobs.templating import TemplateError
-
-
-class S:
-    """Step statuses."""
-
-    PENDING = "pending"
-    READY = "ready"
-    QUEUED = "queued"
-    RUNNING = "running"
-    RETRY_WAIT = "retry_wait"
-    WAITING = "waiting"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-    CANCELLED = "cancelled"
-
-    ACTIVE = frozenset({READY, QUEUED, RUNNING, RETRY_WAIT, WAITING})
-    TERMINAL = frozenset({SUCCEEDED, FAILED, SKIPPED, CANCELLED})
-    ALL = frozenset({PENDING}) | ACTIVE | TERMINAL
-
-
-ACTIVE = S.ACTIVE
-TERMINAL = S.TERMINAL
-
-RUN_SUCCEEDED = "succeeded"
-RUN_FAILED = "failed"
 
 StepKey = tuple[str, int | None]
 
@@ -105,7 +80,7 @@ class Plan:
 
 def initial_states(definition: Definition) -> dict[StepKey, StepState]:
     """The states of a new run: every top-level step pending."""
-    return {(step.id, None): StepState(S.PENDING) for step in definition.steps}
+    return {(step.id, None): StepState(StepStatus.PENDING) for step in definition.steps}
 
 
 def advance(definition: Definition, run_input: Any, states: Mapping[StepKey, StepState]) -> Plan:
@@ -120,19 +95,21 @@ def apply(states: Mapping[StepKey, StepState], plan: Plan) -> dict[StepKey, Step
     """The states after a plan, as the services would write them (for tests and simulations)."""
     result = dict(states)
     for key in plan.skipped:
-        result[key] = StepState(S.SKIPPED)
+        result[key] = StepState(StepStatus.SKIPPED)
     for map_id, items in plan.expanded:
-        result[(map_id, None)] = StepState(S.RUNNING)
+        result[(map_id, None)] = StepState(StepStatus.RUNNING)
         for index in range(len(items)):
-            result[(map_id, index)] = StepState(S.PENDING)
+            result[(map_id, index)] = StepState(StepStatus.PENDING)
     for ready in plan.ready:
-        result[ready.key] = StepState(S.READY)
+        result[ready.key] = StepState(StepStatus.READY)
     for key, output in plan.completed:
-        result[key] = StepState(S.SUCCEEDED, output=output)
+        result[key] = StepState(StepStatus.SUCCEEDED, output=output)
     for key, error in plan.failed:
-        result[key] = StepState(S.FAILED, error=error)
+        result[key] = StepState(StepStatus.FAILED, error=error)
     for key in plan.cancelled:
-        result[key] = replace(result.get(key, StepState(S.PENDING)), status=S.CANCELLED)
+        result[key] = replace(
+            result.get(key, StepState(StepStatus.PENDING)), status=StepStatus.CANCELLED
+        )
     return result
 
 
@@ -163,7 +140,7 @@ class _Advance:
             failure = self.run_failure()
         if failure is not None:
             self.fail_run(failure)
-        elif all(self.status((step.id, None)) in TERMINAL for step in self.definition.steps):
+        elif all(self.status((step.id, None)) in STEP_FINAL for step in self.definition.steps):
             self.finish_run()
         return self.plan
 
@@ -171,7 +148,7 @@ class _Advance:
 
     def status(self, key: StepKey) -> str:
         state = self.states.get(key)
-        return state.status if state is not None else S.PENDING
+        return state.status if state is not None else StepStatus.PENDING
 
     def put(self, key: StepKey, state: StepState) -> None:
         self.states[key] = state
@@ -179,9 +156,9 @@ class _Advance:
     def is_done(self, step: StepDef) -> bool:
         """Whether the steps that depend on `step` may start."""
         status = self.status((step.id, None))
-        if status in (S.SUCCEEDED, S.SKIPPED):
+        if status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED):
             return True
-        return status in (S.FAILED, S.CANCELLED) and step.optional
+        return status in (StepStatus.FAILED, StepStatus.CANCELLED) and step.optional
 
     def context(self, step_ids: frozenset[str] | None = None) -> dict[str, Any]:
         """The render context; `steps` holds the given steps (all when None)."""
@@ -189,8 +166,8 @@ class _Advance:
             step_ids = frozenset(step.id for step in self.definition.steps)
         steps = {}
         for step_id in step_ids:
-            state = self.states.get((step_id, None), StepState(S.PENDING))
-            output = state.output if state.status == S.SUCCEEDED else None
+            state = self.states.get((step_id, None), StepState(StepStatus.PENDING))
+            output = state.output if state.status == StepStatus.SUCCEEDED else None
             steps[step_id] = {"output": output, "status": state.status}
         return {"input": self.run_input, "steps": steps}
 
@@ -206,12 +183,12 @@ class _Advance:
         for step in self.definition.steps:
             key = (step.id, None)
             status = self.status(key)
-            if status == S.PENDING and all(
+            if status == StepStatus.PENDING and all(
                 self.is_done(self.definition.step(dependency)) for dependency in step.depends_on
             ):
                 self.start(step)
                 changed = True
-            elif status == S.RUNNING and step.is_map:
+            elif status == StepStatus.RUNNING and step.is_map:
                 changed = self.progress_map(step) or changed
             if self.required_step_failed:
                 return True
@@ -228,7 +205,7 @@ class _Advance:
                 return
             if not go:
                 self.plan.skipped.append(key)
-                self.put(key, StepState(S.SKIPPED))
+                self.put(key, StepState(StepStatus.SKIPPED))
                 return
         if step.is_map:
             self.expand(step, context)
@@ -239,7 +216,7 @@ class _Advance:
             self.fail(key, exc.message)
             return
         self.plan.ready.append(ready)
-        self.put(key, StepState(S.READY))
+        self.put(key, StepState(StepStatus.READY))
 
     # -- maps
 
@@ -281,12 +258,12 @@ class _Advance:
                 return
         self.plan.expanded.append((step.id, items))
         self.item_count[step.id] = len(items)
-        self.put(key, StepState(S.RUNNING))
+        self.put(key, StepState(StepStatus.RUNNING))
         for index in range(len(items)):
-            self.put((step.id, index), StepState(S.PENDING))
+            self.put((step.id, index), StepState(StepStatus.PENDING))
         for item in ready:
             self.plan.ready.append(item)
-            self.put(item.key, StepState(S.READY))
+            self.put(item.key, StepState(StepStatus.READY))
 
     def ready_item(
         self, step: StepDef, index: int, items: list[Any], context: dict[str, Any]
@@ -301,22 +278,22 @@ class _Advance:
         count = self.item_count.get(step.id, 0)
         item_keys = [(step.id, index) for index in range(count)]
         for index, item_key in enumerate(item_keys):
-            state = self.states.get(item_key, StepState(S.PENDING))
-            if state.status in (S.FAILED, S.CANCELLED):
-                reason = state.error if state.status == S.FAILED else "it was cancelled"
+            state = self.states.get(item_key, StepState(StepStatus.PENDING))
+            if state.status in (StepStatus.FAILED, StepStatus.CANCELLED):
+                reason = state.error if state.status == StepStatus.FAILED else "it was cancelled"
                 self.fail(key, f"item {index} failed: {reason}")
                 self.cancel_open(item_keys)
                 return True
         statuses = [self.status(item_key) for item_key in item_keys]
-        if all(status in (S.SUCCEEDED, S.SKIPPED) for status in statuses):
+        if all(status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED) for status in statuses):
             outputs = [
-                self.states[item_key].output if status == S.SUCCEEDED else None
+                self.states[item_key].output if status == StepStatus.SUCCEEDED else None
                 for item_key, status in zip(item_keys, statuses, strict=True)
             ]
             self.complete(key, outputs)
             return True
-        free = (step.max_parallel or count) - sum(status in ACTIVE for status in statuses)
-        waiting = [index for index, status in enumerate(statuses) if status == S.PENDING]
+        free = (step.max_parallel or count) - sum(status in STEP_ACTIVE for status in statuses)
+        waiting = [index for index, status in enumerate(statuses) if status == StepStatus.PENDING]
         if free <= 0 or not waiting:
             return False
         context = self.context(step.depends_on)
@@ -342,28 +319,32 @@ class _Advance:
             return True
         for ready in batch:
             self.plan.ready.append(ready)
-            self.put(ready.key, StepState(S.READY))
+            self.put(ready.key, StepState(StepStatus.READY))
         return True
 
     # -- outcomes
 
     def complete(self, key: StepKey, output: Any) -> None:
         self.plan.completed.append((key, output))
-        self.put(key, StepState(S.SUCCEEDED, output=output))
+        self.put(key, StepState(StepStatus.SUCCEEDED, output=output))
 
     def fail(self, key: StepKey, error: str) -> None:
         self.plan.failed.append((key, error))
-        self.put(key, StepState(S.FAILED, error=error))
+        self.put(key, StepState(StepStatus.FAILED, error=error))
         step_id, index = key
         if index is None and not self.definition.step(step_id).optional:
             self.required_step_failed = True
 
     def cancel_open(self, keys: list[StepKey]) -> None:
         for key in keys:
-            if self.status(key) not in TERMINAL:
+            if self.status(key) not in STEP_FINAL:
                 self.plan.cancelled.append(key)
                 self.put(
-                    key, replace(self.states.get(key, StepState(S.PENDING)), status=S.CANCELLED)
+                    key,
+                    replace(
+                        self.states.get(key, StepState(StepStatus.PENDING)),
+                        status=StepStatus.CANCELLED,
+                    ),
                 )
 
     def run_failure(self) -> str | None:
@@ -375,9 +356,9 @@ class _Advance:
             state = self.states.get((step.id, None))
             if state is None:
                 continue
-            if state.status == S.FAILED:
+            if state.status == StepStatus.FAILED:
                 return f"step '{step.id}' failed: {state.error}"
-            if state.status == S.CANCELLED and cancelled is None:
+            if state.status == StepStatus.CANCELLED and cancelled is None:
                 cancelled = f"step '{step.id}' was cancelled"
         return cancelled
 
@@ -390,10 +371,10 @@ class _Advance:
         self.plan.ready = []
         self.plan.expanded = []
         for key in sorted(self.original, key=self.sort_key):
-            if self.status(key) not in TERMINAL:
+            if self.status(key) not in STEP_FINAL:
                 self.plan.cancelled.append(key)
-                self.put(key, replace(self.original[key], status=S.CANCELLED))
-        self.plan.run_status = RUN_FAILED
+                self.put(key, replace(self.original[key], status=StepStatus.CANCELLED))
+        self.plan.run_status = RunStatus.FAILED
         self.plan.run_error = error
 
     def finish_run(self) -> None:
@@ -401,10 +382,10 @@ class _Advance:
             output = templating.render(self.definition.output, self.context())
         except TemplateError as exc:
             where = _subpath("output", exc.path)
-            self.plan.run_status = RUN_FAILED
+            self.plan.run_status = RunStatus.FAILED
             self.plan.run_error = f"{where} could not be rendered: {exc.message}"
             return
-        self.plan.run_status = RUN_SUCCEEDED
+        self.plan.run_status = RunStatus.SUCCEEDED
         self.plan.run_output = output
 
     def sort_key(self, key: StepKey) -> tuple[int, int]:

@@ -5,6 +5,7 @@ carries a step run's id and its dispatch token. All writes go through `jobs.serv
 """
 
 import uuid
+from enum import StrEnum
 
 from django.conf import settings
 from django.contrib.postgres.indexes import GinIndex, OpClass
@@ -13,7 +14,18 @@ from django.db import models
 from django.db.models import Q
 from django.db.models.functions import Upper
 
+from jobs import statuses
 from tenants.models import Lane, Tenant
+
+
+def _choices(vocabulary: type[StrEnum]) -> type[models.TextChoices]:
+    """The model field's choices for one of `jobs.statuses`' enums: same names and values."""
+    return models.TextChoices(vocabulary.__name__, [(m.name, m.value) for m in vocabulary])
+
+
+RunStatus = _choices(statuses.RunStatus)
+StepStatus = _choices(statuses.StepStatus)
+AttemptOutcome = _choices(statuses.AttemptOutcome)
 
 
 class Workflow(models.Model):
@@ -48,18 +60,6 @@ class WorkflowVersion(models.Model):
 
     def __str__(self) -> str:
         return f"{self.workflow} v{self.version}"
-
-
-class RunStatus(models.TextChoices):
-    ACCEPTED = "accepted"
-    RUNNING = "running"
-    WAITING = "waiting"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-RUN_FINAL = (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
 
 
 class Run(models.Model):
@@ -128,23 +128,7 @@ class Run(models.Model):
 
     @property
     def is_final(self) -> bool:
-        return self.status in RUN_FINAL
-
-
-class StepStatus(models.TextChoices):
-    PENDING = "pending"
-    READY = "ready"
-    QUEUED = "queued"
-    RUNNING = "running"
-    RETRY_WAIT = "retry_wait"
-    WAITING = "waiting"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-    CANCELLED = "cancelled"
-
-
-STEP_FINAL = (StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.CANCELLED)
+        return self.status in statuses.RUN_FINAL
 
 
 class StepRun(models.Model):
@@ -223,14 +207,6 @@ class StepRun(models.Model):
     @property
     def key(self) -> str:
         return self.step_id if self.map_index is None else f"{self.step_id}[{self.map_index}]"
-
-
-class AttemptOutcome(models.TextChoices):
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    LOST = "lost"  # the worker died or its lease expired before it reported
-    REFUSED = "refused"  # it reported after its lease was taken over (fencing)
 
 
 class StepAttempt(models.Model):

@@ -25,12 +25,13 @@ from django.db import IntegrityError, transaction
 from jobs import selectors as job_selectors
 from jobs import templating
 from jobs.definitions import Fault, template_strings
-from jobs.models import RUN_FINAL, Run, Workflow
+from jobs.models import Run, Workflow
 from jobs.services.submission import (
     Backpressure,
     request_fingerprint,
     run_submit,
 )
+from jobs.statuses import RUN_FINAL
 from jobs.templating import TemplateError
 from jobs.transitions.runs import RunError, run_cancel
 from schedules.models import FireKind, FireStatus, Overlap, Schedule, ScheduleFire

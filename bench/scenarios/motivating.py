@@ -225,7 +225,8 @@ async def _drive_switchyard(url: str, key: str, p, idle_timeout_s: float) -> lis
 
 
 def _wait_runs_final(tenant_id: int, timeout_s: float) -> None:
-    from jobs.models import RUN_FINAL, Run
+    from jobs.models import Run
+    from jobs.statuses import RUN_FINAL
 
     deadline = time.monotonic() + timeout_s
     unfinished = Run.objects.filter(tenant_id=tenant_id).exclude(status__in=RUN_FINAL)

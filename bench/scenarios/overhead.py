@@ -108,7 +108,8 @@ def _dbos_shape(d) -> str:
 
 
 def _wait_final(run, timeout_s: float = 120, poll_s: float = 0.01):
-    from jobs.models import RUN_FINAL, Run
+    from jobs.models import Run
+    from jobs.statuses import RUN_FINAL
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

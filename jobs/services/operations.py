@@ -12,7 +12,8 @@ from typing import Any
 
 from django.db.models import Q
 
-from jobs.models import RUN_FINAL, Run, RunStatus, StepStatus
+from jobs.models import Run, RunStatus, StepStatus
+from jobs.statuses import RUN_FINAL
 from jobs.transitions.runs import RunError, run_advance, run_cancel, run_retry
 from jobs.transitions.txn import definition_of, run_locked
 

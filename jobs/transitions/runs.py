@@ -20,8 +20,6 @@ from jobs.definitions import Definition, Fault, validate_input
 from jobs.dispatch import publish_after_commit
 from jobs.events import publish_live_on_commit
 from jobs.models import (
-    RUN_FINAL,
-    STEP_FINAL,
     Run,
     RunStatus,
     StepRun,
@@ -29,6 +27,7 @@ from jobs.models import (
     WorkflowVersion,
 )
 from jobs.services.webhooks import webhook_delivery_create
+from jobs.statuses import RUN_FINAL, STEP_FINAL
 from jobs.steps import registry
 from jobs.transitions import sql
 from jobs.transitions.txn import (

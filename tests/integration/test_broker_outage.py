@@ -22,7 +22,8 @@ import pytest
 from django.conf import settings
 from kombu import Connection
 
-from jobs.models import RUN_FINAL, Run
+from jobs.models import Run
+from jobs.statuses import RUN_FINAL
 from tests.support.workflows import event_types
 
 pytestmark = [pytest.mark.cluster, pytest.mark.serial]

@@ -43,9 +43,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from jobs import admission
-from jobs.models import RUN_FINAL, Run
+from jobs.models import Run
 from jobs.services.submission import run_submit
 from jobs.services.workflows import workflow_version_create
+from jobs.statuses import RUN_FINAL
 from tenants.models import Tenant
 from tenants.services import tenant_create
 from tests.support.simulation import (

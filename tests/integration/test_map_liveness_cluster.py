@@ -17,8 +17,9 @@ import pytest
 from django.db import connection, transaction
 from django.db.models import Count, Q
 
-from jobs.models import RUN_FINAL, Run, StepRun
+from jobs.models import Run, StepRun
 from jobs.services.workflows import workflow_version_create
+from jobs.statuses import RUN_FINAL
 from jobs.transitions.runs import run_create
 from tenants.models import Tenant
 from tests.support.cluster import Cluster

@@ -21,8 +21,9 @@ from django.db import connection
 from django.db.models import Count
 from django.utils import timezone
 
-from jobs.models import RUN_FINAL, Event, Run, StepAttempt
+from jobs.models import Event, Run, StepAttempt
 from jobs.services.workflows import workflow_version_create
+from jobs.statuses import RUN_FINAL
 from jobs.transitions.runs import run_create
 from tests.reliability import checks
 from tests.support.cluster import Cluster, Proc

@@ -724,7 +724,8 @@ class Chaos:
         runs not final yet)."""
         from django.db.models import Count, Q
 
-        from jobs.models import RUN_FINAL, Run, StepRun
+        from jobs.models import Run, StepRun
+        from jobs.statuses import RUN_FINAL
 
         counts = StepRun.objects.filter(
             tenant__slug=tenant, status__in=("queued", "running")
@@ -821,7 +822,8 @@ class Chaos:
         return report
 
     def drain(self) -> float | None:
-        from jobs.models import RUN_FINAL, Run
+        from jobs.models import Run
+        from jobs.statuses import RUN_FINAL
 
         started = last_note = time.monotonic()
         while time.monotonic() - started < self.profile.drain_s:

@@ -14,7 +14,8 @@ import httpx
 from django.db import connection
 
 from jobs import templating
-from jobs.models import RUN_FINAL, Event, Run, StepAttempt, StepRun, StepStatus
+from jobs.models import Event, Run, StepAttempt, StepRun, StepStatus
+from jobs.statuses import RUN_FINAL
 from jobs.transitions.txn import definition_of
 from tests.reliability.workload import Followed, Submission
 

@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jobs.definitions import MAX_NESTING, DefinitionError, parse_definition
-from jobs.engine import ACTIVE, S, StepState, advance, apply, initial_states
+from jobs.engine import StepState, advance, apply, initial_states
+from jobs.statuses import STEP_ACTIVE, StepStatus
 from jobs.templating import TemplateError, check, check_expression, evaluate, render
 
 FUZZ = settings(
@@ -331,7 +332,7 @@ def _drive(definition, data) -> str:
             (
                 key
                 for key, state in states.items()
-                if state.status in ACTIVE
+                if state.status in STEP_ACTIVE
                 and not (key[1] is None and definition.step(key[0]).is_map)
             ),
             key=str,
@@ -339,12 +340,12 @@ def _drive(definition, data) -> str:
         assert active, "the run is neither finished nor doing anything"
         for key in data.draw(st.lists(st.sampled_from(active), min_size=1, unique=True)):
             outcome = data.draw(st.integers(0, 5))
-            if states[key].status == S.READY and outcome == 0:
-                states[key] = StepState(S.RUNNING)
+            if states[key].status == StepStatus.READY and outcome == 0:
+                states[key] = StepState(StepStatus.RUNNING)
             elif outcome == 1:
-                states[key] = StepState(S.FAILED, error="broke")
+                states[key] = StepState(StepStatus.FAILED, error="broke")
             else:
-                states[key] = StepState(S.SUCCEEDED, output={"text": f"{key}"})
+                states[key] = StepState(StepStatus.SUCCEEDED, output={"text": f"{key}"})
     raise AssertionError("the engine did not finish the run in 500 rounds")
 
 

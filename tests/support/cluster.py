@@ -365,7 +365,7 @@ class Cluster:
 
     def wait_run(self, run, timeout: float = 60):
         """Wait until `run` is final; returns it refreshed."""
-        from jobs.models import RUN_FINAL
+        from jobs.statuses import RUN_FINAL
 
         def final():
             run.refresh_from_db()

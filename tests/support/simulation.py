@@ -46,9 +46,10 @@ from django.test import override_settings
 
 from jobs import admission, dispatch
 from jobs.dispatch import Dispatch
-from jobs.models import RUN_FINAL, STEP_FINAL, Approval, Run, RunStatus, StepRun, StepStatus
+from jobs.models import Approval, Run, RunStatus, StepRun, StepStatus
 from jobs.scheduler import run_cycle
 from jobs.services.approvals import ApprovalError, Reviewer, approval_decide, step_request_approval
+from jobs.statuses import RUN_FINAL, STEP_FINAL
 from jobs.steps import registry
 from jobs.steps.registry import StepContext, StepFailure
 from jobs.transitions.steps import (

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from jobs.definitions import DefinitionError, parse_definition
-from jobs.engine import S, StepState, advance, initial_states
+from jobs.engine import StepState, advance, initial_states
+from jobs.statuses import StepStatus
 from jobs.steps import registry
 from jobs.steps.approval import decision_output, form_data_faults, merged_form_data
 
@@ -187,7 +188,7 @@ def test_the_engine_renders_prompt_context_and_prefilled_values_but_not_the_sche
         )
     )
     states = dict(initial_states(definition))
-    states[("quote", None)] = StepState(S.SUCCEEDED, output={"amount": 120})
+    states[("quote", None)] = StepState(StepStatus.SUCCEEDED, output={"amount": 120})
     plan = advance(definition, {"customer": "Ann"}, states)
     (ready,) = plan.ready
     assert ready.key == ("review", None)
@@ -224,7 +225,7 @@ def test_a_rejection_with_on_reject_continue_branches_with_when():
     output = decision_output(
         approved=False, decision="reject", comment="too generous", reviewers=["bob"], data={}
     )
-    states[("review", None)] = StepState(S.SUCCEEDED, output=output)
+    states[("review", None)] = StepState(StepStatus.SUCCEEDED, output=output)
     plan = advance(definition, {}, states)
     assert plan.skipped == [("send", None)]
     assert [(r.key, r.input["args"]) for r in plan.ready] == [

@@ -6,16 +6,14 @@ import pytest
 
 from jobs.definitions import parse_definition
 from jobs.engine import (
-    ACTIVE,
-    TERMINAL,
     Plan,
     ReadyStep,
-    S,
     StepState,
     advance,
     apply,
     initial_states,
 )
+from jobs.statuses import STEP_ACTIVE, STEP_FINAL, StepStatus
 from jobs.steps import registry
 
 
@@ -57,13 +55,13 @@ def step_ready(plan: Plan, key) -> ReadyStep:
 
 def succeed(states, key, output=None):
     states = dict(states)
-    states[key] = StepState(S.SUCCEEDED, output=output)
+    states[key] = StepState(StepStatus.SUCCEEDED, output=output)
     return states
 
 
 def fail(states, key, error="boom"):
     states = dict(states)
-    states[key] = StepState(S.FAILED, error=error)
+    states[key] = StepState(StepStatus.FAILED, error=error)
     return states
 
 
@@ -81,8 +79,8 @@ def settle(wf, run_input, states):
 def test_initial_states_are_all_pending():
     wf = definition(llm("a"), map_step("m", "{{ [1] }}"))
     assert initial_states(wf) == {
-        ("a", None): StepState(S.PENDING),
-        ("m", None): StepState(S.PENDING),
+        ("a", None): StepState(StepStatus.PENDING),
+        ("m", None): StepState(StepStatus.PENDING),
     }
 
 
@@ -147,12 +145,12 @@ def test_a_template_reference_is_a_dependency():
 def test_active_steps_are_left_alone():
     wf = definition(llm("a"), llm("b"), llm("c"), llm("d"), llm("e"), llm("f", after=["a"]))
     states = {
-        ("a", None): StepState(S.READY),
-        ("b", None): StepState(S.QUEUED),
-        ("c", None): StepState(S.RUNNING),
-        ("d", None): StepState(S.RETRY_WAIT),
-        ("e", None): StepState(S.WAITING),
-        ("f", None): StepState(S.PENDING),
+        ("a", None): StepState(StepStatus.READY),
+        ("b", None): StepState(StepStatus.QUEUED),
+        ("c", None): StepState(StepStatus.RUNNING),
+        ("d", None): StepState(StepStatus.RETRY_WAIT),
+        ("e", None): StepState(StepStatus.WAITING),
+        ("f", None): StepState(StepStatus.PENDING),
     }
     plan = advance(wf, {}, states)
     assert plan.is_empty()
@@ -160,8 +158,8 @@ def test_active_steps_are_left_alone():
 
 
 def test_the_status_sets():
-    assert sorted(ACTIVE) == ["queued", "ready", "retry_wait", "running", "waiting"]
-    assert sorted(TERMINAL) == ["cancelled", "failed", "skipped", "succeeded"]
+    assert sorted(STEP_ACTIVE) == ["queued", "ready", "retry_wait", "running", "waiting"]
+    assert sorted(STEP_FINAL) == ["cancelled", "failed", "skipped", "succeeded"]
 
 
 # --- when -------------------------------------------------------------------------------------
@@ -266,11 +264,11 @@ def test_a_failed_non_optional_step_fails_the_run_and_cancels_the_rest():
         llm("e", when="false", after=["c"]),
     )
     states = {
-        ("a", None): StepState(S.FAILED, error="provider said no"),
-        ("b", None): StepState(S.RUNNING),
-        ("c", None): StepState(S.SUCCEEDED, output=1),
-        ("d", None): StepState(S.PENDING),
-        ("e", None): StepState(S.PENDING),
+        ("a", None): StepState(StepStatus.FAILED, error="provider said no"),
+        ("b", None): StepState(StepStatus.RUNNING),
+        ("c", None): StepState(StepStatus.SUCCEEDED, output=1),
+        ("d", None): StepState(StepStatus.PENDING),
+        ("e", None): StepState(StepStatus.PENDING),
     }
     plan = advance(wf, {}, states)
     assert plan.cancelled == [("b", None), ("d", None), ("e", None)]
@@ -279,11 +277,11 @@ def test_a_failed_non_optional_step_fails_the_run_and_cancels_the_rest():
     assert plan.run_error == "step 'a' failed: provider said no"
     final = apply(states, plan)
     assert {key: state.status for key, state in final.items()} == {
-        ("a", None): S.FAILED,
-        ("b", None): S.CANCELLED,
-        ("c", None): S.SUCCEEDED,
-        ("d", None): S.CANCELLED,
-        ("e", None): S.CANCELLED,
+        ("a", None): StepStatus.FAILED,
+        ("b", None): StepStatus.CANCELLED,
+        ("c", None): StepStatus.SUCCEEDED,
+        ("d", None): StepStatus.CANCELLED,
+        ("e", None): StepStatus.CANCELLED,
     }
     again = advance(wf, {}, final)
     assert again.is_empty()
@@ -293,11 +291,11 @@ def test_a_failed_non_optional_step_fails_the_run_and_cancels_the_rest():
 def test_a_run_failure_cancels_map_items():
     wf = definition(llm("a"), map_step("m", "{{ [1, 2, 3] }}", max_parallel=1))
     states = {
-        ("a", None): StepState(S.RUNNING),
-        ("m", None): StepState(S.RUNNING),
-        ("m", 0): StepState(S.SUCCEEDED, output="x"),
-        ("m", 1): StepState(S.RUNNING),
-        ("m", 2): StepState(S.PENDING),
+        ("a", None): StepState(StepStatus.RUNNING),
+        ("m", None): StepState(StepStatus.RUNNING),
+        ("m", 0): StepState(StepStatus.SUCCEEDED, output="x"),
+        ("m", 1): StepState(StepStatus.RUNNING),
+        ("m", 2): StepState(StepStatus.PENDING),
     }
     states = fail(states, ("a", None))
     plan = advance(wf, {}, states)
@@ -331,7 +329,10 @@ def test_an_optional_failure_lets_its_dependents_run_with_a_null_output():
 
 def test_a_cancelled_non_optional_step_fails_the_run():
     wf = definition(llm("a"), llm("b"))
-    states = {("a", None): StepState(S.CANCELLED), ("b", None): StepState(S.RUNNING)}
+    states = {
+        ("a", None): StepState(StepStatus.CANCELLED),
+        ("b", None): StepState(StepStatus.RUNNING),
+    }
     plan = advance(wf, {}, states)
     assert plan.run_status == "failed"
     assert plan.run_error == "step 'a' was cancelled"
@@ -359,8 +360,8 @@ def test_a_map_fans_out_up_to_max_parallel():
         ReadyStep(("per_doc", 0), "llm", "steps.llm", {"prompt": "0: one"}),
         ReadyStep(("per_doc", 1), "llm", "steps.llm", {"prompt": "1: two"}),
     ]
-    assert states[("per_doc", None)] == StepState(S.RUNNING)
-    assert states[("per_doc", 2)] == StepState(S.PENDING)
+    assert states[("per_doc", None)] == StepState(StepStatus.RUNNING)
+    assert states[("per_doc", 2)] == StepState(StepStatus.PENDING)
 
 
 def test_map_items_become_ready_in_index_order_as_earlier_ones_finish():
@@ -370,8 +371,8 @@ def test_map_items_become_ready_in_index_order_as_earlier_ones_finish():
     plan, states = settle(wf, {}, succeed(states, ("m", 1), "b"))
     assert ready_keys(plan) == [("m", 2)]
     assert step_ready(plan, ("m", 2)).input == {"prompt": "30"}
-    states[("m", 0)] = StepState(S.RUNNING)
-    states[("m", 2)] = StepState(S.RETRY_WAIT)
+    states[("m", 0)] = StepState(StepStatus.RUNNING)
+    states[("m", 2)] = StepState(StepStatus.RETRY_WAIT)
     assert advance(wf, {}, states).is_empty()
 
 
@@ -493,13 +494,13 @@ def test_a_run_succeeds_when_every_step_is_finished_and_renders_its_output():
 
 def test_a_run_without_output_succeeds_with_none():
     wf = definition(llm("a"))
-    plan = advance(wf, {}, {("a", None): StepState(S.SUCCEEDED, output="x")})
+    plan = advance(wf, {}, {("a", None): StepState(StepStatus.SUCCEEDED, output="x")})
     assert (plan.run_status, plan.run_output, plan.run_error) == ("succeeded", None, None)
 
 
 def test_an_output_that_does_not_render_fails_the_run():
     wf = definition(llm("a"), output={"x": ["ok", "{{ steps.a.output / 0 }}"]})
-    plan = advance(wf, {}, {("a", None): StepState(S.SUCCEEDED, output=1)})
+    plan = advance(wf, {}, {("a", None): StepState(StepStatus.SUCCEEDED, output=1)})
     assert plan.run_status == "failed"
     assert plan.run_error == (
         "output.x[1] could not be rendered: ZeroDivisionError: division by zero"
@@ -518,12 +519,12 @@ def test_a_run_whose_steps_are_all_skipped_succeeds():
 
 def test_apply_writes_every_list_of_a_plan():
     states = {
-        ("a", None): StepState(S.PENDING),
-        ("b", None): StepState(S.PENDING),
-        ("m", None): StepState(S.PENDING),
-        ("e", None): StepState(S.RUNNING),
-        ("f", None): StepState(S.PENDING),
-        ("g", None): StepState(S.RUNNING, output="partial"),
+        ("a", None): StepState(StepStatus.PENDING),
+        ("b", None): StepState(StepStatus.PENDING),
+        ("m", None): StepState(StepStatus.PENDING),
+        ("e", None): StepState(StepStatus.RUNNING),
+        ("f", None): StepState(StepStatus.PENDING),
+        ("g", None): StepState(StepStatus.RUNNING, output="partial"),
     }
     plan = Plan(
         ready=[ReadyStep(("a", None), "llm", "steps.llm", {}), ReadyStep(("m", 0), "llm", "q", {})],
@@ -534,16 +535,16 @@ def test_apply_writes_every_list_of_a_plan():
         cancelled=[("g", None)],
     )
     assert apply(states, plan) == {
-        ("a", None): StepState(S.READY),
-        ("b", None): StepState(S.SKIPPED),
-        ("m", None): StepState(S.RUNNING),
-        ("m", 0): StepState(S.READY),
-        ("m", 1): StepState(S.PENDING),
-        ("e", None): StepState(S.SUCCEEDED, output=[1]),
-        ("f", None): StepState(S.FAILED, error="bad"),
-        ("g", None): StepState(S.CANCELLED, output="partial"),
+        ("a", None): StepState(StepStatus.READY),
+        ("b", None): StepState(StepStatus.SKIPPED),
+        ("m", None): StepState(StepStatus.RUNNING),
+        ("m", 0): StepState(StepStatus.READY),
+        ("m", 1): StepState(StepStatus.PENDING),
+        ("e", None): StepState(StepStatus.SUCCEEDED, output=[1]),
+        ("f", None): StepState(StepStatus.FAILED, error="bad"),
+        ("g", None): StepState(StepStatus.CANCELLED, output="partial"),
     }
-    assert states[("a", None)] == StepState(S.PENDING)  # the input is not modified
+    assert states[("a", None)] == StepState(StepStatus.PENDING)  # the input is not modified
 
 
 def test_an_empty_plan_is_empty():

@@ -16,16 +16,14 @@ from hypothesis import strategies as st
 
 from jobs.definitions import Definition, parse_definition
 from jobs.engine import (
-    ACTIVE,
-    TERMINAL,
     Plan,
-    S,
     StepKey,
     StepState,
     advance,
     apply,
     initial_states,
 )
+from jobs.statuses import STEP_ACTIVE, STEP_FINAL, StepStatus
 
 SETTINGS = settings(
     max_examples=200,
@@ -84,7 +82,9 @@ def plan_keys(plan: Plan) -> list[StepKey]:
 def is_done(definition: Definition, states: dict[StepKey, StepState], step_id: str) -> bool:
     status = states[(step_id, None)].status
     optional = definition.step(step_id).optional
-    return status in (S.SUCCEEDED, S.SKIPPED) or (status in (S.FAILED, S.CANCELLED) and optional)
+    return status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED) or (
+        status in (StepStatus.FAILED, StepStatus.CANCELLED) and optional
+    )
 
 
 def is_map_row(definition: Definition, key: StepKey) -> bool:
@@ -125,14 +125,14 @@ def test_random_runs_follow_the_rules_and_finish(workflow, data):
                 step = definition.step(step_id)
                 assert all(is_done(definition, states, dep) for dep in step.depends_on)
             else:
-                assert states[(step_id, None)].status == S.RUNNING
+                assert states[(step_id, None)].status == StepStatus.RUNNING
                 assert ready.input["prompt"].endswith(f"item {index}={index}")
         for map_id, items in plan.expanded:
             assert items == run_input["lists"][map_id]
         for step in definition.steps:
             if step.is_map:
                 active = [k for k, s in states.items() if k[0] == step.id and k[1] is not None]
-                active = [k for k in active if states[k].status in ACTIVE]
+                active = [k for k in active if states[k].status in STEP_ACTIVE]
                 assert len(active) <= step.max_parallel
 
         assert advance(definition, run_input, states).is_empty(), "apply then advance is a no-op"
@@ -142,23 +142,27 @@ def test_random_runs_follow_the_rules_and_finish(workflow, data):
         # The scheduler and the workers: start ready steps, finish running ones.
         # A running map is the engine's business, not the workers'.
         active = sorted(
-            (k for k, s in states.items() if s.status in ACTIVE and not is_map_row(definition, k)),
+            (
+                k
+                for k, s in states.items()
+                if s.status in STEP_ACTIVE and not is_map_row(definition, k)
+            ),
             key=str,
         )
         assert active, "the run is neither finished nor doing anything"
         for key in data.draw(st.lists(st.sampled_from(active), min_size=1, unique=True)):
-            if states[key].status == S.READY and data.draw(st.booleans()):
-                states[key] = StepState(S.RUNNING)
+            if states[key].status == StepStatus.READY and data.draw(st.booleans()):
+                states[key] = StepState(StepStatus.RUNNING)
             elif data.draw(st.integers(0, 9)) == 0:
-                states[key] = StepState(S.FAILED, error=f"{output_of(key)} broke")
+                states[key] = StepState(StepStatus.FAILED, error=f"{output_of(key)} broke")
             else:
-                states[key] = StepState(S.SUCCEEDED, output=output_of(key))
+                states[key] = StepState(StepStatus.SUCCEEDED, output=output_of(key))
     else:
         raise AssertionError("the run did not finish")
 
     # The run has a status and every step is finished.
     assert plan.run_status in ("succeeded", "failed")
-    assert all(state.status in TERMINAL for state in states.values())
+    assert all(state.status in STEP_FINAL for state in states.values())
     final = advance(definition, run_input, states)
     assert final.is_empty()
     assert final.run_status == plan.run_status
@@ -166,15 +170,15 @@ def test_random_runs_follow_the_rules_and_finish(workflow, data):
     # Each step was made ready at most once, and exactly once if it ran.
     assert all(count == 1 for count in made_ready.values())
     for key, state in states.items():
-        if state.status == S.SUCCEEDED and not is_map_row(definition, key):
+        if state.status == StepStatus.SUCCEEDED and not is_map_row(definition, key):
             assert made_ready[key] == 1
-        if state.status == S.SKIPPED:
+        if state.status == StepStatus.SKIPPED:
             assert made_ready[key] == 0
 
     failed_required = [
         step.id
         for step in definition.steps
-        if states[(step.id, None)].status == S.FAILED and not step.optional
+        if states[(step.id, None)].status == StepStatus.FAILED and not step.optional
     ]
     if plan.run_status == "succeeded":
         assert failed_required == []
@@ -182,7 +186,7 @@ def test_random_runs_follow_the_rules_and_finish(workflow, data):
         for step in definition.steps:
             status = states[(step.id, None)].status
             # `when` decides: false skips, true or absent runs.
-            assert (status == S.SKIPPED) == (step.when == "false")
+            assert (status == StepStatus.SKIPPED) == (step.when == "false")
     else:
         assert len(failed_required) >= 1
         assert plan.run_error is not None
@@ -190,7 +194,7 @@ def test_random_runs_follow_the_rules_and_finish(workflow, data):
     # A map's output is its items' outputs in index order.
     for step in definition.steps:
         state = states[(step.id, None)]
-        if step.is_map and state.status == S.SUCCEEDED:
+        if step.is_map and state.status == StepStatus.SUCCEEDED:
             expected = [f"{step.id}:{i}" for i in range(len(run_input["lists"][step.id]))]
             assert state.output == expected
 
@@ -207,9 +211,9 @@ def test_a_run_where_every_step_succeeds_runs_exactly_the_steps_whose_when_holds
         if plan.run_status is not None:
             break
         for key, state in list(states.items()):
-            if state.status == S.READY:
-                states[key] = StepState(S.SUCCEEDED, output=output_of(key))
+            if state.status == StepStatus.READY:
+                states[key] = StepState(StepStatus.SUCCEEDED, output=output_of(key))
     assert plan.run_status == "succeeded"
     for step in definition.steps:
-        expected = S.SKIPPED if step.when == "false" else S.SUCCEEDED
+        expected = StepStatus.SKIPPED if step.when == "false" else StepStatus.SUCCEEDED
         assert states[(step.id, None)].status == expected
