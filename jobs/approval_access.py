@@ -24,19 +24,13 @@ from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from jobs.events import INBOX_STAFF_GROUP, inbox_group
+from jobs.formats import parse_uuid
 from jobs.models import Approval, ApprovalStatus, StepRun
 from tenants.models import Membership, Role, Tenant
 
 SORTS = ("newest", "urgent")
 # A request due within this long counts as "due soon" in the inbox's badges.
 DUE_SOON = timedelta(hours=1)
-
-
-def _parse_uuid(value: str | uuid.UUID) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        return None
 
 
 def _base() -> QuerySet[Approval]:
@@ -57,7 +51,7 @@ def approvals_for_tenant(*, tenant: Tenant, status: str | None = None) -> QueryS
 
 
 def approval_for_tenant(*, tenant: Tenant, approval_id: str | uuid.UUID) -> Approval | None:
-    public_id = _parse_uuid(approval_id)
+    public_id = parse_uuid(approval_id)
     if public_id is None:
         return None
     return _base().filter(tenant=tenant, public_id=public_id).first()
@@ -177,7 +171,7 @@ def history_for(*, scope: ReviewerScope) -> QuerySet[Approval]:
 
 def approval_for_user(*, scope: ReviewerScope, approval_id: str | uuid.UUID) -> Approval | None:
     """The request if the user may see it; None for a malformed id or another tenant's."""
-    public_id = _parse_uuid(approval_id)
+    public_id = parse_uuid(approval_id)
     if public_id is None:
         return None
     return _visible(scope).filter(public_id=public_id).first()

@@ -35,6 +35,7 @@ from referencing.exceptions import Unresolvable
 from referencing.jsonschema import DRAFT202012
 
 from jobs import templating
+from jobs.formats import json_type
 from jobs.steps import registry
 from jobs.templating import TemplateError, TemplateInfo, path_join
 
@@ -271,7 +272,7 @@ def validate_input(definition: Definition, value: Any) -> list[Fault]:
     if schema is None:
         if isinstance(value, dict):
             return []
-        return [Fault("input", f"expected an object, got {_json_type(value)}")]
+        return [Fault("input", f"expected an object, got {json_type(value)}")]
     validator = Draft202012Validator(
         schema, format_checker=Draft202012Validator.FORMAT_CHECKER, registry=Registry()
     )
@@ -520,7 +521,7 @@ class _Validator:
         for index, raw in enumerate(steps):
             path = f"steps[{index}]"
             if not isinstance(raw, dict):
-                self.fault(path, f"expected a step (an object), got {_json_type(raw)}")
+                self.fault(path, f"expected a step (an object), got {json_type(raw)}")
                 continue
             draft = self.check_step_shape(raw, path, inner=False)
             self.drafts.append(draft)
@@ -913,7 +914,7 @@ def _faults_from_error(
         expected = error.validator_value
         names = [expected] if isinstance(expected, str) else list(expected)
         wanted = " or ".join(_JSON_TYPES.get(name, name) for name in names)
-        return [Fault(where, f"expected {wanted}, got {_json_type(instance)}")]
+        return [Fault(where, f"expected {wanted}, got {json_type(instance)}")]
     if error.validator == "pattern" and error.validator_value in _PATTERN_HINTS:
         hint = _PATTERN_HINTS[error.validator_value]
         return [Fault(where, f"invalid value {instance!r}: {hint}")]
@@ -927,22 +928,6 @@ def _faults_from_error(
         choices = ", ".join(json.dumps(choice) for choice in error.validator_value)
         return [Fault(where, f"{json.dumps(instance)} is not one of: {choices}")]
     return [Fault(where, error.message)]
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return f"a {type(value).__name__}"
 
 
 def _suggest(name: str, candidates: list[str]) -> str:

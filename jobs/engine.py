@@ -24,6 +24,7 @@ from typing import Any
 
 from jobs import templating
 from jobs.definitions import Definition, StepDef
+from jobs.formats import json_type
 from jobs.statuses import STEP_ACTIVE, STEP_FINAL, RunStatus, StepStatus
 from jobs.steps import registry
 from jobs.templating import TemplateError
@@ -230,9 +231,7 @@ class _Advance:
                     f"over of step '{step.id}' could not be rendered: {exc.message}"
                 ) from None
             if not isinstance(items, list):
-                raise _StepError(
-                    f"over of step '{step.id}' must be a list, got {_json_type(items)}"
-                )
+                raise _StepError(f"over of step '{step.id}' must be a list, got {json_type(items)}")
             self.items_cache[step.id] = items
         return self.items_cache[step.id]
 
@@ -431,17 +430,3 @@ def _subpath(field_name: str, inner: str) -> str:
     if not inner:
         return field_name
     return f"{field_name}{inner}" if inner.startswith("[") else f"{field_name}.{inner}"
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, dict):
-        return "an object"
-    return f"a {type(value).__name__}"

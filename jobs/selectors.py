@@ -7,6 +7,7 @@ import uuid
 
 from django.db.models import QuerySet
 
+from jobs.formats import parse_uuid
 from jobs.models import Event, Run, RunStatus, StepRun, StepStatus, Workflow, WorkflowVersion
 from tenants.models import Tenant
 
@@ -58,16 +59,9 @@ def workflows_for(*, tenant: Tenant) -> QuerySet[Workflow]:
     return Workflow.objects.filter(tenant=tenant).prefetch_related("versions").order_by("name")
 
 
-def _parse_uuid(value: str | uuid.UUID) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        return None
-
-
 def run_for(*, tenant: Tenant, run_id: str | uuid.UUID) -> Run | None:
     """The tenant's run with this public id; None for a malformed id or another tenant's."""
-    public_id = _parse_uuid(run_id)
+    public_id = parse_uuid(run_id)
     if public_id is None:
         return None
     return (

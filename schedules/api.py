@@ -22,6 +22,7 @@ from rest_framework.views import APIView
 from jobs.api import openapi
 from jobs.api.errors import ApiError, not_found
 from jobs.definitions import EVENT_NAME_PATTERN
+from jobs.formats import iso
 from jobs.models import RunStatus
 from jobs.services.submission import Backpressure
 from jobs.transitions.runs import RunError
@@ -182,25 +183,21 @@ class TriggerEventListOut(serializers.Serializer):
 # --- representations -------------------------------------------------------------------------
 
 
-def _iso(value) -> str | None:
-    return value.isoformat() if value else None
-
-
 def fire_repr(fire: ScheduleFire) -> dict[str, Any]:
     run = fire.run
     return {
         "id": str(fire.public_id),
-        "fire_at": _iso(fire.fire_at),
-        "due_at": _iso(fire.due_at),
+        "fire_at": iso(fire.fire_at),
+        "due_at": iso(fire.due_at),
         "kind": fire.kind,
         "status": fire.status,
         "code": fire.code,
         "reason": fire.reason,
         "attempts": fire.attempts,
-        "retry_at": _iso(fire.retry_at),
+        "retry_at": iso(fire.retry_at),
         "run": str(run.public_id) if run else None,
         "run_status": run.status if run else None,
-        "submitted_at": _iso(fire.submitted_at),
+        "submitted_at": iso(fire.submitted_at),
         "lateness_s": fire.lateness_s,
     }
 
@@ -216,15 +213,15 @@ def schedule_repr(schedule: Schedule, last_fire: ScheduleFire | None) -> dict[st
         "cron": schedule.cron,
         "timezone": schedule.timezone,
         "interval_s": schedule.interval_s,
-        "starts_at": _iso(schedule.starts_at),
-        "ends_at": _iso(schedule.ends_at),
+        "starts_at": iso(schedule.starts_at),
+        "ends_at": iso(schedule.ends_at),
         "overlap": schedule.overlap,
         "catchup_window_s": schedule.catchup_window_s,
         "jitter_s": schedule.jitter_s,
         "paused": schedule.paused,
-        "next_fire_at": _iso(schedule.next_fire_at),
+        "next_fire_at": iso(schedule.next_fire_at),
         "last_fire": fire_repr(last_fire) if last_fire else None,
-        "created_at": _iso(schedule.created_at),
+        "created_at": iso(schedule.created_at),
     }
 
 
@@ -246,7 +243,7 @@ def event_repr(event: TriggerEvent, runs=None) -> dict[str, Any]:
         "name": event.name,
         "data": event.data,
         "sent_by": event.api_key.name if event.api_key else None,
-        "created_at": _iso(event.created_at),
+        "created_at": iso(event.created_at),
         "runs": [_run_repr(run) for run in runs],
     }
 

@@ -24,10 +24,6 @@ from schedules.models import FireStatus
 from schedules.services import schedule_fire_now, schedule_pause, schedule_resume
 
 
-def _iso(value) -> str | None:
-    return value.isoformat() if value else None
-
-
 def schedules_context() -> dict[str, Any]:
     schedules = selectors.all_schedules()
     last = selectors.last_fires(schedules)

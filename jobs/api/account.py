@@ -16,6 +16,7 @@ from rest_framework.views import APIView
 from jobs.api import openapi
 from jobs.api.errors import not_found
 from jobs.api.serializers import ApiKeyCreateSerializer, api_key_repr
+from jobs.formats import iso
 from tenants import selectors
 from tenants.auth import HasAdminScope
 from tenants.models import Tenant
@@ -92,7 +93,7 @@ class WebhookSecretView(AdminScopeView):
         tenant = self.tenant(request)
         secret = tenant_webhook_secret_ensure(tenant_id=tenant.pk)
         tenant.refresh_from_db(fields=["webhook_secret_rotated_at"])
-        return Response({"secret": secret, "rotated_at": _iso(tenant.webhook_secret_rotated_at)})
+        return Response({"secret": secret, "rotated_at": iso(tenant.webhook_secret_rotated_at)})
 
 
 class WebhookSecretRotateView(AdminScopeView):
@@ -106,8 +107,4 @@ class WebhookSecretRotateView(AdminScopeView):
     def post(self, request: Request) -> Response:
         tenant = self.tenant(request)
         secret = tenant_webhook_secret_rotate(tenant=tenant)
-        return Response({"secret": secret, "rotated_at": _iso(tenant.webhook_secret_rotated_at)})
-
-
-def _iso(value) -> str | None:
-    return value.isoformat() if value else None
+        return Response({"secret": secret, "rotated_at": iso(tenant.webhook_secret_rotated_at)})

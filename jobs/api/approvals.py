@@ -22,6 +22,7 @@ from rest_framework.views import APIView
 from jobs import approval_access
 from jobs.api import openapi
 from jobs.api.errors import ApiError, not_found
+from jobs.formats import iso
 from jobs.models import Approval, ApprovalDecision, ApprovalStatus
 from jobs.services.approvals import ApprovalError, Reviewer, approval_decide
 
@@ -106,10 +107,6 @@ class ApprovalListOut(serializers.Serializer):
     previous = serializers.URLField(allow_null=True)
 
 
-def _iso(value) -> str | None:
-    return value.isoformat() if value else None
-
-
 def approval_paths(approval: Approval) -> dict[str, str]:
     kwargs = {"approval_id": approval.public_id}
     return {
@@ -142,12 +139,12 @@ def approval_repr(approval: Approval, request: Request) -> dict[str, Any]:
         "escalated": approval.escalated,
         "required_approvals": approval.required_approvals,
         "approvals": sum(vote.decision == ApprovalDecision.APPROVE for vote in votes),
-        "created_at": _iso(approval.created_at),
-        "due_at": _iso(approval.due_at),
-        "escalate_at": _iso(approval.escalate_at),
+        "created_at": iso(approval.created_at),
+        "due_at": iso(approval.due_at),
+        "escalate_at": iso(approval.escalate_at),
         "on_timeout": approval.on_timeout or None,
         "on_reject": approval.on_reject,
-        "decided_at": _iso(approval.decided_at),
+        "decided_at": iso(approval.decided_at),
         "decision": approval.decision or None,
         "decided_by": approval.decided_by or None,
         "comment": approval.comment,

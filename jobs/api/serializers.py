@@ -8,6 +8,7 @@ from django.urls import reverse
 from rest_framework import serializers
 
 from jobs.events import event_payload
+from jobs.formats import iso
 from jobs.models import Event, Run, StepRun, WebhookDelivery, WorkflowVersion
 from tenants.models import ApiKey, Lane, Scope
 
@@ -109,10 +110,6 @@ def _step_repr(step: StepRun) -> dict[str, Any]:
     }
 
 
-def _iso(value) -> str | None:
-    return value.isoformat() if value else None
-
-
 def _webhook_repr(run: Run) -> dict[str, Any] | None:
     """The run's webhook: its latest delivery (a retried run that ends again has several)."""
     if not run.webhook_url:
@@ -127,7 +124,7 @@ def _webhook_repr(run: Run) -> dict[str, Any] | None:
         "status": latest.status if latest else None,
         "event_id": str(latest.event_id) if latest else None,
         "event": latest.event_type if latest else None,
-        "next_attempt_at": _iso(latest.next_attempt_at) if latest else None,
+        "next_attempt_at": iso(latest.next_attempt_at) if latest else None,
         "attempts": [
             {
                 "number": attempt.number,
@@ -168,6 +165,6 @@ def api_key_repr(api_key: ApiKey) -> dict[str, Any]:
         "prefix": api_key.prefix,
         "scopes": list(api_key.scopes or []),
         "created_at": api_key.created_at.isoformat(),
-        "last_used_at": _iso(api_key.last_used_at),
-        "revoked_at": _iso(api_key.revoked_at),
+        "last_used_at": iso(api_key.last_used_at),
+        "revoked_at": iso(api_key.revoked_at),
     }

@@ -35,6 +35,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from jobs.events import READY_CHANNEL, publish_inbox
+from jobs.formats import iso
 from jobs.models import (
     Approval,
     ApprovalDecision,
@@ -147,7 +148,7 @@ def step_request_approval(*, claim: Claim) -> Approval | None:
             approval=str(approval.public_id),
             reviewers=approval.reviewers,
             required_approvals=approval.required_approvals,
-            due_at=_iso(approval.due_at),
+            due_at=iso(approval.due_at),
         )
         _webhook(approval, "approval.requested", now)
         _announce(approval, "approval.requested")
@@ -460,10 +461,6 @@ def approvals_cancel_for_step(*, txn: RunTxn, step: StepRun, reason: str) -> int
 # --- notification ----------------------------------------------------------------------------
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
-
-
 def _absolute(path: str) -> str:
     return settings.SWITCHYARD_PUBLIC_URL.rstrip("/") + path
 
@@ -505,8 +502,8 @@ def approval_webhook_payload(
             "escalate_to": approval.escalate_to or None,
             "escalated": approval.escalated,
             "required_approvals": approval.required_approvals,
-            "created_at": _iso(approval.created_at),
-            "due_at": _iso(approval.due_at),
+            "created_at": iso(approval.created_at),
+            "due_at": iso(approval.due_at),
             "run": str(run.public_id),
             "workflow": run.workflow_version.workflow.name,
             "step": step.step_id,

@@ -32,6 +32,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from jobs.events import READY_CHANNEL
+from jobs.formats import iso
 from jobs.models import (
     WEBHOOK_OPEN,
     Run,
@@ -84,10 +85,6 @@ class WebhookClaim:
 # --- the body --------------------------------------------------------------------------------
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
-
-
 def _absolute(path: str) -> str:
     return settings.SWITCHYARD_PUBLIC_URL.rstrip("/") + path
 
@@ -101,8 +98,8 @@ def _step_summary(step: StepRun) -> dict[str, Any]:
         "status": step.status,
         "attempts": step.attempt,
         "error": step.error or None,
-        "started_at": _iso(step.started_at),
-        "finished_at": _iso(step.finished_at),
+        "started_at": iso(step.started_at),
+        "finished_at": iso(step.finished_at),
     }
 
 
@@ -123,9 +120,9 @@ def webhook_payload(
             "version": version.version,
             "status": run.status,
             "lane": run.lane,
-            "created_at": _iso(run.created_at),
-            "started_at": _iso(run.started_at),
-            "finished_at": _iso(run.finished_at),
+            "created_at": iso(run.created_at),
+            "started_at": iso(run.started_at),
+            "finished_at": iso(run.finished_at),
             "input": run.input,
             "output": run.output,
             "error": run.error or None,
