@@ -27,11 +27,7 @@ from django.conf import settings
 
 from jobs.steps.registry import StepContext, StepFailure
 
-DEFAULT_PROVIDER = "simulated"
 SIMULATED_MODEL = "sim-1"
-OPENAI_BASE_URL = "https://api.openai.com/v1"
-OPENAI_MODEL = "gpt-4o-mini"
-OPENAI_TIMEOUT_S = 120.0
 
 # How much of a provider's error body goes into a step's error message: enough to recognise
 # the error, not so much that an HTML error page floods the run's log.
@@ -39,9 +35,7 @@ _ERROR_BODY_CHARS = 300
 
 
 def handle(ctx: StepContext) -> dict[str, Any]:
-    provider = ctx.input.get("provider") or getattr(
-        settings, "SWITCHYARD_LLM_DEFAULT_PROVIDER", DEFAULT_PROVIDER
-    )
+    provider = ctx.input.get("provider") or settings.SWITCHYARD_LLM_DEFAULT_PROVIDER
     if provider == "simulated":
         return run_simulated(ctx)
     if provider == "openai":
@@ -264,17 +258,17 @@ def _http_failure(response: httpx.Response) -> StepFailure:
 
 
 def run_openai(ctx: StepContext) -> dict[str, Any]:
-    api_key = getattr(settings, "SWITCHYARD_OPENAI_API_KEY", "")
+    api_key = settings.SWITCHYARD_OPENAI_API_KEY
     if not api_key:
         raise StepFailure(
             "the openai provider needs an API key: set SWITCHYARD_OPENAI_API_KEY",
             code="config",
             retryable=False,
         )
-    base_url = getattr(settings, "SWITCHYARD_OPENAI_BASE_URL", OPENAI_BASE_URL).rstrip("/")
-    model = ctx.input.get("model") or getattr(settings, "SWITCHYARD_OPENAI_MODEL", OPENAI_MODEL)
+    base_url = settings.SWITCHYARD_OPENAI_BASE_URL.rstrip("/")
+    model = ctx.input.get("model") or settings.SWITCHYARD_OPENAI_MODEL
     timeout_s = min(
-        float(getattr(settings, "SWITCHYARD_OPENAI_TIMEOUT_S", OPENAI_TIMEOUT_S)),
+        float(settings.SWITCHYARD_OPENAI_TIMEOUT_S),
         ctx.seconds_left(),
     )
     if timeout_s <= 0:

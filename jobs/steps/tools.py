@@ -26,7 +26,6 @@ from django.conf import settings
 from jobs.steps import netguard
 from jobs.steps.registry import StepContext, StepFailure, register_tool, tool
 
-HTTP_TOOL_MAX_BYTES = 1024 * 1024
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 # Response headers worth handing to the workflow; the rest is noise in a checkpoint.
 HTTP_RESULT_HEADERS = ("content-type", "content-length", "location", "retry-after")
@@ -122,7 +121,7 @@ def http(
     # and its imitators) then apply a retried POST once. A header the step sets wins.
     if not any(key.lower() == "idempotency-key" for key in request_headers):
         request_headers["Idempotency-Key"] = ctx.idempotency_key
-    max_bytes = int(getattr(settings, "SWITCHYARD_HTTP_TOOL_MAX_BYTES", HTTP_TOOL_MAX_BYTES))
+    max_bytes = int(settings.SWITCHYARD_HTTP_TOOL_MAX_BYTES)
 
     # The timeout bounds each network operation; `deadline` bounds the whole body download.
     deadline = time.monotonic() + timeout
