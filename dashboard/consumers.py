@@ -29,7 +29,7 @@ from django.conf import settings
 from django.template.loader import render_to_string
 from django.utils import timezone
 
-from dashboard import sampling, selectors
+from dashboard import health, overview_page, run_queries, sampling, tenant_usage
 from jobs.events import DASHBOARD_GROUP
 from jobs.feeds import Idle, RunFeed, db_call
 from schedules.dashboard import events_frame, schedules_frame
@@ -65,7 +65,7 @@ async def _admit(consumer: AsyncJsonWebsocketConsumer) -> bool:
 
 def overview_frame(chart_since: datetime) -> tuple[dict[str, Any], datetime]:
     now = timezone.now()
-    context = selectors.overview(now)
+    context = overview_page.overview(now)
     samples = sampling.series(since=max(chart_since, now - CHART_WINDOW))
     if samples["t"]:
         chart_since = datetime.fromtimestamp(samples["t"][-1], UTC)
@@ -90,7 +90,7 @@ def overview_frame(chart_since: datetime) -> tuple[dict[str, Any], datetime]:
 
 def workers_frame() -> dict[str, Any]:
     now = timezone.now()
-    workers = selectors.workers(now)
+    workers = health.workers(now)
     figures = {
         "workers": [
             {
@@ -110,9 +110,9 @@ def workers_frame() -> dict[str, Any]:
     return {"html": html, "figures": figures}
 
 
-def tenants_frame(query: selectors.TenantQuery | None = None) -> dict[str, Any]:
+def tenants_frame(query: tenant_usage.TenantQuery | None = None) -> dict[str, Any]:
     """The Tenants page's list as the page asked for it (its search, sort and page)."""
-    listing = selectors.tenants_usage(query)
+    listing = tenant_usage.tenants_usage(query)
     figures = {
         "tenants": {
             u.tenant.slug: {
@@ -127,7 +127,7 @@ def tenants_frame(query: selectors.TenantQuery | None = None) -> dict[str, Any]:
         {
             "listing": listing,
             "query": urlencode(listing.query.as_query()),
-            "actions": selectors.recent_actions(),
+            "actions": tenant_usage.recent_actions(),
             "now": timezone.now(),
         },
     )
@@ -150,7 +150,7 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
             since = 0.0
         self.chart_since = datetime.fromtimestamp(max(since, 0.0), UTC)
         # The Tenants page sends its own search, sort and page along.
-        self.tenant_query = selectors.TenantQuery.from_query(query)
+        self.tenant_query = tenant_usage.TenantQuery.from_query(query)
         self.poke = asyncio.Event()
         self.poke.set()
         await self.channel_layer.group_add(DASHBOARD_GROUP, self.channel_name)
@@ -209,7 +209,7 @@ class OperatorRunConsumer(AsyncJsonWebsocketConsumer):
         if not await _admit(self):
             return
         run_id = self.scope["url_route"]["kwargs"]["run_id"]
-        run = await db_call(selectors.run_by_public_id)(run_id)
+        run = await db_call(run_queries.run_by_public_id)(run_id)
         if run is None:
             await self.close(code=CLOSE_NOT_FOUND)
             return

@@ -33,7 +33,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from dashboard import selectors
+from dashboard import health, overview_page
 from dashboard.models import MetricCounter
 from dashboard.sampling import DURATION_BOUNDS, WAIT_BOUNDS
 from jobs.models import Run
@@ -91,7 +91,7 @@ class SwitchyardCollector:
         yield from schedule_metrics()
 
     def _broker(self) -> Iterator[Metric]:
-        queues = selectors.broker_queues()
+        queues = health.broker_queues()
         up = GaugeMetricFamily("switchyard_broker_up", "1 when RabbitMQ answered this scrape.")
         up.add_metric([], 1 if queues and all(q.reachable for q in queues) else 0)
         yield up
@@ -126,7 +126,7 @@ class SwitchyardCollector:
             labels=["tenant", "status"],
         )
         rows = (
-            Run.objects.filter(status__in=selectors.ACTIVE_RUN_STATUSES)
+            Run.objects.filter(status__in=overview_page.ACTIVE_RUN_STATUSES)
             .values_list("tenant__slug", "status")
             .annotate(n=Count("id"))
         )
@@ -141,7 +141,7 @@ class SwitchyardCollector:
             labels=["state"],
         )
         counts: dict[str, int] = {"up": 0, "down": 0, "stopped": 0}
-        for worker in selectors.workers():
+        for worker in health.workers():
             counts[worker.state] += 1
         for state, count in counts.items():
             workers.add_metric([state], count)

@@ -125,7 +125,7 @@ def sample_if_due(*, now: datetime | None = None, force: bool = False) -> bool:
 
 
 def _take_sample(state: SamplerState, now: datetime) -> None:
-    from dashboard.selectors import broker_queues
+    from dashboard.health import broker_queues
 
     points: list[MetricSample] = []
 

@@ -1,6 +1,7 @@
 """The operators' dashboard (staff only), the landing redirect, the sign-in and `/healthz`.
 
-Thin views: figures come from `dashboard.selectors`, actions go through the engine's and the
+Thin views: figures come from the dashboard's read modules (`dashboard.health`,
+`overview_page`, `run_queries`, `tenant_usage`), actions go through the engine's and the
 tenants' services (with the operator's name as `by`) and are recorded in the audit trail.
 Live parts are pushed by `dashboard.consumers`; the templates render the same fragments on
 first load, so a page is complete without JavaScript.
@@ -24,7 +25,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from dashboard import sampling, selectors
+from dashboard import health, overview_page, run_queries, sampling, tenant_usage
 from dashboard.services import operator_action_record, operator_name
 from jobs.models import RunStatus
 from jobs.services.operations import (
@@ -94,7 +95,7 @@ def overview(request: HttpRequest) -> HttpResponse:
         request,
         "dashboard/overview.html",
         {
-            **selectors.overview(now),
+            **overview_page.overview(now),
             "chart_data": sampling.series(since=now - CHART_WINDOW),
             "sample_s": settings.SWITCHYARD_METRICS_SAMPLE_S,
             "section": "overview",
@@ -108,7 +109,7 @@ def workers(request: HttpRequest) -> HttpResponse:
         request,
         "dashboard/workers.html",
         {
-            "workers": selectors.workers(),
+            "workers": health.workers(),
             "down_after": settings.SWITCHYARD_WORKER_DOWN_AFTER_S,
             "now": timezone.now(),
             "section": "workers",
@@ -118,14 +119,14 @@ def workers(request: HttpRequest) -> HttpResponse:
 
 @staff_required
 def tenants(request: HttpRequest) -> HttpResponse:
-    listing = selectors.tenants_usage(selectors.TenantQuery.from_query(request.GET))
+    listing = tenant_usage.tenants_usage(tenant_usage.TenantQuery.from_query(request.GET))
     return render(
         request,
         "dashboard/tenants.html",
         {
             "listing": listing,
             "query": urlencode(listing.query.as_query()),
-            "actions": selectors.recent_actions(),
+            "actions": tenant_usage.recent_actions(),
             "now": timezone.now(),
             "section": "tenants",
         },
@@ -135,7 +136,7 @@ def tenants(request: HttpRequest) -> HttpResponse:
 @staff_required
 @require_POST
 def tenant_action(request: HttpRequest, slug: str, action: str) -> HttpResponse:
-    tenant = selectors.tenant_by_slug(slug)
+    tenant = tenant_usage.tenant_by_slug(slug)
     if tenant is None:
         raise Http404("No such tenant.")
     if action == "pause":
@@ -150,8 +151,8 @@ def tenant_action(request: HttpRequest, slug: str, action: str) -> HttpResponse:
 
 @staff_required
 def runs(request: HttpRequest) -> HttpResponse:
-    filters = selectors.RunFilters.from_query(request.GET)
-    page = selectors.runs_page(
+    filters = run_queries.RunFilters.from_query(request.GET)
+    page = run_queries.runs_page(
         filters, after=request.GET.get("after"), before=request.GET.get("before")
     )
     query = filters.as_query()
@@ -171,7 +172,7 @@ def runs(request: HttpRequest) -> HttpResponse:
 
 
 def _run_or_404(run_id: str):
-    run = selectors.run_by_public_id(run_id)
+    run = run_queries.run_by_public_id(run_id)
     if run is None:
         raise Http404("No such run.")
     return run
@@ -182,7 +183,7 @@ def run_page(request: HttpRequest, run_id: str) -> HttpResponse:
     run = _run_or_404(run_id)
     context = {
         "run": run,
-        **selectors.run_detail(run),
+        **run_queries.run_detail(run),
         "now": timezone.now(),
         "section": "runs",
     }
@@ -229,11 +230,11 @@ def bulk(request: HttpRequest) -> HttpResponse:
     action = source.get("action")
     if action not in ("retry", "cancel"):
         raise Http404("Unknown bulk action.")
-    filters = selectors.RunFilters.from_query(source)
+    filters = run_queries.RunFilters.from_query(source)
     cap = settings.SWITCHYARD_DASHBOARD_BULK_MAX
     action_filter = bulk_action_filter(action)
     if request.method != "POST":
-        count = selectors.runs_count(filters, action_filter=action_filter, cap=cap)
+        count = run_queries.runs_count(filters, action_filter=action_filter, cap=cap)
         return render(
             request,
             "dashboard/bulk_confirm.html",
@@ -248,7 +249,7 @@ def bulk(request: HttpRequest) -> HttpResponse:
             },
         )
     by = operator_name(request.user)
-    targets = selectors.runs_for_bulk(filters, action_filter=action_filter, cap=cap)
+    targets = run_queries.runs_for_bulk(filters, action_filter=action_filter, cap=cap)
     if action == "retry":
         result = runs_bulk_retry(runs=targets, by=by)
     else:
@@ -273,7 +274,7 @@ def failures(request: HttpRequest) -> HttpResponse:
         request,
         "dashboard/failures.html",
         {
-            "groups": selectors.failure_groups(since=since),
+            "groups": run_queries.failure_groups(since=since),
             "window": window,
             "windows": list(FAILURE_WINDOWS),
             "since": since,

@@ -12,7 +12,7 @@ import pytest
 from django.utils import timezone
 from kombu import Connection, Producer
 
-from dashboard import selectors
+from dashboard import health
 from dashboard.models import MetricCounter, MetricSample
 from dashboard.sampling import labels_key
 from jobs.models import Event, RunStatus, StepRun, StepStatus
@@ -45,8 +45,8 @@ def staff(transactional_db):
     return signed_in(make_operator("olga"))
 
 
-def worker_named(prefix: str) -> selectors.WorkerFigure | None:
-    return next((w for w in selectors.workers() if w.name.startswith(prefix)), None)
+def worker_named(prefix: str) -> health.WorkerFigure | None:
+    return next((w for w in health.workers() if w.name.startswith(prefix)), None)
 
 
 # --- figures ------------------------------------------------------------------------------
@@ -67,7 +67,7 @@ def test_queue_depth_is_what_rabbitmq_holds(db, settings):
                 )
             time.sleep(0.2)
 
-            figures = {q.name: q for q in selectors.broker_queues()}
+            figures = {q.name: q for q in health.broker_queues()}
 
             assert figures["steps.tool"].depth == 7
             assert figures["steps.tool"].consumers == 0 and figures["steps.tool"].exists
@@ -80,10 +80,10 @@ def test_queue_depth_is_what_rabbitmq_holds(db, settings):
 
 def test_queue_depth_says_unknown_when_rabbitmq_is_unreachable(db, settings):
     settings.CELERY_BROKER_URL = "amqp://guest:guest@127.0.0.1:1//"
-    figures = selectors.broker_queues()
+    figures = health.broker_queues()
     assert figures and all(not q.reachable and q.depth is None for q in figures)
-    health = {h.name: h.ok for h in selectors.health(figures, [])}
-    assert health["RabbitMQ"] is False and health["PostgreSQL"] is True
+    ok_by_name = {h.name: h.ok for h in health.health(figures, [])}
+    assert ok_by_name["RabbitMQ"] is False and ok_by_name["PostgreSQL"] is True
 
 
 def test_workers_are_listed_from_their_own_heartbeats_with_what_they_run(owner, dash):
@@ -99,10 +99,10 @@ def test_workers_are_listed_from_their_own_heartbeats_with_what_they_run(owner, 
     assert (tool.pool, tool.concurrency, tool.queue_names, tool.state) == (
         "prefork", 2, ["steps.tool"], "up"
     )  # fmt: skip
-    queues = {q.name: q for q in selectors.broker_queues()}
+    queues = {q.name: q for q in health.broker_queues()}
     assert queues["steps.tool"].consumers == 1 and queues["steps.llm"].consumers == 1
     scheduler = dash.wait_until(
-        lambda: (h := selectors.scheduler_health(timezone.now())).ok and h, 20, "no cycle seen"
+        lambda: (h := health.scheduler_health(timezone.now())).ok and h, 20, "no cycle seen"
     )
     assert scheduler.detail.startswith("last cycle ") and scheduler.latency_ms is not None
 
@@ -141,8 +141,8 @@ def test_a_killed_worker_is_marked_down_within_30_seconds(owner, dash):
         lambda: worker_named("doomed@").state == "down", 30, "the killed worker is not down"
     )
     assert time.monotonic() - killed_at < 30
-    health = {h.name: h for h in selectors.health(selectors.broker_queues(), selectors.workers())}
-    assert health["pool steps.tool"].ok is False
+    by_name = {h.name: h for h in health.health(health.broker_queues(), health.workers())}
+    assert by_name["pool steps.tool"].ok is False
 
 
 # --- actions through the pages ---------------------------------------------------------------

@@ -15,7 +15,8 @@ from django.utils import timezone
 from dashboard.consumers import tenants_frame
 from dashboard.heartbeats import WorkerBeat
 from dashboard.models import OperatorAction, ProcessHeartbeat
-from dashboard.selectors import TENANTS_PER_PAGE, TenantQuery, failure_groups
+from dashboard.run_queries import failure_groups
+from dashboard.tenant_usage import TENANTS_PER_PAGE, TenantQuery
 from jobs.models import (
     Event,
     Run,
@@ -331,11 +332,11 @@ def test_the_runs_list_filters_and_pages_by_keyset(owner, outsider, staff):
     future = (timezone.now() + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M")
     assert shown(f"?since={future}") == []
 
-    from dashboard import selectors
+    from dashboard.run_queries import RunFilters, runs_page
 
-    first = selectors.runs_page(selectors.RunFilters(tenant="owner"), limit=4)
-    second = selectors.runs_page(selectors.RunFilters(tenant="owner"), after=first.older, limit=4)
-    back = selectors.runs_page(selectors.RunFilters(tenant="owner"), before=second.newer, limit=4)
+    first = runs_page(RunFilters(tenant="owner"), limit=4)
+    second = runs_page(RunFilters(tenant="owner"), after=first.older, limit=4)
+    back = runs_page(RunFilters(tenant="owner"), before=second.newer, limit=4)
     everything = [failed, *reversed(mine)]
     assert [r.pk for r in first.runs] == [r.pk for r in everything[:4]]
     assert [r.pk for r in second.runs] == [r.pk for r in everything[4:]]

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from dashboard.selectors import gantt_ticks
+from dashboard.layout import gantt_ticks
 from dashboard.templatetags.dashboard_tags import ago, offset, relative, since_start
 from jobs.definitions import parse_definition
 from jobs.services.operations import steps_to_rerun
