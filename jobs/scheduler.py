@@ -146,7 +146,7 @@ def admission_lock_try() -> bool:
 
 
 def _listen_connection() -> psycopg.Connection:
-    conn = channel_connection()
+    conn = channel_connection("switchyard scheduler")
     conn.execute(f"LISTEN {READY_CHANNEL}")
     return conn
 

@@ -51,23 +51,32 @@ class _Waker:
         while True:
             wanted.wait()
             wanted.clear()
-            try:
-                if conn is None or conn.closed:
-                    conn = channel_connection()
-                conn.execute("SELECT pg_notify(%s, '')", [READY_CHANNEL])
-                self.sent += 1
-            except Exception as exc:  # noqa: BLE001 - the thread must outlive any failure
-                log.warning("scheduler wake-up not sent (%s); its poll will see the work", exc)
-                if conn is not None:
-                    conn.close()
-                conn = None
+            # A connection that PostgreSQL ended since the last wake-up (a restart, a failover,
+            # an operator's pg_terminate_backend) is noticed only when used: try once more on a
+            # new one before leaving the wake-up to the scheduler's poll.
+            for last_try in (False, True):
+                try:
+                    if conn is None or conn.closed:
+                        conn = channel_connection("switchyard wake-ups")
+                    conn.execute("SELECT pg_notify(%s, '')", [READY_CHANNEL])
+                    self.sent += 1
+                    break
+                except Exception as exc:  # noqa: BLE001 - the thread must outlive any failure
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+                    if last_try:
+                        log.warning(
+                            "scheduler wake-up not sent (%s); its poll will see the work", exc
+                        )
             # Wake-ups asked for meanwhile are sent together, one interval after this one.
             threading.Event().wait(settings.SWITCHYARD_WAKE_INTERVAL_S)
 
 
-def channel_connection() -> psycopg.Connection:
+def channel_connection(name: str) -> psycopg.Connection:
     """An autocommit connection of its own to the settings' database, outside Django's
-    connection handling: for LISTEN (the scheduler) and NOTIFY (this module's thread)."""
+    connection handling: for LISTEN (the scheduler) and NOTIFY (this module's thread). `name`
+    is its `application_name` (what `pg_stat_activity` shows operators)."""
     params = connection.settings_dict
     return psycopg.connect(
         dbname=params["NAME"],
@@ -77,6 +86,7 @@ def channel_connection() -> psycopg.Connection:
         port=params.get("PORT") or None,
         autocommit=True,
         connect_timeout=5,
+        application_name=name,
     )
 
 

@@ -8,7 +8,7 @@ import time
 
 import psycopg
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
 
 from jobs import dispatch, wakeups
 from jobs.events import READY_CHANNEL
@@ -24,7 +24,7 @@ ONE = {"name": "one", "steps": [{"id": "a", "kind": "llm", "provider": "simulate
 
 @pytest.fixture
 def listener():
-    conn = wakeups.channel_connection()
+    conn = wakeups.channel_connection("test listener")
     conn.execute(f"LISTEN {READY_CHANNEL}")
     yield conn
     conn.close()
@@ -50,6 +50,21 @@ def test_a_wake_up_is_sent_after_the_commit_and_not_for_a_rollback(listener):
         wakeups.wake_after_commit()
         raise RuntimeError("rolled back")
     assert _arrivals(listener, 0.5) == []
+
+
+def test_a_wake_up_after_postgresql_ended_the_wakers_connection_still_arrives(listener):
+    wakeups.wake_after_commit()
+    assert len(_arrivals(listener, 5.0)) == 1
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'switchyard wake-ups'"
+        )
+        assert cursor.fetchone()[0] == 1
+
+    wakeups.wake_after_commit()
+
+    assert len(_arrivals(listener, 5.0)) == 1
 
 
 def test_a_burst_of_wake_ups_is_joined_and_its_last_is_not_lost(listener, settings):
