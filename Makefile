@@ -39,9 +39,10 @@ seed: migrate
 run: seed
 	@scripts/run.sh
 
+# Most integration tests wait on the processes they start: three at a time keep 2 cores busy.
 test: venv-dev services chromium
 	$(PY) -m pytest tests/unit -q -n 2
-	$(PY) -m pytest tests/integration tests/browser tests/security -q -n 2 -m "not serial"
+	$(PY) -m pytest tests/integration tests/browser tests/security -q -n 3 -m "not serial" --durations=10
 	$(PY) -m pytest tests/integration tests/reliability -q -m serial
 
 # The load test: 500 clients submitting and streaming for 2 minutes; no 5xx, no lost run.
