@@ -29,6 +29,10 @@ venv-dev: $(VENV)/.installed-dev
 services:
 	@scripts/ensure_services.sh
 
+# The settings fail closed (DEBUG off, SECRET_KEY required); a local run is development: DEBUG
+# on, with the public development key unless SECRET_KEY is set (docs/security.md).
+migrate seed run: export DEBUG ?= true
+
 migrate: venv services
 	@$(PY) scripts/ensure_database.py
 	$(PY) manage.py migrate --noinput

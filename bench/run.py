@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import sys
 import time
@@ -55,6 +56,8 @@ def _environment(params) -> dict[str, str]:
     """Settings of every Switchyard process (and of this one, which runs cycles in S7)."""
     return {
         "DEBUG": "false",
+        # Production settings name their provider; the bench measures the simulated one.
+        "SWITCHYARD_LLM_DEFAULT_PROVIDER": "simulated",
         "LOG_LEVEL": "WARNING",
         "DATABASE_CONN_MAX_AGE": "60",
         "SWITCHYARD_SCHEDULER_POLL_S": "1.0",
@@ -88,6 +91,9 @@ def main() -> int:
     files = harness.raise_file_limit(16_384)
     environment = _environment(params)
     os.environ.update(environment)
+    # DEBUG off requires a SECRET_KEY: one for this run, shared by every process through the
+    # environment and kept out of the report (which records `environment`).
+    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
     prefix = harness.new_prefix()
     print(f"bench: {'quick' if args.quick else 'full'} run → {outdir.relative_to(ROOT)}")
     print(f"bench: database {harness.bench_database()}, queue prefix {prefix!r}, files {files}")

@@ -9,6 +9,7 @@ from pathlib import Path
 import dj_database_url
 
 from orchestrator.env import (
+    ConfigError,
     env_bool,
     env_choice,
     env_float,
@@ -22,9 +23,23 @@ from orchestrator.queues import MAX_PRIORITY, broker_queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-SECRET_KEY = env_str("SECRET_KEY", "dev-only-insecure-key-change-me-in-production-0123456789")
-DEBUG = env_bool("DEBUG", True)
-ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "testserver"])
+# Fail closed: DEBUG is off unless asked for (`make run` and the tests ask), and a deployment
+# without DEBUG must set SECRET_KEY. Only with DEBUG on does a missing SECRET_KEY fall back to
+# DEVELOPMENT_SECRET_KEY, which is public (it is in the repository); `check --deploy` refuses it
+# (switchyard.W001, orchestrator/checks.py).
+DEBUG = env_bool("DEBUG", False)
+DEVELOPMENT_SECRET_KEY = "dev-only-insecure-key-change-me-in-production-0123456789"
+SECRET_KEY = env_str("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ConfigError(
+            "SECRET_KEY is not set. With DEBUG off (the default) every process needs SECRET_KEY "
+            "in its environment: a long random string, e.g. "
+            '`python -c "import secrets; print(secrets.token_urlsafe(50))"`. '
+            "For local development set DEBUG=true instead (`make run` does)."
+        )
+    SECRET_KEY = DEVELOPMENT_SECRET_KEY
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 # --- Production security (docs/security.md) -------------------------------------------------
@@ -52,8 +67,6 @@ SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
 CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", _HTTPS)
 CSRF_COOKIE_SAMESITE = "Lax"
-# The development SECRET_KEY above is refused by `check --deploy` (orchestrator/checks.py).
-DEVELOPMENT_SECRET_KEY = "dev-only-insecure-key-change-me-in-production-0123456789"
 # --- end of production security -------------------------------------------------------------
 
 INSTALLED_APPS = [

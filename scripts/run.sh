@@ -4,6 +4,9 @@ set -euo pipefail
 HOST=${HOST:-127.0.0.1}
 PORT=${PORT:-8000}
 URL="http://$HOST:$PORT"
+# Development settings (the settings default to DEBUG off and then require SECRET_KEY); honcho
+# also reads a git-ignored .env, whose values win over these.
+export DEBUG=${DEBUG:-true}
 KEY=$(grep '^API key for acme:' .demo-credentials | awk '{print $NF}')
 
 # The llm pool runs LLM_PROCESSES workers (one process's Python uses one core at a time).

@@ -1045,7 +1045,8 @@ def main(argv: list[str] | None = None) -> int:
         services.start()
         os.environ.update(services.env())
         os.environ["SWITCHYARD_PLUGINS"] = "tests.support.tools,tests.reliability.plugin"
-        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orchestrator.settings")
+        # Development mode and a shared key for this process and the ones it starts.
+        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
         import logging
 
         import django

@@ -146,39 +146,79 @@ PRODUCTION = {
     "CSRF_COOKIE_SECURE": True,
     "X_FRAME_OPTIONS": "DENY",
 }
-_OVERRIDABLE = [name for name in PRODUCTION if name != "DEBUG"] + ["SECRET_KEY"]
+_OVERRIDABLE = [name for name in PRODUCTION if name != "DEBUG"] + ["SECRET_KEY", "ALLOWED_HOSTS"]
 
 
 def _environment(**values: str) -> dict[str, str]:
     """This process's environment without any of the settings under test, plus `values`."""
     env = {k: v for k, v in os.environ.items() if k not in _OVERRIDABLE and k != "DEBUG"}
-    return {**env, **values}
+    return {**env, "DJANGO_SETTINGS_MODULE": "orchestrator.settings", **values}
 
 
-def _settings_in(env: dict[str, str]) -> dict:
+def _clean_environment(**values: str) -> dict[str, str]:
+    """Nothing but the path to programs and the settings module, plus `values`."""
+    return {
+        "PATH": os.environ["PATH"],
+        "DJANGO_SETTINGS_MODULE": "orchestrator.settings",
+        **values,
+    }
+
+
+def _run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _settings_in(env: dict[str, str], names=tuple(PRODUCTION)) -> dict:
     code = (
         "import json, django; django.setup(); from django.conf import settings as s; "
-        f"print(json.dumps({{n: getattr(s, n) for n in {list(PRODUCTION)!r}}}))"
+        f"print(json.dumps({{n: getattr(s, n) for n in {list(names)!r}}}))"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env={**env, "DJANGO_SETTINGS_MODULE": "orchestrator.settings"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _run([sys.executable, "-c", code], env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def test_debug_is_off_when_the_variable_is_unset():
+    found = _settings_in(_clean_environment(SECRET_KEY=secrets.token_urlsafe(50)), ["DEBUG"])
+    assert found == {"DEBUG": False}
+
+
+def test_without_debug_and_secret_key_a_process_refuses_to_start():
+    setup = _run([sys.executable, "-c", "import django; django.setup()"], _clean_environment())
+    assert setup.returncode != 0
+    assert "SECRET_KEY is not set" in setup.stderr
+    check = _run(
+        [sys.executable, "manage.py", "check"], _clean_environment(DEBUG="", SECRET_KEY="")
+    )
+    assert check.returncode != 0
+    assert check.stderr.startswith("error: SECRET_KEY is not set")
+    assert "Traceback" not in check.stderr
+
+
+def test_debug_true_without_secret_key_runs_on_the_public_development_key():
+    found = _settings_in(_clean_environment(DEBUG="true"), ["SECRET_KEY", "DEVELOPMENT_SECRET_KEY"])
+    assert found["SECRET_KEY"] == found["DEVELOPMENT_SECRET_KEY"]
+    assert found["SECRET_KEY"].startswith("dev-only-insecure-")
+
+
+def test_the_default_allowed_hosts_are_local_and_leave_out_the_test_client():
+    found = _settings_in(_clean_environment(DEBUG="true"), ["ALLOWED_HOSTS"])
+    assert found == {"ALLOWED_HOSTS": ["127.0.0.1", "localhost"]}
+
+
 def test_debug_false_turns_every_production_setting_on():
-    assert _settings_in(_environment(DEBUG="false")) == PRODUCTION
+    assert _settings_in(_environment(DEBUG="false", SECRET_KEY=secrets.token_urlsafe(50))) == (
+        PRODUCTION
+    )
 
 
 def test_plain_http_with_debug_false_is_one_variable_away():
     """What the tests' and the benchmark's web processes run with (tests/support/cluster.py)."""
-    found = _settings_in(_environment(DEBUG="false", SECURE_SSL_REDIRECT="false"))
+    found = _settings_in(
+        _environment(
+            DEBUG="false", SECURE_SSL_REDIRECT="false", SECRET_KEY=secrets.token_urlsafe(50)
+        )
+    )
     assert found == {**PRODUCTION, "SECURE_SSL_REDIRECT": False}
 
 
@@ -190,14 +230,7 @@ def test_debug_true_keeps_local_http_working():
 
 
 def _check_deploy(env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return _run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"], env)
 
 
 def test_check_deploy_is_clean_for_the_production_settings():
@@ -207,7 +240,9 @@ def test_check_deploy_is_clean_for_the_production_settings():
 
 
 def test_check_deploy_refuses_the_public_development_secret_key():
-    result = _check_deploy(_environment(DEBUG="false"))
+    result = _check_deploy(
+        _environment(DEBUG="false", SECRET_KEY=django_settings.DEVELOPMENT_SECRET_KEY)
+    )
     assert result.returncode != 0
     assert "switchyard.W001" in result.stdout + result.stderr
 
