@@ -297,7 +297,11 @@ SWITCHYARD_SSE_HEARTBEAT_S = env_float("SWITCHYARD_SSE_HEARTBEAT_S", 15.0, minim
 SWITCHYARD_PUBLIC_URL = env_str("SWITCHYARD_PUBLIC_URL", "http://127.0.0.1:8000")
 
 # Step kinds
-SWITCHYARD_LLM_DEFAULT_PROVIDER = env_str("SWITCHYARD_LLM_DEFAULT_PROVIDER", "simulated")
+# The provider of llm steps that name none. Development simulates one; a deployment names its
+# own (`check --deploy` fails without one, switchyard.E002), so that nobody ships simulated text.
+SWITCHYARD_LLM_DEFAULT_PROVIDER = env_str(
+    "SWITCHYARD_LLM_DEFAULT_PROVIDER", "simulated" if DEBUG else ""
+)
 SWITCHYARD_OPENAI_BASE_URL = env_str("SWITCHYARD_OPENAI_BASE_URL", "https://api.openai.com/v1")
 SWITCHYARD_OPENAI_API_KEY = env_str("SWITCHYARD_OPENAI_API_KEY", "")
 SWITCHYARD_OPENAI_MODEL = env_str("SWITCHYARD_OPENAI_MODEL", "gpt-4o-mini")

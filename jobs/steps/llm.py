@@ -34,8 +34,17 @@ SIMULATED_MODEL = "sim-1"
 _ERROR_BODY_CHARS = 300
 
 
+PROVIDERS = ("simulated", "openai")
+
+
 def handle(ctx: StepContext) -> dict[str, Any]:
     provider = ctx.input.get("provider") or settings.SWITCHYARD_LLM_DEFAULT_PROVIDER
+    if not provider:
+        raise StepFailure(
+            "no llm provider: the step names none and SWITCHYARD_LLM_DEFAULT_PROVIDER is not set",
+            code="config",
+            retryable=False,
+        )
     if provider == "simulated":
         return run_simulated(ctx)
     if provider == "openai":

@@ -146,7 +146,14 @@ PRODUCTION = {
     "CSRF_COOKIE_SECURE": True,
     "X_FRAME_OPTIONS": "DENY",
 }
-_OVERRIDABLE = [name for name in PRODUCTION if name != "DEBUG"] + ["SECRET_KEY", "ALLOWED_HOSTS"]
+_OVERRIDABLE = [name for name in PRODUCTION if name != "DEBUG"] + [
+    "SECRET_KEY",
+    "ALLOWED_HOSTS",
+    "SWITCHYARD_LLM_DEFAULT_PROVIDER",
+    "SWITCHYARD_OPENAI_API_KEY",
+]
+# What a deployment sets besides DEBUG=false (docs/security.md, "Production settings").
+_DEPLOYMENT = {"SWITCHYARD_LLM_DEFAULT_PROVIDER": "openai", "SWITCHYARD_OPENAI_API_KEY": "sk-x"}
 
 
 def _environment(**values: str) -> dict[str, str]:
@@ -234,14 +241,53 @@ def _check_deploy(env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def test_check_deploy_is_clean_for_the_production_settings():
-    result = _check_deploy(_environment(DEBUG="false", SECRET_KEY=secrets.token_urlsafe(50)))
+    result = _check_deploy(
+        _environment(DEBUG="false", SECRET_KEY=secrets.token_urlsafe(50), **_DEPLOYMENT)
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout
 
 
+def test_check_deploy_fails_while_llm_steps_have_no_provider():
+    """With DEBUG off nothing is simulated unless asked for: llm steps that name no provider
+    would fail, and the deploy check says so before they do."""
+    result = _check_deploy(_environment(DEBUG="false", SECRET_KEY=secrets.token_urlsafe(50)))
+    assert result.returncode != 0
+    assert "switchyard.E002" in result.stderr
+    assert "SWITCHYARD_LLM_DEFAULT_PROVIDER is not set" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("provider", "api_key", "found"),
+    [
+        ("", "", ["switchyard.E002"]),
+        ("telepathy", "", ["switchyard.E002"]),
+        ("openai", "", ["switchyard.E003"]),
+        ("openai", "sk-x", []),
+        ("simulated", "", []),  # asked for by name: the benchmark's deployment
+    ],
+)
+def test_the_llm_provider_check_passes_once_a_provider_is_configured(
+    settings, provider, api_key, found
+):
+    from orchestrator.checks import check_llm_steps_have_a_provider
+
+    settings.DEBUG = False
+    settings.SWITCHYARD_LLM_DEFAULT_PROVIDER = provider
+    settings.SWITCHYARD_OPENAI_API_KEY = api_key
+    assert [error.id for error in check_llm_steps_have_a_provider(None)] == found
+
+
+def test_development_simulates_llm_steps_without_configuration():
+    found = _settings_in(_clean_environment(DEBUG="true"), ["SWITCHYARD_LLM_DEFAULT_PROVIDER"])
+    assert found == {"SWITCHYARD_LLM_DEFAULT_PROVIDER": "simulated"}
+
+
 def test_check_deploy_refuses_the_public_development_secret_key():
     result = _check_deploy(
-        _environment(DEBUG="false", SECRET_KEY=django_settings.DEVELOPMENT_SECRET_KEY)
+        _environment(
+            DEBUG="false", SECRET_KEY=django_settings.DEVELOPMENT_SECRET_KEY, **_DEPLOYMENT
+        )
     )
     assert result.returncode != 0
     assert "switchyard.W001" in result.stdout + result.stderr

@@ -254,6 +254,14 @@ def test_the_provider_defaults_to_the_setting(settings):
     assert failure.value.code == "config"
 
 
+def test_without_a_provider_a_step_fails_naming_the_setting(settings):
+    settings.SWITCHYARD_LLM_DEFAULT_PROVIDER = ""
+    with pytest.raises(StepFailure) as failure:
+        llm.handle(make_ctx({"prompt": "hi", "simulated": FAST}))
+    assert failure.value.code == "config" and not failure.value.retryable
+    assert "SWITCHYARD_LLM_DEFAULT_PROVIDER is not set" in str(failure.value)
+
+
 def test_an_unknown_provider_fails_without_retrying():
     with pytest.raises(StepFailure) as failure:
         llm.handle(make_ctx({"provider": "telepathy", "prompt": "hi"}))
