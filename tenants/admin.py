@@ -1,3 +1,4 @@
+from django import forms
 from django.contrib import admin, messages
 from django.db import models
 from django.db.models import Count, IntegerField, OuterRef, Subquery, Sum, Value
@@ -7,6 +8,7 @@ from django.utils import timezone
 from jobs.models import Run, StepRun
 from jobs.selectors import in_flight_steps
 from tenants.models import ApiKey, Membership, Tenant, TenantTokenUse, TenantUsageDay
+from tenants.origins import validate_allowed_origins
 from tenants.quotas import usage_day
 from tenants.services import (
     api_key_fill,
@@ -64,8 +66,39 @@ class MembershipInline(admin.TabularInline):
     autocomplete_fields = ("user",)
 
 
+class OriginsField(forms.Field):
+    """`Tenant.allowed_origins` as a text area, one origin per line."""
+
+    widget = forms.Textarea(attrs={"rows": 3, "placeholder": "https://app.example.com"})
+
+    def prepare_value(self, value):
+        return "\n".join(value) if isinstance(value, list) else value
+
+    def to_python(self, value) -> list[str]:
+        return [line.strip() for line in (value or "").splitlines() if line.strip()]
+
+    def validate(self, value: list[str]) -> None:
+        super().validate(value)
+        validate_allowed_origins(value)
+
+
+class TenantForm(forms.ModelForm):
+    allowed_origins = OriginsField(
+        required=False,
+        help_text=(
+            "One origin per line, as browsers send it: scheme://host[:port], no path, no "
+            "wildcard. Pages there may follow this tenant's runs with a stream token."
+        ),
+    )
+
+    class Meta:
+        model = Tenant
+        fields = ("allowed_origins",)  # the admin adds the fieldsets' fields
+
+
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
+    form = TenantForm
     list_display = (
         "slug",
         "name",
@@ -96,6 +129,7 @@ class TenantAdmin(admin.ModelAdmin):
             },
         ),
         ("Webhooks", {"fields": ("webhook_secret", "approval_webhook_url")}),
+        ("Browsers", {"fields": ("allowed_origins",)}),
         ("Scheduling", {"fields": ("weight", "default_lane", "max_lane")}),
         (
             "Quotas",

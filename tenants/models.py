@@ -9,6 +9,8 @@ import uuid
 from django.conf import settings
 from django.db import models
 
+from tenants.origins import validate_allowed_origins
+
 
 class Lane(models.TextChoices):
     INTERACTIVE = "interactive", "interactive"
@@ -49,6 +51,14 @@ class Tenant(models.Model):
         max_length=2000,
         blank=True,
         help_text="Notified of each new approval request (signed like run webhooks).",
+    )
+    # The web pages (their origins) that may follow this tenant's runs from a browser with a
+    # stream token: CORS on the streams and the WebSocket origin check (tenants/origins.py).
+    allowed_origins = models.JSONField(
+        default=list,
+        blank=True,
+        validators=[validate_allowed_origins],
+        help_text="Origins of the tenant's web pages, e.g. https://app.example.com (no path).",
     )
     created_at = models.DateTimeField(auto_now_add=True)
 
