@@ -35,7 +35,7 @@ from jobs.services.webhooks import (
     webhook_delivery_claim,
     webhook_delivery_dispatch,
 )
-from jobs.steps.netguard import ForbiddenURL, check_outbound_url, guarded_client
+from jobs.steps.netguard import ForbiddenURL, check_outbound_url, guarded_client, redact_url
 from orchestrator.celery import app
 from orchestrator.encryption import DecryptionError
 from orchestrator.queues import broker_queue
@@ -151,7 +151,7 @@ def webhook_deliver(*, delivery_id: int, dispatch_token: str, worker: str) -> No
         claim.event_type,
         claim.event_id,
         claim.attempt,
-        claim.url,
+        redact_url(claim.url),
         delivery.status if not error else f"{delivery.status} ({error})",
     )
 
@@ -163,7 +163,7 @@ def _post(claim: WebhookClaim) -> tuple[int | None, float | None, str, bool]:
     except ForbiddenURL as exc:
         return None, None, str(exc), True
     except OSError as exc:
-        return None, None, f"cannot resolve the host of {claim.url}: {exc}", False
+        return None, None, f"cannot resolve the host of {redact_url(claim.url)}: {exc}", False
     try:
         secret = tenant_webhook_secret_ensure(tenant_id=claim.tenant_id)
     except DecryptionError as exc:  # a changed SWITCHYARD_ENCRYPTION_KEY: fixable, so retried

@@ -10,6 +10,10 @@ Three layers, so that each caller gets the shape it needs:
 - `check_public_url(url)`: the same policy for step handlers, raising
   `StepFailure(code="forbidden_address", retryable=False)`.
 
+Every message (refusals, errors, logs) shows an outbound URL through `redact_url`: a tenant's
+URL may carry credentials in its userinfo or query string (`?token=…`), and messages end up in
+logs, step errors and delivery records.
+
 A host that cannot be resolved is not a policy refusal (DNS fails transiently), so
 `check_outbound_url` lets `socket.gaierror` through and `check_public_url` turns it into a
 retryable `http_error`.
@@ -27,7 +31,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpcore
 import httpx
@@ -82,17 +86,34 @@ def _shown(address: IPAddress) -> str:
     return str(address)
 
 
+REDACTED = "***"
+
+
+def redact_url(url: object) -> str:
+    """`url` as logs and messages may show it: userinfo and query replaced by `***`, the
+    fragment dropped; scheme, host, port and path kept (what one needs to tell URLs apart)."""
+    text = str(url)
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # an unclosed IPv6 bracket and the like: no part can be told apart
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{REDACTED}@{netloc.rpartition('@')[2]}"
+    return urlunsplit((parts.scheme, netloc, parts.path, REDACTED if parts.query else "", ""))
+
+
 def _split(url: str) -> tuple[str, int]:
     """The host and port of `url`; raises ForbiddenURL for a scheme or shape we do not request."""
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise ForbiddenURL(f"invalid URL {url!r}: {exc}") from None
+        raise ForbiddenURL(f"invalid URL {redact_url(url)!r}: {exc}") from None
     if parts.scheme.lower() not in ALLOWED_SCHEMES:
         raise ForbiddenURL(f"URL scheme must be http or https, not {parts.scheme!r}")
     if not parts.hostname:
-        raise ForbiddenURL(f"URL has no host: {url!r}")
+        raise ForbiddenURL(f"URL has no host: {redact_url(url)!r}")
     if port is None:
         port = 443 if parts.scheme.lower() == "https" else 80
     return parts.hostname, port
@@ -150,7 +171,7 @@ def is_public_url(url: str) -> tuple[bool, str]:
     try:
         reason = _refusal(url)
     except OSError as exc:
-        return False, f"cannot resolve the host of {url!r}: {exc}"
+        return False, f"cannot resolve the host of {redact_url(url)!r}: {exc}"
     return (False, reason) if reason else (True, "")
 
 
@@ -170,7 +191,7 @@ def check_outbound_url(url: str) -> None:
         return
     reason = _refusal(url)
     if reason:
-        raise ForbiddenURL(f"refusing {url}: {reason}")
+        raise ForbiddenURL(f"refusing {redact_url(url)}: {reason}")
 
 
 def check_public_url(url: str) -> None:
@@ -181,7 +202,9 @@ def check_public_url(url: str) -> None:
         raise StepFailure(str(exc), code="forbidden_address", retryable=False) from None
     except OSError as exc:
         raise StepFailure(
-            f"cannot resolve the host of {url}: {exc}", code="http_error", retryable=True
+            f"cannot resolve the host of {redact_url(url)}: {exc}",
+            code="http_error",
+            retryable=True,
         ) from None
 
 

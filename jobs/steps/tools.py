@@ -112,6 +112,7 @@ def http(
         raise _bad_args(f"http: timeout_s must be a number > 0, not {timeout_s!r}")
 
     netguard.check_public_url(url)
+    shown = netguard.redact_url(url)  # for messages: no userinfo, no query string
 
     timeout = ctx.seconds_left() if timeout_s is None else min(timeout_s, ctx.seconds_left())
     if timeout <= 0:
@@ -137,20 +138,21 @@ def http(
         raise StepFailure(str(exc), code="forbidden_address", retryable=False) from None
     except httpx.TimeoutException as exc:
         raise StepFailure(
-            f"http: {method} {url} timed out after {timeout:.1f} s ({type(exc).__name__})",
+            f"http: {method} {shown} timed out after {timeout:.1f} s ({type(exc).__name__})",
             code="timeout",
         ) from exc
     except httpx.InvalidURL as exc:
-        raise _bad_args(f"http: invalid URL {url!r}: {exc}") from None
+        raise _bad_args(f"http: invalid URL {shown!r}: {exc}") from None
     except (httpx.TransportError, httpx.DecodingError) as exc:
         raise StepFailure(
-            f"http: {method} {url} failed: {type(exc).__name__}: {exc}", code="http_error"
+            f"http: {method} {shown} failed: {type(exc).__name__}: {exc}",
+            code="http_error",
         ) from exc
 
     text = body.decode(response.encoding or "utf-8", errors="replace")
     if response.status_code >= 500:
         raise StepFailure(
-            f"http: {method} {url} answered HTTP {response.status_code}: "
+            f"http: {method} {shown} answered HTTP {response.status_code}: "
             f"{text[:_ERROR_BODY_CHARS].strip()}",
             code="http_5xx",
         )

@@ -62,6 +62,20 @@ def _text(response) -> str:
     return response.content.decode(errors="replace")
 
 
+def _deliver_the_first_attempt(run: Run) -> WebhookDelivery:
+    """End `run` and make its webhook's first attempt at once, in this process."""
+    run_cancel(run=run, reason="ended for the test")
+    delivery = WebhookDelivery.objects.get(run=run)
+    WebhookDelivery.objects.filter(pk=delivery.pk).update(next_attempt_at=timezone.now())
+    dispatch = webhook_delivery_dispatch(delivery_id=delivery.pk)
+    webhook_deliver(
+        delivery_id=dispatch.delivery_id,
+        dispatch_token=str(dispatch.dispatch_token),
+        worker="test",
+    )
+    return delivery
+
+
 @pytest.fixture
 def flow(owner, settings, caplog) -> Flow:
     """Create a key and a secret through the API, use them, fail with them, and deliver a
@@ -88,15 +102,7 @@ def flow(owner, settings, caplog) -> Flow:
         )
         assert submitted.status_code == 202, submitted.content
         run = Run.objects.get(public_id=submitted.json()["id"])
-        run_cancel(run=run, reason="ended for the test")
-        delivery = WebhookDelivery.objects.get(run=run)
-        WebhookDelivery.objects.filter(pk=delivery.pk).update(next_attempt_at=timezone.now())
-        dispatch = webhook_delivery_dispatch(delivery_id=delivery.pk)
-        webhook_deliver(
-            delivery_id=dispatch.delivery_id,
-            dispatch_token=str(dispatch.dispatch_token),
-            worker="test",
-        )
+        delivery = _deliver_the_first_attempt(run)
         [request] = receiver.received
     delivery.refresh_from_db()
     assert delivery.last_status_code == 500 and delivery.attempts == 1
@@ -245,3 +251,28 @@ def test_the_webhook_secret_is_read_back_only_by_an_admin_key(flow, owner):
     )
     refused = plain.get("/api/v1/webhook-secret/")
     assert refused.status_code == 403 and not flow.leaks(_text(refused))
+
+
+def test_a_failed_webhook_delivery_logs_its_url_without_userinfo_or_query(owner, settings, caplog):
+    """A receiver's URL may carry credentials (`user:password@`, `?token=`): the log line of
+    the attempt shows where it went, not them (jobs.steps.netguard.redact_url)."""
+    settings.SWITCHYARD_ALLOW_PRIVATE_URLS = True
+    caplog.set_level(logging.DEBUG)
+    definition = chain("hook", "only")
+    assert owner.api.post("/api/v1/workflows/", definition, format="json").status_code == 201
+    with WebhookReceiver(answers=[500]) as receiver:
+        url = receiver.url.replace("http://", "http://hook-user:hook-password@")
+        submitted = owner.api.post(
+            "/api/v1/runs/",
+            {"workflow": "hook", "webhook_url": f"{url}?token=hook-token#hook-fragment"},
+            format="json",
+        )
+        assert submitted.status_code == 202, submitted.content
+        run = Run.objects.get(public_id=submitted.json()["id"])
+        _deliver_the_first_attempt(run)
+        assert len(receiver.received) == 1
+    [line] = [r.getMessage() for r in caplog.records if " attempt 1 to " in r.getMessage()]
+    shown = receiver.url.replace("http://", "http://***@") + "?***"
+    assert f" to {shown}: " in line and "500" in line
+    for credential in ("hook-user", "hook-password", "hook-token", "hook-fragment"):
+        assert credential not in line

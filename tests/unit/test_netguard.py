@@ -196,3 +196,26 @@ def test_the_guarded_client_refuses_a_connection_to_a_rebound_address(settings, 
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://hooks.example.com/in", "https://hooks.example.com/in"),
+        ("https://hooks.example.com:8443/in?token=s3cret", "https://hooks.example.com:8443/in?***"),
+        ("https://user:pa55@hooks.example.com/in", "https://***@hooks.example.com/in"),
+        ("https://user@hooks.example.com/in?a=1&b=2#frag", "https://***@hooks.example.com/in?***"),
+        ("https://a@b@hooks.example.com/", "https://***@hooks.example.com/"),
+        ("https://hooks.example.com/in#access_token=s3cret", "https://hooks.example.com/in"),
+        ("https://[::1/in?token=s3cret", "<unparsable URL>"),
+    ],
+)
+def test_redact_url_hides_userinfo_query_and_fragment(url, shown):
+    assert netguard.redact_url(url) == shown
+
+
+def test_a_refusal_names_the_url_without_its_credentials(private_urls_refused):
+    with pytest.raises(netguard.ForbiddenURL) as refused:
+        netguard.check_outbound_url("http://admin:pa55@127.0.0.1:8080/hook?token=s3cret")
+    assert str(refused.value).startswith("refusing http://***@127.0.0.1:8080/hook?***: ")
+    assert "pa55" not in str(refused.value) and "s3cret" not in str(refused.value)
