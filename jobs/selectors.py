@@ -71,6 +71,20 @@ def run_for(*, tenant: Tenant, run_id: str | uuid.UUID) -> Run | None:
     )
 
 
+def run_tenant_allows_origin(*, run_id: str | uuid.UUID, origin: str) -> bool:
+    """Whether the tenant of run `run_id` lists `origin` among its allowed origins.
+
+    The one read by bare run id: a browser's CORS preflight carries no credentials, so the
+    run's tenant is the only one that can answer; it says yes or no and shows nothing else.
+    """
+    public_id = parse_uuid(run_id)
+    if public_id is None or not origin:
+        return False
+    return Run.objects.filter(
+        public_id=public_id, tenant__allowed_origins__contains=[origin]
+    ).exists()
+
+
 def runs_for(
     *,
     tenant: Tenant,

@@ -19,7 +19,7 @@ from django.urls import path  # noqa: E402
 from dashboard.consumers import DashboardConsumer, OperatorRunConsumer  # noqa: E402
 from dashboard.inbox.consumers import InboxConsumer  # noqa: E402
 from jobs.api.streams import LongLivedRequests  # noqa: E402
-from jobs.consumers import RunEventsConsumer  # noqa: E402
+from jobs.consumers import RunEventsConsumer, stream_token_origin_allowed  # noqa: E402
 
 
 class BrowserOriginValidator:
@@ -30,6 +30,10 @@ class BrowserOriginValidator:
     handshake, so a handshake without one does not come from a page, and a client that
     omits it (an SDK, a script) can only use credentials it holds anyway. Channels' validator
     refuses a missing Origin, which would shut out every non-browser client of the API.
+
+    One kind of cross-site socket passes: a run's, bearing a stream token for that run, from
+    an origin the run's tenant allows (`jobs.consumers.stream_token_origin_allowed`). A token
+    is no cookie: a page has it only because the tenant's backend gave it one.
     """
 
     def __init__(self, application):
@@ -37,9 +41,13 @@ class BrowserOriginValidator:
         self.validated = AllowedHostsOriginValidator(application)
 
     async def __call__(self, scope, receive, send):
-        if any(name == b"origin" for name, _ in scope.get("headers", ())):
-            return await self.validated(scope, receive, send)
-        return await self.application(scope, receive, send)
+        headers = scope.get("headers", ())
+        origin = next((value for name, value in headers if name == b"origin"), None)
+        if origin is None:
+            return await self.application(scope, receive, send)
+        if await stream_token_origin_allowed(scope, origin.decode("latin1")):
+            return await self.application(scope, receive, send)
+        return await self.validated(scope, receive, send)
 
 
 websocket_urlpatterns: list = [

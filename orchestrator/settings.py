@@ -294,6 +294,8 @@ SWITCHYARD_RATE_BURST_S = env_float("SWITCHYARD_RATE_BURST_S", 10.0, minimum=0.0
 SWITCHYARD_API_MAX_WAIT_S = env_int("SWITCHYARD_API_MAX_WAIT_S", 60, minimum=0)
 # Live streams (SSE) send a heartbeat comment after this many seconds without a frame.
 SWITCHYARD_SSE_HEARTBEAT_S = env_float("SWITCHYARD_SSE_HEARTBEAT_S", 15.0, minimum=0.1)
+# Stream tokens (jobs/stream_tokens.py): how long a browser's token for one run's stream lives.
+SWITCHYARD_STREAM_TOKEN_TTL_S = env_int("SWITCHYARD_STREAM_TOKEN_TTL_S", 300, minimum=1)
 SWITCHYARD_PUBLIC_URL = env_str("SWITCHYARD_PUBLIC_URL", "http://127.0.0.1:8000")
 
 # Step kinds

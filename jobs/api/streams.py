@@ -1,6 +1,7 @@
 """The long-lived requests of the client API (docs/api.md): live SSE streams and waiting.
 
-- `GET /api/v1/runs/{id}/events/` with `Accept: text/event-stream`: every stored event after
+- `GET /api/v1/runs/{id}/events/` with `Accept: text/event-stream`, authenticated by an API key
+  or by a stream token for that run (`?token=`, `jobs.stream_tokens`): every stored event after
   `Last-Event-ID` (or `?after=`), then live events, as SSE frames with `id:` = seq; token
   deltas as `event: step.delta` frames without an `id:`; a `: heartbeat` comment after
   `SWITCHYARD_SSE_HEARTBEAT_S` of silence; the stream ends after the run's final event. A
@@ -36,6 +37,7 @@ from django.conf import settings
 from django.db import OperationalError
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.urls import Resolver404, resolve
+from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.renderers import JSONRenderer
@@ -47,6 +49,7 @@ from jobs.api.serializers import run_detail as run_detail_repr
 from jobs.api.views import RunDetailView, RunEventsView, RunListView
 from jobs.feeds import Delta, Idle, RunFeed, StoredEvent, db_call, run_wait_final
 from jobs.models import Run
+from jobs.stream_tokens import StreamTokenRefused, run_for_stream_token
 from tenants.auth import ApiKeyAuthentication
 from tenants.models import Tenant
 
@@ -230,12 +233,12 @@ async def run_detail(request: HttpRequest, run_id: str) -> HttpResponse:
 async def run_events(request: HttpRequest, run_id: str) -> HttpResponse:
     if not _holds_open(request, _streams):
         return await sync_to_async(_run_events)(request, run_id=run_id)
-    tenant = await _authenticate(request)
-    if isinstance(tenant, HttpResponse):
-        return tenant
-    run = await db_call(selectors.run_for)(tenant=tenant, run_id=run_id)
-    if run is None:
-        return _not_found()
+    if "token" in request.GET:
+        run = await _run_for_token(request, run_id)
+    else:
+        run = await _run_for_key(request, run_id)
+    if isinstance(run, HttpResponse):
+        return run
     # EventSource sends Last-Event-ID on reconnection, to the URL it first opened: the header
     # is newer than the URL's ?after=.
     if "Last-Event-ID" in request.headers:
@@ -254,6 +257,25 @@ async def run_events(request: HttpRequest, run_id: str) -> HttpResponse:
     # Proxies that buffer responses (nginx) would hold the frames back.
     response["X-Accel-Buffering"] = "no"
     return response
+
+
+async def _run_for_key(request: HttpRequest, run_id: str) -> Run | HttpResponse:
+    tenant = await _authenticate(request)
+    if isinstance(tenant, HttpResponse):
+        return tenant
+    run = await db_call(selectors.run_for)(tenant=tenant, run_id=run_id)
+    return _not_found() if run is None else run
+
+
+async def _run_for_token(request: HttpRequest, run_id: str) -> Run | HttpResponse:
+    """The run a stream token (`?token=`, `jobs.stream_tokens`) opens: the only place besides
+    the run's WebSocket where one is accepted."""
+    try:
+        return await db_call(run_for_stream_token)(
+            request.GET["token"], run_id=run_id, now=timezone.now()
+        )
+    except StreamTokenRefused as refused:
+        return _error(refused.status, refused.code, refused.message)
 
 
 def _has_everything(run: Run, after: int) -> bool:

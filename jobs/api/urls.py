@@ -7,6 +7,8 @@ from jobs.api.account import (
     WebhookSecretRotateView,
     WebhookSecretView,
 )
+from jobs.api.cors import cors_for_run
+from jobs.api.stream_tokens import StreamTokenView
 
 app_name = "api"
 
@@ -16,7 +18,13 @@ urlpatterns = [
     # Async fronts of the DRF views: they wait (?wait=) and stream (SSE), and hand the rest on.
     path("runs/", streams.run_list, name="run-list"),
     path("runs/<str:run_id>/", streams.run_detail, name="run-detail"),
-    path("runs/<str:run_id>/events/", streams.run_events, name="run-events"),
+    # What a browser reads, with CORS for the run's tenant's allowed origins.
+    path("runs/<str:run_id>/events/", cors_for_run("GET")(streams.run_events), name="run-events"),
+    path(
+        "runs/<str:run_id>/stream-token/",
+        cors_for_run("POST")(StreamTokenView.as_view()),
+        name="run-stream-token",
+    ),
     path("runs/<str:run_id>/cancel/", views.RunCancelView.as_view(), name="run-cancel"),
     path("runs/<str:run_id>/retry/", views.RunRetryView.as_view(), name="run-retry"),
     path("documents/", views.DocumentsView.as_view(), name="documents"),

@@ -38,6 +38,7 @@ ENDPOINTS = {
     "/api/v1/runs/{run_id}/events/": {"get"},
     "/api/v1/runs/{run_id}/cancel/": {"post"},
     "/api/v1/runs/{run_id}/retry/": {"post"},
+    "/api/v1/runs/{run_id}/stream-token/": {"post"},
     "/api/v1/documents/": {"post"},
     "/api/v1/keys/": {"get", "post"},
     "/api/v1/keys/{key_id}/": {"delete"},

@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -30,7 +31,7 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.contrib.contenttypes.models import ContentType
 from django.db import transaction
-from django.test import AsyncClient
+from django.test import AsyncClient, Client
 from django.utils import timezone
 
 from jobs.events import inbox_group
@@ -156,6 +157,8 @@ HTTP: dict[str, Spec] = {
     ),
     "api/v1/runs/<str:run_id>/": Spec({"GET": api(200)}),
     "api/v1/runs/<str:run_id>/events/": Spec({"GET": api(200)}),
+    # Minting a stream token reads the run and records nothing.
+    "api/v1/runs/<str:run_id>/stream-token/": Spec({"POST": api(200)}, changes_a=False),
     "api/v1/runs/<str:run_id>/cancel/": Spec({"POST": api(200)}),
     "api/v1/runs/<str:run_id>/retry/": Spec({"POST": api(202)}, objects={"run_id": "failed_run"}),
     "api/v1/documents/": Spec(
@@ -378,8 +381,6 @@ def _request(world, role: str, method: str, route: Route, spec: Spec, path: str)
 
 
 def _form(data: dict[str, str]) -> str:
-    from urllib.parse import urlencode
-
     return urlencode(data)
 
 
@@ -472,6 +473,40 @@ def test_each_role_gets_exactly_its_status_on_every_route(route, world, settings
                 wrong.append(f"{where}: a read changed tenant A: {_diff(before, after)}")
             elif method != "GET" and spec.changes_a and _succeeds(expected) and after == before:
                 wrong.append(f"{where}: answered {expected!r} but changed nothing")
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("route", APP_ROUTES, ids=lambda route: route.pattern or "/")
+def test_a_stream_token_is_no_credential_on_any_route(route, world, settings):
+    """A stream token of A's run gets what a dead credential gets on every route: in the URL
+    what anonymous gets, as a Bearer key what a revoked key gets; and it changes nothing. (Its
+    one use, the run's SSE stream, is tested below.)"""
+    settings.SWITCHYARD_METRICS_TOKEN = "metrics-token-no-role-holds"
+    spec = expectation_for(route, HTTP)
+    path = route.path(_values(world, spec, route))
+    token = world.stream_token(world.waiting_run)
+    wrong = []
+    for method, expectations in spec.methods.items():
+        for client, url, expected in (
+            (Client(HTTP_AUTHORIZATION=f"Bearer {token}"), path, expectations["revoked_key"]),
+            (Client(), f"{path}?{urlencode({'token': token})}", expectations["anonymous"]),
+        ):
+            with transaction.atomic():
+                if spec.before is not None:
+                    spec.before(world)
+                before = fingerprint(world.tenant_a)
+                if method == "GET":
+                    response = client.get(url)
+                else:
+                    body = json.dumps(spec.data.get(method) or {})
+                    response = client.generic(method, url, body, content_type="application/json")
+                after = fingerprint(world.tenant_a)
+                transaction.set_rollback(True)
+            where = f"{method} {url[:60]} with a stream token"
+            if not _matches(response, expected):
+                wrong.append(f"{where}: got {response.status_code}, expected {expected!r}")
+            if after != before:
+                wrong.append(f"{where}: changed tenant A: {_diff(before, after)}")
     assert not wrong, "\n".join(wrong)
 
 
@@ -590,6 +625,42 @@ def test_streams_and_waits_answer_each_role_like_the_api(live_world):
     assert not wrong, "\n".join(wrong)
 
 
+def test_a_stream_token_opens_its_runs_stream_and_no_other(live_world):
+    """Its run's SSE stream is the one HTTP place a stream token is accepted: another run of
+    the same tenant is refused (403), and so is another tenant's run, either way round."""
+    world = live_world
+    token_a = world.stream_token(world.failed_run)
+    token_b = world.stream_token(world.foreign_run)
+
+    async def stream(run: Run, token: str) -> tuple[int, bytes]:
+        response = await AsyncClient().get(
+            f"/api/v1/runs/{run.public_id}/events/",
+            {"token": token},
+            headers={"Accept": "text/event-stream"},
+        )
+        if not response.streaming:
+            return response.status_code, response.content
+        first = b""
+        async for chunk in response.streaming_content:
+            first += chunk
+            if b"run.failed" in first:
+                break
+        return response.status_code, first
+
+    status, body = async_to_sync(stream)(world.failed_run, token_a)
+    assert status == 200 and b"event: run.failed" in body, body[:300]
+    for run, token in (
+        (world.waiting_run, token_a),
+        (world.foreign_run, token_a),
+        (world.failed_run, token_b),
+    ):
+        status, body = async_to_sync(stream)(run, token)
+        assert status == 403, (run, status, body)
+        assert json.loads(body)["error"]["code"] == "forbidden"
+        for secret in world.secrets_of_a:
+            assert token is token_a or secret not in body.decode()
+
+
 # --- WebSockets ----------------------------------------------------------------------------------
 
 
@@ -636,6 +707,35 @@ def test_each_role_gets_exactly_its_answer_on_every_websocket_route(live_world):
             if got != expectations[role]:
                 wrong.append(f"WS /{route.pattern} as {role}: {got}, want {expectations[role]}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_a_stream_token_opens_its_runs_socket_and_no_other(live_world):
+    """On WebSockets too, a stream token opens its own run's socket and nothing else."""
+    world = live_world
+    token = world.stream_token(world.failed_run)
+    from orchestrator.asgi import application
+
+    async def answer(path: str) -> Any:
+        communicator = WebsocketCommunicator(application, f"{path}?token={token}")
+        connected, _ = await communicator.connect(timeout=10)
+        assert connected
+        output = await communicator.receive_output(timeout=15)
+        await communicator.disconnect()
+        if output["type"] == "websocket.close":
+            return output.get("code")
+        return FRAME
+
+    expectations = {
+        f"/ws/runs/{world.failed_run.public_id}/": FRAME,
+        f"/ws/runs/{world.waiting_run.public_id}/": 4403,
+        f"/ws/runs/{world.foreign_run.public_id}/": 4403,
+        # No session: the token is nothing to the operators' and reviewers' sockets.
+        "/ws/inbox/": 4401,
+        "/ws/dashboard/": 4401,
+        f"/ws/dashboard/runs/{world.failed_run.public_id}/": 4401,
+    }
+    got = {path: async_to_sync(answer)(path) for path in expectations}
+    assert got == expectations
 
 
 def test_an_inbox_socket_hears_only_its_own_tenants_changes(live_world):

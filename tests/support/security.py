@@ -10,6 +10,9 @@ Roles:
 - `viewer`, `reviewer`: signed-in members of A with those roles;
 - `foreign_reviewer`: a signed-in reviewer of B;
 - `operator`: a signed-in staff user (platform operator) with no membership.
+
+A stream token (`jobs.stream_tokens`) is no role: it opens one run's streams and nothing else,
+so the matrix presents `World.stream_token(run)` everywhere else and expects what anonymous gets.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from django.test import Client
 from django.utils import timezone
 
 from jobs.models import Approval, Run
+from jobs.stream_tokens import stream_token_mint
 from schedules.models import Schedule
 from schedules.services import schedule_create
 from tenants.models import ApiKey, Membership, Role, Scope, Tenant
@@ -50,6 +54,7 @@ class World:
     failed_run: Run
     approval: Approval
     schedule: Schedule
+    foreign_run: Run  # tenant B's
     # Strings that identify A's objects: none may appear in what another tenant is shown.
     secrets_of_a: list[str] = field(default_factory=list)
 
@@ -61,6 +66,11 @@ class World:
         if role in self.users:
             client.force_login(self.users[role])
         return client
+
+    def stream_token(self, run: Run) -> str:
+        """A stream token for `run`, as its tenant's backend would mint it."""
+        token, _ = stream_token_mint(run=run, now=timezone.now())
+        return token
 
 
 def _user(username: str, tenant: Tenant | None = None, role: str = "", **fields: Any):
@@ -83,6 +93,7 @@ def build_world() -> World:
     work_locally(failed, fail=frozenset({"second"}))
     waiting.refresh_from_db()
     failed.refresh_from_db()
+    foreign = submit(tenant_b, chain("other", "only"))
     schedule = schedule_create(
         tenant=tenant_a, name="nightly", workflow="flaky", now=timezone.now(), cron="0 3 * * *"
     )
@@ -109,6 +120,7 @@ def build_world() -> World:
         failed_run=failed,
         approval=approval,
         schedule=schedule,
+        foreign_run=foreign,
         secrets_of_a=[
             str(schedule.public_id),
             str(waiting.public_id),
