@@ -328,7 +328,10 @@ class RunEventsView(APIView):
         description=(
             "With `Accept: text/event-stream`: every stored event after `Last-Event-ID` (or "
             "`?after=`), then live events, as SSE frames with `id:` = seq, `step.delta` frames "
-            "without an id, heartbeats every 15 s; the stream ends after the run's final event."
+            "without an id, heartbeats every 15 s; the stream ends after the run's final event. "
+            "A browser opens the stream with `?token=` (a stream token of this run, from "
+            "`POST /api/v1/runs/{run_id}/stream-token/`) instead of an API key; a token opens "
+            "nothing else."
         ),
         parameters=[openapi.RUN_ID, openapi.EventsQuery, openapi.LAST_EVENT_ID],
         responses={
