@@ -66,7 +66,10 @@ def cors_for_run(methods: str) -> Callable[[Callable[..., Any]], Callable[..., A
 
             @functools.wraps(view)
             async def async_view(request: HttpRequest, run_id: str, **kwargs: Any):
-                origin = await db_call(_allowed)(request, run_id)
+                # No Origin (an SDK, a same-origin page): no query, no thread hop.
+                origin = None
+                if "Origin" in request.headers:
+                    origin = await db_call(_allowed)(request, run_id)
                 if _is_preflight(request):
                     return _finish(_preflight(origin, methods), origin)
                 return _finish(await view(request, run_id=run_id, **kwargs), origin)
