@@ -85,6 +85,7 @@ INSTALLED_APPS = [
     "channels",
     "tenants",
     "jobs",
+    "approvals",
     "dashboard",
     "schedules",
 ]
@@ -364,6 +365,11 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     # validatorUrl null: Swagger UI would otherwise load a badge from an outside validator.
     "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
+    # Links between operations (a submission's id opens the run, its events, cancel, retry).
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "jobs.api.openapi.add_links",
+    ],
     "ENUM_NAME_OVERRIDES": {
         "RunStatusEnum": "jobs.models.RunStatus",
         "StepStatusEnum": "jobs.models.StepStatus",

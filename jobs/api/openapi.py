@@ -269,3 +269,57 @@ class ApiKeyListOut(serializers.Serializer):
 class WebhookSecretOut(serializers.Serializer):
     secret = serializers.CharField(help_text="`whsec_...`: the HMAC-SHA256 key, as UTF-8.")
     rotated_at = serializers.DateTimeField(allow_null=True)
+
+
+# --- links between operations ------------------------------------------------------------------
+# What a client does next with an answer, as OpenAPI links: the id a submission answers opens the
+# run, its events, its cancel and retry. Generated clients and Schemathesis's stateful phase
+# follow them. drf-spectacular has no per-response links, so a postprocessing hook adds them.
+
+_RUN_ID = {"run_id": "$response.body#/id"}
+_RUN_NEXT = {
+    "GetRun": ("runs_retrieve", _RUN_ID, "The run: status, output, steps."),
+    "GetRunEvents": ("runs_events_list", _RUN_ID, "The run's event log; streams with SSE."),
+    "CancelRun": ("runs_cancel", _RUN_ID, "Cancel the run."),
+    "RetryRun": ("runs_retry", _RUN_ID, "Retry the run once it has failed."),
+    "GetStreamToken": ("runs_stream_token", _RUN_ID, "A stream token for a browser."),
+}
+_FIRST_RUN_ID = {"run_id": "$response.body#/runs/0/id"}
+LINKS: dict[tuple[str, str], dict[str, tuple[str, dict[str, str], str]]] = {
+    ("runs_create", "202"): _RUN_NEXT,
+    ("runs_create", "200"): _RUN_NEXT,
+    ("runs_retrieve", "200"): _RUN_NEXT,
+    ("runs_cancel", "200"): _RUN_NEXT,
+    ("runs_retry", "202"): _RUN_NEXT,
+    ("runs_list", "200"): {
+        "GetFirstRun": ("runs_retrieve", _FIRST_RUN_ID, "The newest run of the page."),
+    },
+    ("workflows_create", "201"): {
+        "GetWorkflowVersion": (
+            "workflows_retrieve",
+            {"name": "$response.body#/name", "version": "$response.body#/version"},
+            "The version just created.",
+        ),
+    },
+    ("keys_create", "201"): {
+        "RevokeKey": ("keys_revoke", {"key_id": "$response.body#/id"}, "Revoke the new key."),
+    },
+}
+
+
+def add_links(result: dict, generator, request, public) -> dict:
+    """drf-spectacular postprocessing hook: `LINKS` on the responses they start from."""
+    for operations in result.get("paths", {}).values():
+        for operation in operations.values():
+            if not isinstance(operation, dict):
+                continue
+            for status, response in operation.get("responses", {}).items():
+                for name, (target, parameters, description) in LINKS.get(
+                    (operation.get("operationId"), status), {}
+                ).items():
+                    response.setdefault("links", {})[name] = {
+                        "operationId": target,
+                        "parameters": parameters,
+                        "description": description,
+                    }
+    return result

@@ -7,22 +7,58 @@ from typing import Any
 from django.urls import reverse
 from rest_framework import serializers
 
+from jobs.definitions import NAME_PATTERN
 from jobs.events import event_payload
 from jobs.formats import iso
-from jobs.models import Event, Run, StepRun, WebhookDelivery, WorkflowVersion
+from jobs.models import Event, Run, RunStatus, StepRun, WebhookDelivery, WorkflowVersion
 from tenants.models import ApiKey, Lane, Scope
 
 
+class StringsOnly:
+    """A text field that takes only JSON strings: DRF's own would read `5` as `"5"`, which the
+    schema (`type: string`) does not allow."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StringField(StringsOnly, serializers.CharField):
+    pass
+
+
+class UrlStringField(StringsOnly, serializers.URLField):
+    pass
+
+
+class NoEmptyFilters:
+    """A query serializer that refuses a filter given empty (`?workflow=`): DRF would skip it
+    and answer as if it had not been given, while the schema says it has a value."""
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        empty = {
+            name: ["may not be empty: give a value or leave the parameter out"]
+            for name in self.fields
+            if name in data and data.get(name) == ""
+        }
+        if empty:
+            raise serializers.ValidationError(empty)
+        return super().to_internal_value(data)
+
+
 class RunSubmitSerializer(serializers.Serializer):
-    workflow = serializers.CharField(max_length=100)
+    workflow = StringField(max_length=100)
     version = serializers.IntegerField(min_value=1, required=False)
-    input = serializers.JSONField(required=False, default=dict)
+    input = serializers.DictField(
+        required=False, default=dict, help_text="Checked against the workflow's input_schema."
+    )
     lane = serializers.ChoiceField(choices=Lane.values, required=False)
-    webhook_url = serializers.URLField(required=False, allow_blank=True, max_length=2000)
+    webhook_url = UrlStringField(required=False, allow_blank=True, max_length=2000)
 
 
 class ApiKeyCreateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=100)
+    name = StringField(max_length=100)
     scopes = serializers.ListField(
         child=serializers.ChoiceField(choices=Scope.choices),
         required=False,
@@ -32,22 +68,30 @@ class ApiKeyCreateSerializer(serializers.Serializer):
 
 
 class DocumentSerializer(serializers.Serializer):
-    title = serializers.CharField(max_length=300, required=False, allow_blank=True, default="")
-    text = serializers.CharField(max_length=1_000_000)
+    title = StringField(max_length=300, required=False, allow_blank=True, default="")
+    text = StringField(max_length=1_000_000)
     metadata = serializers.DictField(required=False, default=dict)
 
 
 class DocumentsAddSerializer(serializers.Serializer):
-    documents = DocumentSerializer(many=True, allow_empty=False, max_length=1000)
+    # A ListField rather than `many=True`: the schema then shows its bounds (minItems, maxItems).
+    documents = serializers.ListField(child=DocumentSerializer(), min_length=1, max_length=1000)
 
 
-class RunListQuerySerializer(serializers.Serializer):
-    status = serializers.ChoiceField(
-        choices=["accepted", "running", "waiting", "succeeded", "failed", "cancelled"],
-        required=False,
-    )
-    workflow = serializers.CharField(required=False, max_length=100)
+class RunListQuerySerializer(NoEmptyFilters, serializers.Serializer):
+    status = serializers.ChoiceField(choices=RunStatus.values, required=False)
+    workflow = serializers.RegexField(NAME_PATTERN, required=False, max_length=100)
     lane = serializers.ChoiceField(choices=Lane.values, required=False)
+    limit = serializers.IntegerField(
+        min_value=1, max_value=200, required=False, help_text="Page size (50 if not given)."
+    )
+    cursor = serializers.CharField(required=False, help_text="From `next` or `previous`.")
+
+
+class WorkflowQuerySerializer(NoEmptyFilters, serializers.Serializer):
+    version = serializers.IntegerField(
+        min_value=1, required=False, help_text="A version number (default: the latest)."
+    )
 
 
 def version_repr(version: WorkflowVersion) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import yaml
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.pagination import CursorPagination
@@ -22,6 +22,7 @@ from jobs.api.serializers import (
     DocumentsAddSerializer,
     RunListQuerySerializer,
     RunSubmitSerializer,
+    WorkflowQuerySerializer,
     event_repr,
     run_detail,
     run_links,
@@ -159,22 +160,14 @@ class WorkflowDetailView(APIView):
         tags=["workflows"],
         operation_id="workflows_retrieve",
         summary="A workflow's latest version (or `?version=n`) with its definition",
-        parameters=[
-            openapi.WORKFLOW_NAME,
-            OpenApiParameter("version", OpenApiTypes.INT, description="A version number."),
-        ],
+        parameters=[openapi.WORKFLOW_NAME, WorkflowQuerySerializer],
         responses={200: openapi.WorkflowVersionOut, **openapi.errors(400, 404)},
     )
     def get(self, request: Request, name: str) -> Response:
-        number = request.query_params.get("version")
-        if number is not None and not number.isdigit():
-            raise ApiError(
-                status_code=400,
-                code="invalid_request",
-                message="version must be a positive integer",
-            )
+        query = WorkflowQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
         version = selectors.workflow_version_for(
-            tenant=_tenant(request), name=name, version=int(number) if number else None
+            tenant=_tenant(request), name=name, version=query.validated_data.get("version")
         )
         if version is None:
             raise not_found("workflow")
@@ -193,17 +186,18 @@ class RunListView(APIView):
         tags=["runs"],
         operation_id="runs_list",
         summary="The tenant's runs, newest first (cursor-paginated)",
-        parameters=[
-            RunListQuerySerializer,
-            OpenApiParameter("cursor", OpenApiTypes.STR, description="From `next`/`previous`."),
-            OpenApiParameter("limit", OpenApiTypes.INT, description="Page size, at most 200."),
-        ],
+        parameters=[RunListQuerySerializer],
         responses={200: openapi.RunListOut, **openapi.errors(400, 404)},
     )
     def get(self, request: Request) -> Response:
         query = RunListQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
-        runs = selectors.runs_for(tenant=_tenant(request), **query.validated_data)
+        filters = {
+            name: value
+            for name, value in query.validated_data.items()
+            if name not in ("limit", "cursor")  # the paginator's, read by it
+        }
+        runs = selectors.runs_for(tenant=_tenant(request), **filters)
         paginator = RunCursorPagination()
         page = paginator.paginate_queryset(runs, request, view=self)
         return Response(
@@ -222,18 +216,18 @@ class RunListView(APIView):
             "Validates the input and stores the run; answers 202 at once (the run proceeds "
             "asynchronously). With an `Idempotency-Key` seen within 24 h and the same body, "
             "answers with the original run: 200 if it has ended, else 202. With `?wait=N`, "
-            "waits up to N seconds for the run to end and then answers 200 with the run's "
-            "detail (as `GET /runs/{id}/`), else the 202."
+            "waits up to N seconds for the run to end: 200 if it did, else the 202. A 200 is "
+            "always the run's whole detail, as `GET /runs/{id}/` answers it."
         ),
         parameters=[openapi.IDEMPOTENCY_KEY, openapi.WaitQuery],
         request=RunSubmitSerializer,
         responses={
             202: OpenApiResponse(openapi.RunAcceptedOut, description="Accepted; `Location` set."),
             200: OpenApiResponse(
-                openapi.RunAcceptedOut,
+                openapi.RunDetailOut,
                 description=(
-                    "The run has ended: an idempotent replay, or the end of a `?wait=` (then "
-                    "the body is the run's whole detail, of which these fields are a part)."
+                    "The run has ended (the end of a `?wait=`, or an idempotent replay): its "
+                    "detail, with output, steps and error; `Location` set."
                 ),
             ),
             **openapi.errors(400, 404, 409, 413, 429, 503),
@@ -284,15 +278,16 @@ class RunListView(APIView):
                 raise _run_error(exc) from None
         run = submission.run
         if submission.created or not run.is_final:
-            return self._accepted(request, run, status.HTTP_202_ACCEPTED)
-        return self._accepted(request, run, status.HTTP_200_OK)
-
-    def _accepted(self, request: Request, run, code: int) -> Response:
-        links = run_links(run, request)
+            links = run_links(run, request)
+            return Response(
+                {"id": str(run.public_id), "status": run.status, "links": links},
+                status=status.HTTP_202_ACCEPTED,
+                headers={"Location": links["self"]},
+            )
+        # A replay of a run that has ended answers as a `?wait=` that saw it end.
+        body = run_detail(selectors.run_with_steps(run), request)
         return Response(
-            {"id": str(run.public_id), "status": run.status, "links": links},
-            status=code,
-            headers={"Location": links["self"]},
+            body, status=status.HTTP_200_OK, headers={"Location": body["links"]["self"]}
         )
 
 
@@ -313,7 +308,7 @@ class RunDetailView(APIView):
             "stands after N seconds."
         ),
         parameters=[openapi.RUN_ID, openapi.WaitQuery],
-        responses={200: openapi.RunDetailOut, **openapi.errors(404)},
+        responses={200: openapi.RunDetailOut, **openapi.errors(400, 404)},
     )
     def get(self, request: Request, run_id: str) -> Response:
         run = _run_or_404(request, run_id)

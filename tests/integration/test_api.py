@@ -132,6 +132,44 @@ def test_a_missing_required_field_and_a_malformed_body_are_400s(owner, greet):
     assert not Run.objects.exists()
 
 
+@pytest.mark.parametrize(
+    ("body", "path"),
+    [
+        ({"workflow": 5, "input": {"who": "ann"}}, "workflow"),
+        ({"workflow": "greet", "input": ["ann"]}, "input"),
+        ({"workflow": "greet", "input": None}, "input"),
+        ({"workflow": "greet", "input": {"who": "ann"}, "webhook_url": 7}, "webhook_url"),
+        ({"workflow": "greet", "version": 0, "input": {"who": "ann"}}, "version"),
+    ],
+)
+def test_a_submission_the_schema_forbids_is_a_400_naming_the_field(owner, greet, body, path):
+    """What the schema says is refused: strings only as strings, `input` an object, version ≥ 1."""
+    response = submit(owner, body)
+    assert response.status_code == 400, response.content
+    assert [fault["path"] for fault in response.json()["error"]["details"]] == [path]
+    assert not Run.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/api/v1/runs/?workflow=",
+        "/api/v1/runs/?status=",
+        "/api/v1/runs/?lane=",
+        "/api/v1/runs/?limit=",
+        "/api/v1/runs/?limit=0",
+        "/api/v1/runs/?limit=201",
+        "/api/v1/runs/?workflow=%0A",
+        "/api/v1/workflows/greet/?version=0",
+        "/api/v1/workflows/greet/?version=",
+    ],
+)
+def test_an_empty_or_out_of_range_filter_is_a_400_not_ignored(owner, greet, url):
+    response = owner.api.get(url)
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["code"] == "invalid_request"
+
+
 def test_an_unknown_workflow_is_a_404(owner, greet):
     response = submit(owner, {"workflow": "nope", "input": {}})
     assert response.status_code == 404
@@ -251,3 +289,7 @@ def test_documents_are_added_for_the_callers_tenant(owner, outsider):
     bad = owner.api.post("/api/v1/documents/", {"documents": [{"title": "x"}]}, format="json")
     assert bad.status_code == 400
     assert bad.json()["error"]["details"][0]["path"] == "documents[0].text"
+    for body in ({"documents": []}, {"documents": [{"text": 5}]}):
+        refused = owner.api.post("/api/v1/documents/", body, format="json")
+        assert refused.status_code == 400, body
+    assert owner.tenant.documents.count() == 1

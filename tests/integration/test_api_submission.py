@@ -97,6 +97,10 @@ def test_a_replay_of_a_finished_run_is_200_and_another_body_is_a_409(greet):
     again = submit(greet, HTTP_IDEMPOTENCY_KEY="k1")
     assert again.status_code == 200
     assert again.json()["id"] == str(run.public_id) and again.json()["status"] == "cancelled"
+    # The run's whole detail, as the schema says of a 200 (a `?wait=` that saw it end too).
+    assert again.json()["input"] == {"who": "ann"}
+    assert [step["status"] for step in again.json()["steps"]] == ["cancelled"]
+    assert again.json()["error"] == "cancelled by the client"
     assert again["Location"].endswith(f"/api/v1/runs/{run.public_id}/")
     other = submit(greet, {"workflow": "greet", "input": {"who": "bob"}}, HTTP_IDEMPOTENCY_KEY="k1")
     assert other.status_code == 409

@@ -95,6 +95,56 @@ def test_run_submission_documents_backpressure_idempotency_and_waiting(schema_do
     assert [p["name"] for p in post["parameters"]] == ["Idempotency-Key", "wait"]
 
 
+def test_the_schema_types_what_the_server_answers_and_refuses(schema_document):
+    paths, components = schema_document["paths"], schema_document["components"]["schemas"]
+    submit = paths["/api/v1/runs/"]["post"]
+    detail = "#/components/schemas/RunDetailOut"
+    # A 200 to a submission is the run's whole detail (output, steps, error), as GET answers.
+    assert submit["responses"]["200"]["content"]["application/json"]["schema"]["$ref"] == detail
+    assert "400" in paths["/api/v1/runs/{run_id}/"]["get"]["responses"]  # a bad ?wait=
+    body = components["RunSubmitRequest"]["properties"]
+    assert body["input"]["type"] == "object" and body["version"]["minimum"] == 1
+    assert components["DocumentsAddRequest"]["properties"]["documents"]["minItems"] == 1
+    [version] = [
+        p for p in paths["/api/v1/workflows/{name}/"]["get"]["parameters"] if p["name"] == "version"
+    ]
+    assert version["schema"]["minimum"] == 1
+    filters = {p["name"]: p["schema"] for p in paths["/api/v1/runs/"]["get"]["parameters"]}
+    assert all(schema.get("minLength") == 1 for name, schema in filters.items() if name != "limit")
+    assert (filters["limit"]["minimum"], filters["limit"]["maximum"]) == (1, 200)
+
+
+def test_links_lead_from_a_submission_to_its_run_events_cancel_and_retry(schema_document):
+    operations = {
+        operation["operationId"]
+        for methods in schema_document["paths"].values()
+        for operation in methods.values()
+        if isinstance(operation, dict)
+    }
+    submit = schema_document["paths"]["/api/v1/runs/"]["post"]
+    for status in ("200", "202"):
+        links = submit["responses"][status]["links"]
+        assert {name: link["operationId"] for name, link in links.items()} == {
+            "GetRun": "runs_retrieve",
+            "GetRunEvents": "runs_events_list",
+            "CancelRun": "runs_cancel",
+            "RetryRun": "runs_retry",
+            "GetStreamToken": "runs_stream_token",
+        }
+        assert {link["parameters"]["run_id"] for link in links.values()} == {"$response.body#/id"}
+    run = schema_document["paths"]["/api/v1/runs/{run_id}/"]["get"]["responses"]["200"]
+    assert {"GetRunEvents", "CancelRun", "RetryRun"} <= set(run["links"])
+    every_link = [
+        link
+        for methods in schema_document["paths"].values()
+        for operation in methods.values()
+        if isinstance(operation, dict)
+        for response in operation["responses"].values()
+        for link in response.get("links", {}).values()
+    ]
+    assert {link["operationId"] for link in every_link} <= operations
+
+
 def test_an_unknown_api_path_is_a_404_in_the_envelope(owner):
     response = owner.api.get("/api/v1/nope/")
     assert response.status_code == 404
