@@ -28,14 +28,20 @@ def execute_step(step_run_id: int, dispatch_token: str) -> None:
     step_execute(step_run_id=step_run_id, dispatch_token=dispatch_token, worker=worker)
 
 
-@shared_task(name=EXECUTE_STEP_UNHELD, ignore_result=True, acks_late=False)
+@shared_task(
+    name=EXECUTE_STEP_UNHELD,
+    ignore_result=True,
+    acks_late=False,
+    Request="jobs.worker_credit:UnheldRequest",
+)
 def execute_step_unheld(step_run_id: int, dispatch_token: str) -> None:
     """`execute_step` for a step that may run longer than RabbitMQ lets a delivery go
     unacknowledged (consumer_timeout): the message is acknowledged when the worker starts it.
 
     Nothing is lost by that: a worker that dies before its claim commits leaves the step
     `queued`, which the stale-dispatch sweep re-publishes; one that dies after it leaves the
-    step `running` until its lease expires. Only the redelivery shortcut is given up.
+    step `running` until its lease expires. Only the redelivery shortcut is given up. The
+    worker keeps the slot's prefetch credit while the step runs (`jobs.worker_credit`).
     """
     worker = f"{execute_step_unheld.request.hostname}/{os.getpid()}"
     step_execute(step_run_id=step_run_id, dispatch_token=dispatch_token, worker=worker)

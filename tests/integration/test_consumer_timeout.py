@@ -136,3 +136,61 @@ def test_a_worker_whose_held_delivery_outlives_consumer_timeout_keeps_running(
         {"name": "after", "steps": [tool_step("ok", "test.count", args={"key": "after"})]},
     )
     assert strict_cluster.wait_run(healthy, timeout=60).status == "succeeded"
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_a_worker_whose_slots_all_run_unheld_steps_takes_no_message_it_cannot_start(
+    owner, strict_cluster, pool
+):
+    # Two steps run unheld on the worker's two slots; their messages are acknowledged, which
+    # frees the worker's prefetch credit. Admission believes the queue has room (it is sized
+    # for four slots, as when another worker is replacing its children), so it publishes a
+    # short held step: RabbitMQ must keep it ready until a slot is free, or it waits in the
+    # worker past consumer_timeout and the worker's channel is closed.
+    strict_cluster.env["SWITCHYARD_HELD_DELIVERY_MAX_S"] = "2"
+    strict_cluster.env["SWITCHYARD_POOL_CAPACITY"] = "steps.tool=4"
+    strict_cluster.start_scheduler()
+    worker = strict_cluster.start_worker("steps.tool", pool=pool, concurrency=2)
+    sleep_s = CONSUMER_TIMEOUT_S + 3
+    long = submit(
+        owner.tenant,
+        {
+            "name": "two-long",
+            "steps": [
+                tool_step(
+                    f"long_{k}",
+                    "test.count",
+                    args={"key": f"long-{k}-{pool}", "sleep_ms": sleep_s * 1000},
+                    timeout_s=20,
+                )
+                for k in "ab"
+            ],
+        },
+    )
+    strict_cluster.wait_until(
+        lambda: StepRun.objects.filter(run=long, status="running").count() == 2,
+        30,
+        "the two long steps never ran side by side",
+        worker,
+    )
+    short_key = f"short-{pool}"
+    short = submit(
+        owner.tenant,
+        {
+            "name": "short",
+            "steps": [tool_step("short", "test.count", args={"key": short_key}, timeout_s=1)],
+        },
+    )
+    # Published, and left in the queue while no slot is free.
+    strict_cluster.wait_until(
+        lambda: strict_cluster.depth("steps.tool") == 1,
+        10,
+        "the short step's message never waited in the queue",
+    )
+    assert not tools.calls(short_key)
+
+    assert strict_cluster.wait_run(short, timeout=60).status == "succeeded"
+    assert strict_cluster.wait_run(long, timeout=60).status == "succeeded"
+    assert [len(tools.calls(f"long-{k}-{pool}")) for k in "ab"] == [1, 1]
+    assert "PRECONDITION_FAILED" not in worker.log()
+    assert worker.alive(), worker.log()[-3000:]
