@@ -15,6 +15,7 @@ from typing import Any
 from django.db.models import Count, Min, Q
 from django.utils import timezone
 
+from approvals.models import Approval
 from dashboard.health import broker_queues, health, last_sample_at, workers
 from jobs.metrics import LaneMetrics, scheduling_metrics
 from jobs.models import Run, RunStatus, StepAttempt
@@ -77,12 +78,8 @@ class ApprovalQueue:
     overdue: int
 
 
-def approval_queues(now: datetime | None = None) -> list[ApprovalQueue] | None:
-    """Pending approvals per tenant and reviewer group; None when approvals do not exist."""
-    try:
-        from jobs.models import Approval
-    except ImportError:
-        return None
+def approval_queues(now: datetime | None = None) -> list[ApprovalQueue]:
+    """Pending approvals per tenant and reviewer group."""
     now = now or timezone.now()
     rows = (
         Approval.objects.filter(status="pending")

@@ -283,7 +283,3 @@ class DocumentAdmin(admin.ModelAdmin):
     list_filter = ("tenant",)
     search_fields = ("title", "text")
     readonly_fields = ("public_id", "created_at")
-
-
-# Approvals and votes (read-only): registered by their own module.
-from jobs import admin_approvals  # noqa: E402, F401

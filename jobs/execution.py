@@ -18,8 +18,8 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connections
 from django.utils import timezone
 
+from approvals.services import step_request_approval
 from jobs.events import DeltaCoalescer
-from jobs.services.approvals import step_request_approval
 from jobs.steps import registry
 from jobs.steps.registry import StepContext, StepFailure
 from jobs.transitions.steps import (

@@ -26,12 +26,12 @@ from django.conf import settings
 from django.db import connection, connections, transaction
 from django.utils import timezone
 
+from approvals.services import approvals_escalate_due, approvals_expire_due
 from dashboard.heartbeats import scheduler_cycle_done
 from jobs import admission
 from jobs.dispatch import Dispatch, publish
 from jobs.events import READY_CHANNEL
 from jobs.models import StepRun, StepStatus
-from jobs.services.approvals import approvals_escalate_due, approvals_expire_due
 from jobs.transitions.steps import (
     step_expire_lease,
     step_hold,

@@ -16,8 +16,8 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.urls import path  # noqa: E402
 
+from approvals.inbox.consumers import InboxConsumer  # noqa: E402
 from dashboard.consumers import DashboardConsumer, OperatorRunConsumer  # noqa: E402
-from dashboard.inbox.consumers import InboxConsumer  # noqa: E402
 from jobs.api.streams import LongLivedRequests  # noqa: E402
 from jobs.consumers import RunEventsConsumer, stream_token_origin_allowed  # noqa: E402
 

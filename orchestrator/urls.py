@@ -11,10 +11,11 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include("jobs.api.urls")),
     path("api/v1/", include("schedules.urls")),
+    path("api/v1/", include("approvals.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("healthz", dashboard_views.healthz, name="healthz"),
-    path("inbox/", include("dashboard.inbox.urls")),
+    path("inbox/", include("approvals.inbox.urls")),
     path("dashboard/", include("dashboard.urls")),
     path("metrics", dashboard_metrics.metrics, name="metrics"),
     # Operators land on the dashboard after signing in, reviewers on the inbox.

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from jobs.api import approvals, streams, views
+from jobs.api import streams, views
 from jobs.api.account import (
     ApiKeyDetailView,
     ApiKeyListView,
@@ -28,17 +28,6 @@ urlpatterns = [
     path("runs/<str:run_id>/cancel/", views.RunCancelView.as_view(), name="run-cancel"),
     path("runs/<str:run_id>/retry/", views.RunRetryView.as_view(), name="run-retry"),
     path("documents/", views.DocumentsView.as_view(), name="documents"),
-    path("approvals/", approvals.ApprovalListView.as_view(), name="approval-list"),
-    path(
-        "approvals/<str:approval_id>/",
-        approvals.ApprovalDetailView.as_view(),
-        name="approval-detail",
-    ),
-    path(
-        "approvals/<str:approval_id>/decision/",
-        approvals.ApprovalDecisionView.as_view(),
-        name="approval-decision",
-    ),
     path("keys/", ApiKeyListView.as_view(), name="key-list"),
     path("keys/<str:key_id>/", ApiKeyDetailView.as_view(), name="key-detail"),
     path("webhook-secret/", WebhookSecretView.as_view(), name="webhook-secret"),

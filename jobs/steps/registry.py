@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from jobs.steps import approval
+from approvals import kind as approval
 
 # Queues. The scheduler's own work (child runs, approval requests) runs on `steps.control`.
 QUEUE_LLM = "steps.llm"
@@ -195,16 +195,16 @@ _BUILTIN_KINDS: dict[str, KindSpec] = {
             },
         },
     ),
-    # Parks in `waiting` until people decide (jobs.services.approvals; docs/approvals.md).
+    # Parks in `waiting` until people decide (approvals.services; docs/approvals.md).
     "approval": KindSpec(
         name="approval",
         queue=QUEUE_CONTROL,
         handler=None,
         template_fields=approval.TEMPLATE_FIELDS,
         config_schema=approval.CONFIG_SCHEMA,
-        check="jobs.steps.approval.check",
+        check="approvals.kind.check",
         timeout_is_deadline=True,
-        on_cancel="jobs.services.approvals.approvals_cancel_for_step",
+        on_cancel="approvals.services.approvals_cancel_for_step",
     ),
     "map": KindSpec(
         name="map",

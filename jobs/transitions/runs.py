@@ -252,7 +252,7 @@ def _cancel_child_after_commit(step: StepRun) -> None:
 
 def _cancel_approvals(txn: RunTxn, step: StepRun, *, reason: str) -> None:
     """A cancelled step of a kind that waits on people withdraws its pending request, in this
-    transaction (the kind's `on_cancel`: the approval kind's is in jobs.services.approvals)."""
+    transaction (the kind's `on_cancel`: the approval kind's is in approvals.services)."""
     on_cancel = registry.kind(step.kind).load_on_cancel()
     if on_cancel is not None:
         on_cancel(txn=txn, step=step, reason=reason)

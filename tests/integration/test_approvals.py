@@ -16,21 +16,14 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from jobs.models import (
-    Approval,
-    ApprovalStatus,
-    ApprovalVote,
-    Run,
-    StepRun,
-    WebhookDelivery,
-    WebhookStatus,
-)
-from jobs.services.approvals import (
+from approvals.models import Approval, ApprovalStatus, ApprovalVote
+from approvals.services import (
     ApprovalError,
     approval_decide,
     approvals_escalate_due,
     approvals_expire_due,
 )
+from jobs.models import Run, StepRun, WebhookDelivery, WebhookStatus
 from jobs.services.webhooks import webhook_delivery_dispatch
 from jobs.transitions.runs import run_cancel, run_retry
 from jobs.webhooks import webhook_deliver
@@ -300,7 +293,7 @@ def test_deciding_after_the_deadline_fired_is_refused(owner, ann):
 
 
 def test_escalation_opens_the_request_to_the_second_group(owner):
-    from jobs.approval_access import reviewer_scope
+    from approvals.access import reviewer_scope
 
     lead = make_reviewer("lead", owner.tenant, groups=["leads"])
     finance = make_reviewer("fin", owner.tenant, groups=["finance"])
@@ -422,15 +415,15 @@ def test_the_admin_lists_approvals_and_votes_and_edits_nothing(owner, ann, clien
     get_user_model().objects.create_superuser("root", password="pw")
     client.login(username="root", password="pw")
 
-    listing = client.get("/admin/jobs/approval/?status__exact=approved")
-    detail = client.get(f"/admin/jobs/approval/{approval.pk}/change/")
-    votes = client.get("/admin/jobs/approvalvote/")
+    listing = client.get("/admin/approvals/approval/?status__exact=approved")
+    detail = client.get(f"/admin/approvals/approval/{approval.pk}/change/")
+    votes = client.get("/admin/approvals/approvalvote/")
 
     assert listing.status_code == detail.status_code == votes.status_code == 200
     assert str(approval.public_id) in listing.content.decode()
     page = detail.content.decode()
     assert "Refund 120 EUR to Ann?" in page and "ann" in page
     assert 'name="_save"' not in page  # nothing to save: every field is read-only
-    assert client.post(f"/admin/jobs/approval/{approval.pk}/change/", {}).status_code == 403
-    assert client.post(f"/admin/jobs/approval/{approval.pk}/delete/", {}).status_code == 403
-    assert client.get("/admin/jobs/approval/add/").status_code == 403
+    assert client.post(f"/admin/approvals/approval/{approval.pk}/change/", {}).status_code == 403
+    assert client.post(f"/admin/approvals/approval/{approval.pk}/delete/", {}).status_code == 403
+    assert client.get("/admin/approvals/approval/add/").status_code == 403

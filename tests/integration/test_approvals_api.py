@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.models import ApprovalStatus, Run
+from approvals.models import ApprovalStatus
+from jobs.models import Run
 from tests.support.approvals import refund_workflow, run_ready_steps
 from tests.support.workflows import submit
 

@@ -15,8 +15,9 @@ from django.utils import timezone
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from jobs.models import Approval, ApprovalStatus, Run, StepRun
-from jobs.services.approvals import approval_decide
+from approvals.models import Approval, ApprovalStatus
+from approvals.services import approval_decide
+from jobs.models import Run, StepRun
 from tenants.services import tenant_webhook_secret_ensure
 from tests.support.approvals import PASSWORD, as_reviewer, make_reviewer, refund_workflow
 from tests.support.receiver import WebhookReceiver

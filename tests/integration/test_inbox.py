@@ -13,8 +13,8 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 from django.utils import timezone
 
-from jobs.models import Approval, ApprovalStatus
-from jobs.services.approvals import approval_decide
+from approvals.models import Approval, ApprovalStatus
+from approvals.services import approval_decide
 from tenants.models import Role
 from tests.support.approvals import (
     PASSWORD,

@@ -34,8 +34,9 @@ from django.db import transaction
 from django.test import AsyncClient, Client
 from django.utils import timezone
 
+from approvals.models import Approval
 from jobs.events import inbox_group
-from jobs.models import Approval, Document, Run, StepRun, WorkflowVersion
+from jobs.models import Document, Run, StepRun, WorkflowVersion
 from schedules.models import Schedule, ScheduleFire, TriggerEvent
 from schedules.services import schedule_pause
 from tenants.models import ApiKey, Tenant

@@ -7,8 +7,9 @@ from typing import Any
 
 from django.contrib.auth import get_user_model
 
-from jobs.models import Approval, Run, StepRun, StepStatus
-from jobs.services.approvals import Reviewer, step_request_approval
+from approvals.models import Approval
+from approvals.services import Reviewer, step_request_approval
+from jobs.models import Run, StepRun, StepStatus
 from jobs.transitions.steps import step_claim, step_complete
 from tenants.models import Membership, Role
 from tests.support.workflows import dispatch_token_of

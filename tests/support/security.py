@@ -24,7 +24,8 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 from django.utils import timezone
 
-from jobs.models import Approval, Run
+from approvals.models import Approval
+from jobs.models import Run
 from jobs.stream_tokens import stream_token_mint
 from schedules.models import Schedule
 from schedules.services import schedule_create

@@ -4,7 +4,7 @@ is real, every part that only carries or waits is simulated.
 Real: PostgreSQL, the scheduler's cycle (`jobs.scheduler.run_cycle`: due retries, leases,
 stale dispatches, approvals past their time, then `admission.decide` and `steps_admit`),
 direct admission in the transactions that make steps ready, and every transition
-(`jobs.transitions`: claim, complete, fail, child runs; `jobs.services.approvals`: approval
+(`jobs.transitions`: claim, complete, fail, child runs; `approvals.services`: approval
 requests and decisions).
 
 Simulated:
@@ -44,11 +44,12 @@ from django.db import connection, models
 from django.db.models import Count, Q
 from django.test import override_settings
 
+from approvals.models import Approval
+from approvals.services import ApprovalError, Reviewer, approval_decide, step_request_approval
 from jobs import admission, dispatch
 from jobs.dispatch import Dispatch
-from jobs.models import Approval, Run, RunStatus, StepRun, StepStatus
+from jobs.models import Run, RunStatus, StepRun, StepStatus
 from jobs.scheduler import run_cycle
-from jobs.services.approvals import ApprovalError, Reviewer, approval_decide, step_request_approval
 from jobs.statuses import RUN_FINAL, STEP_FINAL
 from jobs.steps import registry
 from jobs.steps.registry import StepContext, StepFailure

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from approvals.kind import decision_output, form_data_faults, merged_form_data
 from jobs.definitions import DefinitionError, parse_definition
 from jobs.engine import StepState, advance, initial_states
 from jobs.statuses import StepStatus
 from jobs.steps import registry
-from jobs.steps.approval import decision_output, form_data_faults, merged_form_data
 
 REFUND_FORM = {
     "schema": {

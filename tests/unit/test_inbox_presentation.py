@@ -1,8 +1,8 @@
-"""How the inbox shows a request and reads the reviewer's form (dashboard.inbox.presentation)."""
+"""How the inbox shows a request and reads the reviewer's form (approvals.inbox.presentation)."""
 
 from __future__ import annotations
 
-from dashboard.inbox.presentation import (
+from approvals.inbox.presentation import (
     context_items,
     duration_text,
     field_errors,

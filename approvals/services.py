@@ -34,19 +34,11 @@ from django.db import connection, transaction
 from django.urls import reverse
 from django.utils import timezone
 
+from approvals import kind
+from approvals.models import Approval, ApprovalDecision, ApprovalStatus, ApprovalVote
 from jobs.events import READY_CHANNEL, publish_inbox
 from jobs.formats import iso
-from jobs.models import (
-    Approval,
-    ApprovalDecision,
-    ApprovalStatus,
-    ApprovalVote,
-    AttemptOutcome,
-    StepRun,
-    StepStatus,
-    WebhookDelivery,
-)
-from jobs.steps import approval as kind
+from jobs.models import AttemptOutcome, StepRun, StepStatus, WebhookDelivery
 from jobs.transitions.runs import run_advance, step_fail_final
 from jobs.transitions.steps import Claim, step_fenced
 from jobs.transitions.txn import (
@@ -169,7 +161,7 @@ def approval_decide(
 ) -> Approval:
     """Record `reviewer`'s decision; decide the approval when it is the deciding vote.
 
-    The caller has checked that `reviewer` may decide (`jobs.approval_access`). `data` is the
+    The caller has checked that `reviewer` may decide (`approvals.access`). `data` is the
     reviewer's edits of the form (approvals only): the pre-filled values with every approving
     reviewer's edits applied must fit the form's schema. Raises ApprovalError.
     """
@@ -470,10 +462,10 @@ def approval_links(approval: Approval) -> dict[str, str]:
     return {
         "inbox": _absolute(reverse("inbox:detail", kwargs={"approval_id": approval.public_id})),
         "self": _absolute(
-            reverse("api:approval-detail", kwargs={"approval_id": approval.public_id})
+            reverse("approvals-api:approval-detail", kwargs={"approval_id": approval.public_id})
         ),
         "decision": _absolute(
-            reverse("api:approval-decision", kwargs={"approval_id": approval.public_id})
+            reverse("approvals-api:approval-decision", kwargs={"approval_id": approval.public_id})
         ),
     }
 

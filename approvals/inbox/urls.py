@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from dashboard.inbox import views
+from approvals.inbox import views
 
 app_name = "inbox"
 

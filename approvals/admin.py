@@ -2,7 +2,7 @@
 
 Read-only (docs/approvals.md, "Audit"): nothing about a request or its decision can be edited here,
 and nothing can be added or deleted. Decisions are made in the inbox or through the API
-(`jobs.services.approvals`); every decision, expiry and escalation is also an event in the
+(`approvals.services`); every decision, expiry and escalation is also an event in the
 run's log (the run's admin page).
 """
 
@@ -10,8 +10,8 @@ from django.contrib import admin
 from django.urls import reverse
 from django.utils.html import format_html
 
+from approvals.models import Approval, ApprovalVote
 from jobs.admin import ReadOnlyAdmin, pretty
-from jobs.models import Approval, ApprovalVote
 
 
 class ApprovalVoteInline(admin.TabularInline):

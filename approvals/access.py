@@ -23,9 +23,10 @@ from typing import Any
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
+from approvals.models import Approval, ApprovalStatus
 from jobs.events import INBOX_STAFF_GROUP, inbox_group
 from jobs.formats import parse_uuid
-from jobs.models import Approval, ApprovalStatus, StepRun
+from jobs.models import StepRun
 from tenants.models import Membership, Role, Tenant
 
 SORTS = ("newest", "urgent")

@@ -1,8 +1,8 @@
 """The reviewers' inbox (docs/approvals.md): pending requests, one request's page, the history.
 
-Session-authenticated pages. Every approval is read through `jobs.approval_access` with the
+Session-authenticated pages. Every approval is read through `approvals.access` with the
 user's `ReviewerScope` (another tenant's request is a 404) and decided through
-`jobs.services.approvals.approval_decide`; the views only translate between HTTP and those.
+`approvals.services.approval_decide`; the views only translate between HTTP and those.
 The list is live: `static/inbox.js` listens on `/ws/inbox/` and re-reads `?fragment=1`.
 """
 
@@ -20,15 +20,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_http_methods
 
-from dashboard.inbox.presentation import (
-    context_items,
-    duration_text,
-    field_errors,
-    form_fields,
-    parse_form,
-    show_value,
-)
-from jobs.approval_access import (
+from approvals.access import (
     DUE_SOON,
     SORTS,
     ReviewerScope,
@@ -40,8 +32,16 @@ from jobs.approval_access import (
     pending_for,
     reviewer_scope,
 )
-from jobs.models import Approval, ApprovalDecision
-from jobs.services.approvals import ApprovalError, Reviewer, approval_decide, closed_message
+from approvals.inbox.presentation import (
+    context_items,
+    duration_text,
+    field_errors,
+    form_fields,
+    parse_form,
+    show_value,
+)
+from approvals.models import Approval, ApprovalDecision
+from approvals.services import ApprovalError, Reviewer, approval_decide, closed_message
 
 LIST_LIMIT = 200
 NOT_RECORDED = "Your decision was not recorded: "
@@ -247,7 +247,9 @@ def _detail_page(
         "error": error,
         "comment": comment,
         "now": now,
-        "api_url": reverse("api:approval-detail", kwargs={"approval_id": approval.public_id}),
+        "api_url": reverse(
+            "approvals-api:approval-detail", kwargs={"approval_id": approval.public_id}
+        ),
     }
     return render(request, "inbox/detail.html", context, status=status)
 

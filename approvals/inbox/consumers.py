@@ -14,7 +14,7 @@ from typing import Any
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from jobs.approval_access import reviewer_scope
+from approvals.access import reviewer_scope
 from jobs.feeds import db_call
 
 CLOSE_UNAUTHENTICATED = 4401

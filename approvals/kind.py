@@ -1,7 +1,7 @@
 """The `approval` step kind: its configuration, the rules JSON Schema cannot state, its output.
 
 An approval step asks people for a decision and waits for it (docs/approvals.md). It has no
-handler: the worker's claim hands it to `jobs.services.approvals.step_request_approval`, which
+handler: the worker's claim hands it to `approvals.services.step_request_approval`, which
 parks the step in `waiting` until a reviewer decides, the deadline passes or the run ends.
 
 Fields (besides the common ones; `timeout_s` is the decision deadline here, not an attempt's

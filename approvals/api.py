@@ -3,7 +3,7 @@
 `GET /api/v1/approvals/?status=`, `GET /api/v1/approvals/{id}/` and
 `POST /api/v1/approvals/{id}/decision/`. The API key is the reviewer (by its name): any key of
 the tenant may decide, and counts as one reviewer towards `required_approvals`. Reads go
-through `jobs.approval_access`; the decision through `jobs.services.approvals`.
+through `approvals.access`; the decision through `approvals.services`.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from jobs import approval_access
+from approvals import access
+from approvals.models import Approval, ApprovalDecision, ApprovalStatus
+from approvals.services import ApprovalError, Reviewer, approval_decide
 from jobs.api import openapi
 from jobs.api.errors import ApiError, not_found
 from jobs.formats import iso
-from jobs.models import Approval, ApprovalDecision, ApprovalStatus
-from jobs.services.approvals import ApprovalError, Reviewer, approval_decide
 
 APPROVAL_ID = OpenApiParameter("approval_id", OpenApiTypes.UUID, OpenApiParameter.PATH)
 
@@ -110,8 +110,8 @@ class ApprovalListOut(serializers.Serializer):
 def approval_paths(approval: Approval) -> dict[str, str]:
     kwargs = {"approval_id": approval.public_id}
     return {
-        "self": reverse("api:approval-detail", kwargs=kwargs),
-        "decision": reverse("api:approval-decision", kwargs=kwargs),
+        "self": reverse("approvals-api:approval-detail", kwargs=kwargs),
+        "decision": reverse("approvals-api:approval-decision", kwargs=kwargs),
         "inbox": reverse("inbox:detail", kwargs=kwargs),
         "run": reverse("api:run-detail", kwargs={"run_id": approval.run.public_id}),
     }
@@ -177,9 +177,7 @@ class ApprovalCursorPagination(CursorPagination):
 
 
 def _approval_or_404(request: Request, approval_id: str) -> Approval:
-    approval = approval_access.approval_for_tenant(
-        tenant=request.user.tenant, approval_id=approval_id
-    )
+    approval = access.approval_for_tenant(tenant=request.user.tenant, approval_id=approval_id)
     if approval is None:
         raise not_found("approval")
     return approval
@@ -200,7 +198,7 @@ class ApprovalListView(APIView):
     def get(self, request: Request) -> Response:
         query = ApprovalListQuery(data=request.query_params)
         query.is_valid(raise_exception=True)
-        approvals = approval_access.approvals_for_tenant(
+        approvals = access.approvals_for_tenant(
             tenant=request.user.tenant, status=query.validated_data.get("status")
         )
         paginator = ApprovalCursorPagination()
