@@ -1,14 +1,19 @@
 """The run log and its live publication.
 
 Every state change of a run appends an `Event` in the same transaction, under the run's row
-lock, so that sequence numbers are gapless per run. After the transaction
-commits, the new events go to the run's channel-layer group in one message; live views are
-projections of the database that resync by `seq`, so a message the channel layer drops costs
-nothing but latency. Only this module knows the group names.
+lock, so that sequence numbers are gapless per run. When the transaction commits, its new
+events go to the run's live channel in one message, sent by the committing thread itself
+(`jobs.live`: one Redis PUBLISH from the commit hook); live views are projections of the
+database that resync by `seq`, so a message that is lost costs nothing but latency. Only this
+module knows the channels' and groups' names.
 
 Token deltas (`step.delta`) are the one exception to the log: ephemeral, never stored, no
-`seq`, coalesced per step attempt (`DeltaCoalescer`) and sent to a group of their own, so that
-a client that only waits for a run's end is not woken twenty times a second per LLM step.
+`seq`, coalesced per step attempt (`DeltaCoalescer`) and sent to a channel of their own, so
+that a client that only waits for a run's end is not woken twenty times a second per LLM step.
+
+The operators' dashboards and the approval inboxes listen on channel-layer groups instead
+(`publish_inbox`, the dashboard's ping), sent by this process's publisher thread: those
+messages only say "something changed, read again".
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 from channels.layers import get_channel_layer
 from django.db import transaction
 
+from jobs import live
 from jobs.models import Event, Run, StepRun
 
 log = logging.getLogger(__name__)
@@ -31,12 +37,14 @@ READY_CHANNEL = "switchyard_ready"
 
 
 def run_group(run_public_id: Any) -> str:
-    """The group that gets a run's committed events: `{"type": "run.events", "events": [...]}`."""
+    """The live channel (`jobs.live`) of a run's committed events:
+    `{"type": "run.events", "events": [...]}`, one message per commit."""
     return f"run.{run_public_id}"
 
 
 def run_delta_group(run_public_id: Any) -> str:
-    """The group that gets a run's ephemeral deltas: `{"type": "run.delta", "delta": {...}}`."""
+    """The live channel (`jobs.live`) of a run's ephemeral deltas:
+    `{"type": "run.delta", "delta": {...}}`."""
     return f"run.{run_public_id}.deltas"
 
 
@@ -133,20 +141,50 @@ class RunLog:
 
 
 def publish_live_on_commit(run_public_id: Any, payloads: list[dict[str, Any]] | None) -> None:
-    """`publish_live` once the current transaction commits (at once outside of one)."""
-    if payloads:
-        transaction.on_commit(lambda: publish_live(run_public_id, payloads))
+    """`publish_live` once the current transaction commits (at once outside of one).
+
+    The events a transaction adds to one run go out as one message, however many times it
+    calls this: calls after the first add to the message its commit hook will send.
+    """
+    if not payloads:
+        return
+    connection = transaction.get_connection()
+    if connection.in_atomic_block:
+        waiting = _waiting_for_commit(connection, str(run_public_id))
+        if waiting is not None:
+            waiting.payloads.extend(payloads)
+            return
+    transaction.on_commit(_CommitPublish(str(run_public_id), list(payloads)))
+
+
+class _CommitPublish:
+    """A commit hook that publishes one run's events (`publish_live_on_commit`)."""
+
+    def __init__(self, run_public_id: str, payloads: list[dict[str, Any]]) -> None:
+        self.run_public_id = run_public_id
+        self.payloads = payloads
+
+    def __call__(self) -> None:
+        publish_live(self.run_public_id, self.payloads)
+
+
+def _waiting_for_commit(connection: Any, run_public_id: str) -> _CommitPublish | None:
+    """This transaction's hook for the run, if it has one (hooks of a savepoint rolled back
+    are gone from the list, and so are their events)."""
+    for _savepoints, hook, _robust in connection.run_on_commit:
+        if isinstance(hook, _CommitPublish) and hook.run_public_id == run_public_id:
+            return hook
+    return None
 
 
 def publish_live(run_public_id: Any, payloads: list[dict[str, Any]]) -> None:
-    """Send committed events to live subscribers, without waiting. Never raises.
+    """Send committed events to live subscribers, from the calling thread. Never raises.
 
-    The send happens on this process's publisher thread: `async_to_sync` from a worker thread
-    would build an event loop and a Redis connection per call, several milliseconds on every
-    step transition. The log in PostgreSQL is the truth; a dropped live message costs a
-    subscriber only a resync.
+    One PUBLISH (`jobs.live.publish`): a round trip to Redis on this thread, rather than a
+    hand-over to a thread that must wait for the GIL in a process whose threads are busy. The
+    log in PostgreSQL is the truth; a message that is lost costs a subscriber only a resync.
     """
-    _publisher().send(run_group(run_public_id), {"type": "run.events", "events": payloads})
+    live.publish(run_group(run_public_id), {"type": "run.events", "events": payloads})
     _dashboard_ping.poke()
 
 
@@ -219,10 +257,7 @@ def publish_delta(
     if attempt is not None:
         delta["attempt"] = attempt
     delta["text"] = text
-    try:
-        _publisher().send(run_delta_group(run_public_id), {"type": "run.delta", "delta": delta})
-    except Exception:
-        log.warning("delta publish for run %s failed", run_public_id, exc_info=True)
+    live.publish(run_delta_group(run_public_id), {"type": "run.delta", "delta": delta})
 
 
 class DeltaCoalescer:
@@ -298,12 +333,10 @@ class DeltaCoalescer:
 
 
 class _LivePublisher:
-    """One daemon thread per process with an asyncio loop that owns the channel layer.
+    """One daemon thread per process with an asyncio loop that owns the channel layer: the
+    dashboards' and inboxes' group messages, and the delta coalescers' timers.
 
-    Messages are handed over in a list that the loop drains: what arrived together goes out
-    together, and the committed events of one run in it (a report's own event and the run's
-    end, committed by one transaction) go as one message (`merged`), one channel-layer send
-    (four Redis commands) fewer.
+    Messages are handed over in a list that the loop drains.
     """
 
     MAX_PENDING = 10_000
@@ -346,12 +379,12 @@ class _LivePublisher:
         with self.lock:
             batch, self.waiting = self.waiting, []
             self.drain_scheduled = False
-        for group, message, count in merged(batch):
-            task = self.loop.create_task(self._send(group, message, count))
+        for group, message in batch:
+            task = self.loop.create_task(self._send(group, message))
             self.tasks.add(task)  # the loop keeps only a weak reference
             task.add_done_callback(self.tasks.discard)
 
-    async def _send(self, group: str, message: dict[str, Any], count: int) -> None:
+    async def _send(self, group: str, message: dict[str, Any]) -> None:
         try:
             layer = get_channel_layer()
             if layer is not None:
@@ -361,27 +394,7 @@ class _LivePublisher:
             log.warning("live publish to %s failed", group, exc_info=True)
         finally:
             with self.lock:
-                self.pending -= count
-
-
-def merged(
-    batch: list[tuple[str, dict[str, Any]]],
-) -> list[tuple[str, dict[str, Any], int]]:
-    """`batch` as the messages to send, in order, with how many of the batch each carries:
-    the `run.events` messages of one group become one, their events in the order they came
-    (subscribers order events by `seq` anyway); every other message is sent as it is."""
-    out: list[tuple[str, dict[str, Any], int]] = []
-    at: dict[str, int] = {}
-    for group, message in batch:
-        if message.get("type") == "run.events":
-            if group in at:
-                _, first, count = out[at[group]]
-                events = first["events"] + message["events"]
-                out[at[group]] = (group, {**first, "events": events}, count + 1)
-                continue
-            at[group] = len(out)
-        out.append((group, message, 1))
-    return out
+                self.pending -= 1
 
 
 _live: _LivePublisher | None = None

@@ -3,8 +3,9 @@
 A feed is a projection of the run's log in PostgreSQL that the channel layer only speeds up
 (docs/architecture.md, invariant 3). It is gapless and free of duplicates by construction:
 
-1. subscribe first: join the run's groups before reading anything, so that an event committed
-   while the log is read arrives twice (stored and live), never zero times;
+1. subscribe first: the process's hub (`jobs.live`) confirms the subscription to the run's
+   live channels before anything is read, so that an event committed while the log is read
+   arrives twice (stored and live), never zero times;
 2. replay: send the stored events after the client's last seq;
 3. forward live events in seq order, dropping every seq already sent; a live message past the
    next expected seq waits up to GAP_WAIT_S for the missing ones (events of one run are
@@ -12,14 +13,16 @@ A feed is a projection of the run's log in PostgreSQL that the channel layer onl
    from the database (the channel layer may drop a message under load);
 4. when nothing arrives for `idle_s`, read the log again: a dropped last message then delays
    a view by at most that long;
-5. when the channel layer cannot be reached at subscription (Redis down), poll the log every
-   POLL_S instead: the stream stays whole, only slower, and without token deltas.
+5. when the hub says that it lost Redis, or that it subscribed again after losing it
+   (`jobs.live.RESYNC`), read the log at once; while it is not subscribed (Redis down), poll
+   the log every POLL_S: the stream stays whole, only slower, and without token deltas.
 
 The feed ends after the run's final event (`run.succeeded`, `run.failed`, `run.cancelled`).
 Token deltas pass through as they come; they carry no seq and take no part in the above.
 
 Database calls run on the event loop's default executor (`db_call`), one short query at a
-time: a feed holds a thread only while a query runs, never while it waits.
+time (a read of the log is one statement): a feed holds a thread only while a query runs,
+never while it waits. Live messages come from memory: the hub receives each once per process.
 """
 
 from __future__ import annotations
@@ -27,17 +30,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
+from django.db.models import Q
 
-from jobs import selectors
 from jobs.events import event_payload, run_delta_group, run_group
-from jobs.models import Run
+from jobs.live import Subscription, run_bus
+from jobs.models import Event, Run
 from tenants.auth import api_key_lookup
 from tenants.models import Tenant
 
@@ -46,26 +48,10 @@ log = logging.getLogger(__name__)
 FINAL_EVENTS = frozenset({"run.succeeded", "run.failed", "run.cancelled"})
 # Events read from the log per query while replaying.
 REPLAY_PAGE = 500
-# Group joins and leaves in flight at once per event loop. redis-py's pool refuses a command
-# (MaxConnectionsError) instead of waiting once its 100 connections are busy, so a burst of
-# clients (300 waiting requests arriving together) queues here instead of failing there.
-SUBSCRIPTIONS_IN_FLIGHT = 32
 # How long a feed waits for a missing seq to arrive live before reading the log for it.
 GAP_WAIT_S = 0.1
 # How often a feed that could not subscribe (the channel layer is down) reads the log.
 POLL_S = 1.0
-
-_subscription_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _subscription_slot() -> asyncio.Semaphore:
-    loop = asyncio.get_running_loop()
-    slot = _subscription_slots.get(loop)
-    if slot is None:
-        slot = _subscription_slots[loop] = asyncio.Semaphore(SUBSCRIPTIONS_IN_FLIGHT)
-    return slot
 
 
 def db_call(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -125,9 +111,7 @@ class RunFeed:
         self.last_seq = after
         self.finished = False
         self.deltas = deltas
-        self._layer = get_channel_layer()
-        self._channel: str | None = None
-        self._receiving: asyncio.Future[dict[str, Any]] | None = None
+        self._subscription: Subscription | None = None
 
     def _groups(self) -> list[str]:
         groups = [run_group(self.run.public_id)]
@@ -136,37 +120,15 @@ class RunFeed:
         return groups
 
     async def __aenter__(self) -> RunFeed:
-        channel = await self._layer.new_channel()
-        try:
-            async with _subscription_slot():
-                for group in self._groups():
-                    await self._layer.group_add(group, channel)
-        except Exception:
-            # Redis is down: follow the log by polling it (every POLL_S) instead of failing
-            # the request; live deltas are lost meanwhile, stored events are not.
-            log.warning(
-                "subscribing to run %s failed; polling its log", self.run.public_id, exc_info=True
-            )
-            return self
-        self._channel = channel
+        # Returns once the subscription is confirmed, or not live (Redis down): then the feed
+        # polls the log (every POLL_S) until the hub is subscribed, stored events not lost.
+        self._subscription = await run_bus().subscribe(self._groups())
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._receiving is not None:
-            self._receiving.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._receiving
-            self._receiving = None
-        if self._channel is None:
-            return
-        channel, self._channel = self._channel, None
-        try:
-            async with _subscription_slot():
-                for group in self._groups():
-                    await self._layer.group_discard(group, channel)
-        except Exception:
-            # The group forgets the channel when it expires; nothing reads it meanwhile.
-            log.warning("leaving the groups of run %s failed", self.run.public_id, exc_info=True)
+        if self._subscription is not None:
+            subscription, self._subscription = self._subscription, None
+            await subscription.bus.unsubscribe(subscription)
 
     def rewind(self, after: int) -> None:
         """Start again after `after`: the next `items()` replays from there."""
@@ -188,9 +150,15 @@ class RunFeed:
         quiet_since = loop.time()
         while not self.finished:
             remaining = idle_s - (loop.time() - quiet_since)
-            if self._channel is None:  # not subscribed (Redis down): poll the log
+            polling = not self._subscription.live  # not subscribed (Redis down): poll
+            if polling:
                 remaining = min(remaining, POLL_S)
             message = await self._receive(timeout=remaining) if remaining > 0 else None
+            if message is not None and message.get("type") == "resync":
+                async for item in self._catch_up():
+                    yield item
+                    quiet_since = loop.time()
+                continue
             if message is None:
                 # The heartbeat first: it needs no database, and a proxy closes a stream that
                 # stays silent past its read timeout however long the log read below waits
@@ -220,11 +188,12 @@ class RunFeed:
             if not pending:
                 return
             # A gap: events of one run are published by whichever process committed them
-            # (the scheduler's `step.queued`, then the worker's `step.started`), so they may
-            # arrive out of order. Wait a moment for the missing ones before reading the log.
+            # (the scheduler's `step.queued`, then the worker's `step.started`). Each is
+            # published before its commit returns, so what one commit caused comes after it;
+            # still, wait a moment for the missing ones before reading the log.
             remaining = deadline - loop.time()
             message = await self._receive(timeout=remaining) if remaining > 0 else None
-            if message is None:
+            if message is None or message.get("type") == "resync":
                 break
             if message.get("type") == "run.delta":
                 yield Delta(message["delta"])
@@ -233,8 +202,9 @@ class RunFeed:
                     if payload["seq"] > self.last_seq:
                         pending[payload["seq"]] = payload
         if pending:
-            # Still missing: the channel layer dropped a message. The log has what it
-            # carried, and these events too (they were published after their commit).
+            # Still missing: a message was lost (Redis restarted, a publish failed). The log
+            # has what it carried, and these events too (they were published after their
+            # commit).
             async for item in self._catch_up():
                 yield item
 
@@ -257,36 +227,22 @@ class RunFeed:
         return StoredEvent(payload)
 
     def _read_log(self, after: int) -> tuple[list[dict[str, Any]], bool]:
-        """Events after `after` (a page), and whether the run was final before they were read.
+        """Events after `after` (a page), and whether the subscriber has the run's final event.
 
-        The status is read first: if the run was final then, its final event was committed
-        by then too (same transaction), so the events read next include it.
+        One statement: the page, and any final event at or before `after` (a run's final
+        event is its last, so a subscriber with it, and nothing after it, has everything).
         """
-        self.run.refresh_from_db(fields=["status"])
-        events = selectors.events_for(run=self.run, after=after, limit=REPLAY_PAGE)
-        return [event_payload(event, self.run.public_id) for event in events], self.run.is_final
+        events = list(
+            Event.objects.filter(run_id=self.run.pk)
+            .filter(Q(seq__gt=after) | Q(seq__lte=after, type__in=FINAL_EVENTS))
+            .order_by("seq")[: REPLAY_PAGE + 1]
+        )
+        has_final = bool(events) and events[0].seq <= after
+        new = [event for event in events if event.seq > after][:REPLAY_PAGE]
+        return [event_payload(event, self.run.public_id) for event in new], has_final
 
     async def _receive(self, *, timeout: float) -> dict[str, Any] | None:
-        if self._channel is None:
-            await asyncio.sleep(timeout)
-            return None
-        # One receive stays pending across timeouts and across `items()` calls: cancelling a
-        # channels_redis receive discards what it had buffered for the channel.
-        if self._receiving is None:
-            self._receiving = asyncio.ensure_future(self._layer.receive(self._channel))
-        done, _ = await asyncio.wait({self._receiving}, timeout=timeout)
-        if not done:
-            return None
-        receiving, self._receiving = self._receiving, None
-        try:
-            return receiving.result()
-        except Exception:
-            # Redis failed us: the log is still the truth, and the caller reads it on None.
-            # Pause before the channel is tried again, so that a Redis that is down turns the
-            # feed into a slow poll of the database rather than a busy loop.
-            log.warning("receive for run %s failed", self.run.public_id, exc_info=True)
-            await asyncio.sleep(min(timeout, 1.0))
-            return None
+        return await self._subscription.get(timeout)
 
 
 async def run_wait_final(run: Run, *, timeout_s: float, resync_s: float = 5.0) -> None:

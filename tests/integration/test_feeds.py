@@ -1,6 +1,6 @@
-"""A run's live feed (jobs.feeds.RunFeed) against the real Redis channel layer and PostgreSQL:
+"""A run's live feed (jobs.feeds.RunFeed) against the real Redis (jobs.live) and PostgreSQL:
 events that arrive out of order are put back in order without a read of the log, and an event
-the channel layer dropped is read from the log (no event is lost from a stream:
+a lost live message is read from the log (no event is lost from a stream:
 docs/architecture.md, invariant 3).
 """
 
@@ -14,6 +14,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.db import connection
 
+from jobs import live
 from jobs.events import _publisher, event_payload, run_group
 from jobs.feeds import GAP_WAIT_S, Idle, RunFeed, StoredEvent
 from jobs.models import Event, Run
@@ -84,15 +85,18 @@ def run(owner):
 
 
 def test_events_published_out_of_order_are_delivered_in_order_without_reading_the_log(run):
-    layer = get_channel_layer()
     group = run_group(run.public_id)
     payloads = []
 
     async def publish():
         payloads.extend(await database_sync_to_async(_append_events)(run, 2))
-        await layer.group_send(group, {"type": "run.events", "events": [payloads[1]]})
+        await asyncio.to_thread(
+            live.publish, group, {"type": "run.events", "events": [payloads[1]]}
+        )
         await asyncio.sleep(GAP_WAIT_S / 4)
-        await layer.group_send(group, {"type": "run.events", "events": [payloads[0]]})
+        await asyncio.to_thread(
+            live.publish, group, {"type": "run.events", "events": [payloads[0]]}
+        )
 
     seqs, log_reads = asyncio.run(_follow(run, publish, want=2))
     assert seqs == [payloads[0]["seq"], payloads[1]["seq"]]
@@ -100,13 +104,14 @@ def test_events_published_out_of_order_are_delivered_in_order_without_reading_th
 
 
 def test_an_event_the_channel_layer_dropped_is_read_from_the_log(run):
-    layer = get_channel_layer()
     group = run_group(run.public_id)
     payloads = []
 
     async def publish():  # the message carrying the first two events never arrives
         payloads.extend(await database_sync_to_async(_append_events)(run, 3))
-        await layer.group_send(group, {"type": "run.events", "events": [payloads[2]]})
+        await asyncio.to_thread(
+            live.publish, group, {"type": "run.events", "events": [payloads[2]]}
+        )
 
     seqs, log_reads = asyncio.run(_follow(run, publish, want=3))
     assert seqs == [p["seq"] for p in payloads]
@@ -204,7 +209,6 @@ def test_the_heartbeat_is_not_held_back_by_a_slow_log_read(run):
 def test_messages_that_add_nothing_do_not_hold_the_heartbeat_back(run):
     """Live messages carrying only events already sent (the log was read first) yield nothing;
     the heartbeat is due `idle_s` after the last thing sent, however many of them arrive."""
-    layer = get_channel_layer()
     group = run_group(run.public_id)
     stale = event_payload(Event.objects.filter(run=run).order_by("-seq").first(), run.public_id)
 
@@ -214,7 +218,9 @@ def test_messages_that_add_nothing_do_not_hold_the_heartbeat_back(run):
             first = asyncio.ensure_future(items.__anext__())
             try:
                 for _ in range(30):  # 3 s of a stale message every 100 ms
-                    await layer.group_send(group, {"type": "run.events", "events": [stale]})
+                    await asyncio.to_thread(
+                        live.publish, group, {"type": "run.events", "events": [stale]}
+                    )
                     await asyncio.sleep(0.1)
                     if first.done():
                         return isinstance(first.result(), Idle)

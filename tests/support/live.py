@@ -17,16 +17,12 @@ FINAL_EVENTS = {"run.succeeded", "run.failed", "run.cancelled"}
 
 
 def subscribers(cluster, run_id: str) -> int:
-    """Channels in the run's groups (events and deltas): one per open stream or wait.
-
-    channels_redis keeps a group as a sorted set of channel names under `<prefix>:group:<name>`.
-    """
+    """Subscriptions to the run's live channels (events and deltas): one per web process that
+    has an open stream or wait of the run (jobs.live), none once they all closed."""
     prefix = cluster.env["CHANNEL_LAYER_PREFIX"]
+    channels = [f"{prefix}:live:run.{run_id}", f"{prefix}:live:run.{run_id}.deltas"]
     with redis.Redis.from_url(settings.REDIS_URL) as client:
-        return sum(
-            client.zcard(f"{prefix}:group:{group}")
-            for group in (f"run.{run_id}", f"run.{run_id}.deltas")
-        )
+        return sum(count for _, count in client.pubsub_numsub(*channels))
 
 
 def auth(key: str) -> dict[str, str]:
