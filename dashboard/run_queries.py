@@ -24,6 +24,7 @@ from django.utils import timezone
 from dashboard.layout import items_by_map, map_items_done, run_gantt, run_graph
 from jobs.models import Event, Run, RunStatus, StepAttempt, StepRun, StepStatus, WorkflowVersion
 from jobs.statuses import RUN_FINAL
+from jobs.transcripts import agent_transcripts
 from jobs.transitions.txn import definition_of
 from tenants.models import Lane, Tenant
 
@@ -288,7 +289,23 @@ def run_detail(run: Run) -> dict[str, Any]:
             Run.objects.filter(parent_step__run=run).values_list("public_id", "status")
         ),
         "is_final": run.status in RUN_FINAL,
+        "agents": _agents_shown(steps),
     }
+
+
+def _agents_shown(steps: list[StepRun]) -> list[dict[str, Any]]:
+    """Each agent's transcript as the run page shows it: a conversation, one turn after the
+    other, with each tool call's arguments and result as indented JSON to fold out."""
+    shown = []
+    for step_id, turns in agent_transcripts(steps).items():
+        for turn in turns:
+            for call in turn["tool_calls"]:
+                call["args_json"] = json.dumps(call.get("args"), indent=2, ensure_ascii=False)
+                if "result" in call:
+                    call["result_json"] = json.dumps(call["result"], indent=2, ensure_ascii=False)
+        tokens = sum(int(turn["usage"].get("total_tokens") or 0) for turn in turns)
+        shown.append({"step_id": step_id, "turns": turns, "tokens": tokens})
+    return shown
 
 
 # --- failures -------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ MAX_STEPS = 500
 MAX_NESTING = 64
 DEFAULT_MAX_PARALLEL = 10
 MAP_KIND = "map"
+AGENT_KIND = "agent"
 
 # Fields every step may carry, whatever its kind.
 COMMON_FIELDS = ("id", "kind", "after", "when", "retry", "timeout_s", "optional")
@@ -584,6 +585,10 @@ class _Validator:
         self.check_retry(draft)
         self.check_config(draft, in_map=False)
         if draft.inner is not None:
+            if draft.inner.spec is not None and draft.inner.spec.name == AGENT_KIND:
+                # An agent's children are numbered under its own id, as a map's items are.
+                self.fault(f"{draft.path}.step.kind", "an agent cannot be the step of a map")
+                return
             # The inner step's templates belong to the map: same id, and the steps they read are
             # the map's dependencies.
             draft.inner.id = draft.id

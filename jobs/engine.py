@@ -6,12 +6,15 @@ out or complete, which steps fail while becoming ready, and whether the run is f
 no I/O and keeps no state: the services apply its `Plan` to the database in one transaction,
 and calling `advance` again on the result yields an empty plan.
 
-Step keys are `(step id, map index)`: `(id, None)` for a top-level step (a map included) and
-`(map id, i)` for the i-th item of an expanded map.
+Step keys are `(step id, map index)`: `(id, None)` for a top-level step (a map or an agent
+included), `(map id, i)` for the i-th item of an expanded map and `(agent id, i)` for the i-th
+child of an agent (its turns and tool calls, numbered in order: `jobs.steps.agent`).
 
 The engine only moves steps out of `pending` (and maps out of `running`); steps that are active
 (ready, queued, running, retry_wait, waiting) belong to the scheduler and the workers, and the
-engine touches them only to cancel them when the run fails or their map fails.
+engine touches them only to cancel them when the run fails or their map fails. An agent's own
+row is the exception: it waits (`waiting`, on no worker) while its children run, and the
+engine moves its loop on from their checkpoints.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from jobs import templating
 from jobs.definitions import Definition, StepDef
 from jobs.formats import json_type
 from jobs.statuses import STEP_ACTIVE, STEP_FINAL, RunStatus, StepStatus
-from jobs.steps import registry
+from jobs.steps import agent, registry
 from jobs.templating import TemplateError
 
 StepKey = tuple[str, int | None]
@@ -62,6 +65,13 @@ class Plan:
     failed: list[tuple[StepKey, str]] = field(default_factory=list)
     # When the run fails: every step that is not finished; when a map fails: its open items.
     cancelled: list[StepKey] = field(default_factory=list)
+    # Agents that start: their row goes to `waiting` (its children are in `spawned`).
+    waiting: list[StepKey] = field(default_factory=list)
+    # Children of agents that have no row yet: the caller creates each row and makes it ready
+    # with its input, kind and queue (a turn on the llm queue, a tool call on its kind's).
+    spawned: list[ReadyStep] = field(default_factory=list)
+    # The agents' progress for the run's log: (agent key, event type, data).
+    events: list[tuple[StepKey, str, dict[str, Any]]] = field(default_factory=list)
     # Reported on every call once the run is finished (callers apply it idempotently).
     run_status: str | None = None
     run_output: Any = None
@@ -76,6 +86,8 @@ class Plan:
             or self.completed
             or self.failed
             or self.cancelled
+            or self.waiting
+            or self.spawned
         )
 
 
@@ -101,7 +113,9 @@ def apply(states: Mapping[StepKey, StepState], plan: Plan) -> dict[StepKey, Step
         result[(map_id, None)] = StepState(StepStatus.RUNNING)
         for index in range(len(items)):
             result[(map_id, index)] = StepState(StepStatus.PENDING)
-    for ready in plan.ready:
+    for key in plan.waiting:
+        result[key] = StepState(StepStatus.WAITING)
+    for ready in [*plan.spawned, *plan.ready]:
         result[ready.key] = StepState(StepStatus.READY)
     for key, output in plan.completed:
         result[key] = StepState(StepStatus.SUCCEEDED, output=output)
@@ -191,6 +205,8 @@ class _Advance:
                 changed = True
             elif status == StepStatus.RUNNING and step.is_map:
                 changed = self.progress_map(step) or changed
+            elif status == StepStatus.WAITING and step.kind == agent.KIND:
+                changed = self.progress_agent(step) or changed
             if self.required_step_failed:
                 return True
         return changed
@@ -210,6 +226,11 @@ class _Advance:
                 return
         if step.is_map:
             self.expand(step, context)
+            return
+        if step.kind == agent.KIND:
+            self.plan.waiting.append(key)
+            self.put(key, StepState(StepStatus.WAITING))
+            self.progress_agent(step)
             return
         try:
             ready = _ready_step(step, key, context)
@@ -321,6 +342,50 @@ class _Advance:
             self.put(ready.key, StepState(StepStatus.READY))
         return True
 
+    # -- agents
+
+    def progress_agent(self, step: StepDef) -> bool:
+        """The next move of a waiting agent's loop (`agent.progress`); True if anything
+        changed. Its prompt and system are rendered again each time, like a map's `over`:
+        the steps they read are finished."""
+        key = (step.id, None)
+        count = self.item_count.get(step.id, 0)
+        children = {
+            index: agent.State(state.status, state.output, state.error)
+            for index in range(count)
+            if (state := self.states.get((step.id, index))) is not None
+        }
+        try:
+            rendered = _ready_step(step, key, self.context(step.depends_on)).input
+        except _StepError as exc:
+            self.fail(key, exc.message)
+            self.cancel_open([(step.id, index) for index in range(count)])
+            return True
+        move = agent.progress(
+            step.config,
+            system=rendered.get("system") or "",
+            prompt=rendered["prompt"],
+            children=children,
+            timeout_s=step.timeout_s,
+        )
+        for event_type, data in move.events:
+            self.plan.events.append((key, event_type, data))
+        if move.error is not None:
+            self.fail(key, move.error)
+            self.cancel_open([(step.id, index) for index in range(count)])
+            return True
+        if move.finished:
+            self.complete(key, move.output)
+            return True
+        for child in move.children:
+            child_key = (step.id, child.index)
+            queue = registry.kind(child.kind).queue
+            ready = ReadyStep(key=child_key, kind=child.kind, queue=queue, input=child.input)
+            (self.plan.spawned if child_key not in self.states else self.plan.ready).append(ready)
+            self.put(child_key, StepState(StepStatus.READY))
+            self.item_count[step.id] = max(self.item_count.get(step.id, 0), child.index + 1)
+        return bool(move.children)
+
     # -- outcomes
 
     def complete(self, key: StepKey, output: Any) -> None:
@@ -369,6 +434,8 @@ class _Advance:
         """
         self.plan.ready = []
         self.plan.expanded = []
+        self.plan.waiting = []
+        self.plan.spawned = []
         for key in sorted(self.original, key=self.sort_key):
             if self.status(key) not in STEP_FINAL:
                 self.plan.cancelled.append(key)

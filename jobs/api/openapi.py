@@ -198,6 +198,29 @@ class WebhookOut(serializers.Serializer):
     attempts = WebhookAttemptOut(many=True)
 
 
+class AgentToolCallOut(serializers.Serializer):
+    id = serializers.CharField(help_text="The model's id of the call.")
+    tool = serializers.CharField()
+    args = serializers.JSONField(allow_null=True)
+    status = serializers.CharField(
+        help_text="The call's step status, or `refused` when its arguments were refused."
+    )
+    result = serializers.JSONField(required=False, help_text="Its output, or `{error}`.")
+    duration_ms = serializers.IntegerField(required=False, allow_null=True)
+
+
+class AgentTurnOut(serializers.Serializer):
+    turn = serializers.IntegerField()
+    status = serializers.CharField()
+    text = serializers.CharField(allow_blank=True)
+    usage = serializers.DictField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    duration_ms = serializers.IntegerField(allow_null=True)
+    error = serializers.CharField(allow_null=True)
+    tool_calls = AgentToolCallOut(many=True)
+
+
 class RunDetailOut(RunSummaryOut):
     input = serializers.JSONField()
     output = serializers.JSONField(allow_null=True)
@@ -206,6 +229,14 @@ class RunDetailOut(RunSummaryOut):
     webhook = WebhookOut(allow_null=True, help_text="null when the run has no webhook_url.")
     parent_run = serializers.UUIDField(
         required=False, help_text="Only on a child run (a `workflow` step's run)."
+    )
+    agents = serializers.DictField(
+        child=AgentTurnOut(many=True),
+        required=False,
+        help_text=(
+            "Only on a run with `agent` steps: each agent's transcript by step id, one entry "
+            "per turn."
+        ),
     )
 
 

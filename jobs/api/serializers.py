@@ -11,6 +11,7 @@ from jobs.definitions import NAME_PATTERN
 from jobs.events import event_payload
 from jobs.formats import iso
 from jobs.models import Event, Run, RunStatus, StepRun, WebhookDelivery, WorkflowVersion
+from jobs.transcripts import agent_transcripts
 from tenants.models import ApiKey, Lane, Scope
 
 
@@ -193,6 +194,9 @@ def run_detail(run: Run, request) -> dict[str, Any]:
             "webhook": _webhook_repr(run),
         }
     )
+    transcripts = agent_transcripts(run.steps.all())
+    if transcripts:
+        body["agents"] = transcripts
     if run.parent_step_id:
         body["parent_run"] = str(run.parent_step.run.public_id)
     return body

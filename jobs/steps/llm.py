@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 from django.conf import settings
 
+from jobs.steps import agent_turn
 from jobs.steps.registry import StepContext, StepFailure
 
 SIMULATED_MODEL = "sim-1"
@@ -38,6 +39,18 @@ PROVIDERS = ("simulated", "openai")
 
 
 def handle(ctx: StepContext) -> dict[str, Any]:
+    if "messages" in ctx.input:  # a turn of an agent (jobs.steps.agent_turn)
+        return run_turn(ctx)
+    provider = provider_of(ctx)
+    if provider == "simulated":
+        return run_simulated(ctx)
+    if provider == "openai":
+        return run_openai(ctx)
+    raise StepFailure(f"unknown llm provider {provider!r}", code="config", retryable=False)
+
+
+def provider_of(ctx: StepContext) -> str:
+    """The provider the step names, else the deployment's default; fails without one."""
     provider = ctx.input.get("provider") or settings.SWITCHYARD_LLM_DEFAULT_PROVIDER
     if not provider:
         raise StepFailure(
@@ -45,11 +58,9 @@ def handle(ctx: StepContext) -> dict[str, Any]:
             code="config",
             retryable=False,
         )
-    if provider == "simulated":
-        return run_simulated(ctx)
-    if provider == "openai":
-        return run_openai(ctx)
-    raise StepFailure(f"unknown llm provider {provider!r}", code="config", retryable=False)
+    if provider not in PROVIDERS:
+        raise StepFailure(f"unknown llm provider {provider!r}", code="config", retryable=False)
+    return provider
 
 
 def estimate_tokens(text: str) -> int:
@@ -230,6 +241,52 @@ def run_simulated(ctx: StepContext) -> dict[str, Any]:
     }
 
 
+# --- an agent's turn -------------------------------------------------------------------------
+
+
+def run_turn(ctx: StepContext) -> dict[str, Any]:
+    """One turn of an agent: the conversation so far and the agent's tools to the provider,
+    its reply checkpointed with its tool calls checked (`jobs.steps.agent_turn`)."""
+    until = agent_turn.deadline(ctx)
+    specs = agent_turn.tool_specs(ctx.tenant_id, ctx.input.get("tools") or [])
+    messages = ctx.input["messages"]
+    if provider_of(ctx) == "openai":
+        reply = run_openai(ctx, messages=messages, tools=agent_turn.openai_tools(specs))
+    else:
+        reply = _simulated_turn(ctx, messages)
+    return agent_turn.checkpoint(ctx, reply, specs, until)
+
+
+def _simulated_turn(ctx: StepContext, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The script's reply for this turn, or, past the script, a deterministic final text;
+    after the configured latency, with the text streamed as deltas."""
+    config: dict[str, Any] = ctx.input.get("simulated") or {}
+    model = ctx.input.get("model") or SIMULATED_MODEL
+    started = time.monotonic()
+    reply = agent_turn.scripted_reply(ctx)
+    if reply is None:
+        last = next((m["content"] for m in reversed(messages) if m.get("content")), "")
+        reply = {"text": simulated_text(model, "", str(last)), "tool_calls": [], "usage": None}
+    _sleep_within_deadline(ctx, float(config.get("latency_ms", 50)) / 1000)
+    if reply["text"]:
+        ctx.emit_delta(reply["text"])
+    written = reply["text"] + "".join(call["arguments"] for call in reply["tool_calls"])
+    usage = reply.get("usage") or {}
+    return {
+        "text": reply["text"],
+        "tool_calls": reply["tool_calls"],
+        "provider": "simulated",
+        "simulated": True,
+        "model": model,
+        "usage": _usage(
+            int(usage.get("prompt_tokens", estimate_messages_tokens(messages))),
+            int(usage.get("completion_tokens", estimate_tokens(written))),
+        ),
+        "finish_reason": "tool_calls" if reply["tool_calls"] else "stop",
+        "latency_ms": round((time.monotonic() - started) * 1000),
+    }
+
+
 # --- openai -----------------------------------------------------------------------------------
 
 # Statuses worth another attempt, as the official OpenAI SDKs retry them: request timeout,
@@ -237,17 +294,25 @@ def run_simulated(ctx: StepContext) -> dict[str, Any]:
 _RETRYABLE_STATUSES = {408, 409, 429}
 
 
-def _openai_request_body(ctx: StepContext, model: str) -> dict[str, Any]:
-    messages = []
-    if ctx.input.get("system"):
-        messages.append({"role": "system", "content": ctx.input["system"]})
-    messages.append({"role": "user", "content": ctx.input["prompt"]})
+def _openai_request_body(
+    ctx: StepContext,
+    model: str,
+    messages: list[dict[str, Any]] | None = None,
+    tools: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    if messages is None:
+        messages = []
+        if ctx.input.get("system"):
+            messages.append({"role": "system", "content": ctx.input["system"]})
+        messages.append({"role": "user", "content": ctx.input["prompt"]})
     body: dict[str, Any] = {
         "model": model,
         "messages": messages,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if tools:
+        body["tools"] = tools
     for optional in ("temperature", "max_tokens"):
         if ctx.input.get(optional) is not None:
             body[optional] = ctx.input[optional]
@@ -266,7 +331,15 @@ def _http_failure(response: httpx.Response) -> StepFailure:
     return StepFailure(message, code="provider_rejected", retryable=False)
 
 
-def run_openai(ctx: StepContext) -> dict[str, Any]:
+def run_openai(
+    ctx: StepContext,
+    *,
+    messages: list[dict[str, Any]] | None = None,
+    tools: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One chat completion; with `messages` and `tools` (an agent's turn) the model may call
+    tools: the result's `tool_calls` lists them as `{"id", "name", "arguments"}` (the
+    arguments as the JSON text the model wrote)."""
     api_key = settings.SWITCHYARD_OPENAI_API_KEY
     if not api_key:
         raise StepFailure(
@@ -288,7 +361,7 @@ def run_openai(ctx: StepContext) -> dict[str, Any]:
         "Accept": "text/event-stream",
         "Idempotency-Key": ctx.idempotency_key,
     }
-    body = _openai_request_body(ctx, model)
+    body = _openai_request_body(ctx, model, messages, tools)
     # httpx's timeout bounds each read, not the whole stream: `deadline` bounds the total, so
     # that a server trickling bytes cannot hold the attempt past its lease.
     deadline = time.monotonic() + timeout_s
@@ -328,10 +401,23 @@ def run_openai(ctx: StepContext) -> dict[str, Any]:
         "usage": completion["usage"],
         "finish_reason": completion["finish_reason"],
     }
+    if tools:
+        result["tool_calls"] = completion["tool_calls"]
     if result["usage"] is None:
-        result["usage"] = _usage(_prompt_tokens(ctx), estimate_tokens(completion["text"]))
+        prompt_tokens = (
+            _prompt_tokens(ctx) if messages is None else estimate_messages_tokens(messages)
+        )
+        written = completion["text"] + "".join(
+            call["arguments"] for call in completion["tool_calls"]
+        )
+        result["usage"] = _usage(prompt_tokens, estimate_tokens(written))
         result["usage_estimated"] = True
     return result
+
+
+def estimate_messages_tokens(messages: list[dict[str, Any]]) -> int:
+    """`estimate_tokens` of a conversation: each message's text and tool calls."""
+    return sum(estimate_tokens(json.dumps(message, ensure_ascii=False)) for message in messages)
 
 
 def _normalise_usage(usage: Any) -> dict[str, int] | None:
@@ -347,6 +433,9 @@ def _completion_from_stream(
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
     model: str | None = None
+    # Tool calls arrive in pieces keyed by their index: the id and name first, then the
+    # arguments' JSON text in fragments.
+    calls: dict[int, dict[str, str]] = {}
     done = False
     for line in response.iter_lines():
         if time.monotonic() > deadline:
@@ -381,17 +470,39 @@ def _completion_from_stream(
         for choice in chunk.get("choices") or []:
             if choice.get("index", 0) != 0:
                 continue
-            content = (choice.get("delta") or {}).get("content")
+            delta = choice.get("delta") or {}
+            content = delta.get("content")
             if content:
                 parts.append(content)
                 ctx.emit_delta(content)
+            for piece in delta.get("tool_calls") or []:
+                _add_tool_call_piece(calls, piece)
             finish_reason = choice.get("finish_reason") or finish_reason
     if not done and finish_reason is None:
         raise StepFailure(
             "openai provider closed the stream before the completion finished",
             code="provider_error",
         )
-    return {"text": "".join(parts), "model": model, "usage": usage, "finish_reason": finish_reason}
+    return {
+        "text": "".join(parts),
+        "model": model,
+        "usage": usage,
+        "finish_reason": finish_reason,
+        "tool_calls": [calls[index] for index in sorted(calls)],
+    }
+
+
+def _add_tool_call_piece(calls: dict[int, dict[str, str]], piece: Any) -> None:
+    if not isinstance(piece, dict):
+        return
+    call = calls.setdefault(int(piece.get("index") or 0), {"id": "", "name": "", "arguments": ""})
+    if piece.get("id"):
+        call["id"] = str(piece["id"])
+    function = piece.get("function") or {}
+    if function.get("name"):
+        call["name"] += str(function["name"])
+    if function.get("arguments"):
+        call["arguments"] += str(function["arguments"])
 
 
 def _completion_from_json(response: httpx.Response) -> dict[str, Any]:
@@ -404,9 +515,19 @@ def _completion_from_json(response: httpx.Response) -> dict[str, Any]:
             f"openai provider sent an unexpected response: {response.text[:_ERROR_BODY_CHARS]}",
             code="provider_error",
         ) from None
+    calls = [
+        {
+            "id": str(call.get("id") or ""),
+            "name": str((call.get("function") or {}).get("name") or ""),
+            "arguments": str((call.get("function") or {}).get("arguments") or ""),
+        }
+        for call in choice["message"].get("tool_calls") or []
+        if isinstance(call, dict)
+    ]
     return {
         "text": text,
         "model": data.get("model"),
         "usage": _normalise_usage(data.get("usage")),
         "finish_reason": choice.get("finish_reason"),
+        "tool_calls": calls,
     }

@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from approvals import kind as approval
+from jobs.steps import agent
 
 # Queues. The scheduler's own work (child runs, approval requests) runs on `steps.control`.
 QUEUE_LLM = "steps.llm"
@@ -206,6 +207,16 @@ _BUILTIN_KINDS: dict[str, KindSpec] = {
         timeout_is_deadline=True,
         on_cancel="approvals.services.approvals_cancel_for_step",
     ),
+    # Waits while its turns and tool calls run as its children (jobs.steps.agent).
+    "agent": KindSpec(
+        name="agent",
+        queue=QUEUE_CONTROL,
+        handler=None,
+        template_fields=agent.TEMPLATE_FIELDS,
+        config_schema=agent.CONFIG_SCHEMA,
+        check="jobs.steps.agent_check.check",
+        timeout_is_deadline=True,
+    ),
     "map": KindSpec(
         name="map",
         queue=QUEUE_CONTROL,
@@ -226,6 +237,7 @@ _BUILTIN_KINDS: dict[str, KindSpec] = {
 
 _kinds: dict[str, KindSpec] = dict(_BUILTIN_KINDS)
 _tools: dict[str, Callable[..., Any]] = {}
+_tool_specs: dict[str, ToolSpec] = {}
 
 
 def register_kind(spec: KindSpec) -> None:
@@ -240,14 +252,42 @@ def kind(name: str) -> KindSpec:
     return _kinds[name]
 
 
-def register_tool(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: `@register_tool("crm.lookup")` on `def lookup(ctx: StepContext, **args)`."""
+# What an agent's model is told of a tool that declares no schema: any object of arguments.
+ANY_ARGUMENTS: dict[str, Any] = {"type": "object"}
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """What a model is told about a tool: what it does and the JSON Schema of its arguments
+    (an object), against which an agent checks the arguments a model gives before the call."""
+
+    name: str
+    description: str = ""
+    schema: dict[str, Any] = field(default_factory=lambda: dict(ANY_ARGUMENTS))
+
+
+def register_tool(
+    name: str, *, description: str = "", schema: dict[str, Any] | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: `@register_tool("crm.lookup", description=..., schema=...)` on
+    `def lookup(ctx: StepContext, **args)`. `description` defaults to the function's
+    docstring; `schema` (the arguments' JSON Schema) to any object."""
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         _tools[name] = func
+        text = description or (func.__doc__ or "").strip().split("\n\n")[0]
+        _tool_specs[name] = ToolSpec(
+            name=name,
+            description=" ".join(text.split()),
+            schema=dict(schema) if schema is not None else dict(ANY_ARGUMENTS),
+        )
         return func
 
     return decorate
+
+
+def tool_spec(name: str) -> ToolSpec:
+    return _tool_specs[name]
 
 
 def tools() -> dict[str, Callable[..., Any]]:

@@ -70,7 +70,34 @@ def _bad_args(message: str) -> StepFailure:
     return StepFailure(message, code="bad_args", retryable=False)
 
 
-@register_tool("echo")
+ECHO_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "delay_ms": {"type": "number", "minimum": 0, "description": "wait this long first"}
+    },
+    "additionalProperties": True,
+}
+
+HTTP_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["url"],
+    "additionalProperties": False,
+    "properties": {
+        "url": {"type": "string", "minLength": 1, "description": "an http(s) URL"},
+        "method": {"enum": [*HTTP_METHODS, *(m.lower() for m in HTTP_METHODS)]},
+        "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+        "json": {"description": "the request's JSON body"},
+        "params": {"type": "object", "description": "query string parameters"},
+        "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+    },
+}
+
+
+@register_tool(
+    "echo",
+    description="Return the arguments as given (after delay_ms milliseconds, if given).",
+    schema=ECHO_SCHEMA,
+)
 def echo(ctx: StepContext, **args: Any) -> dict[str, Any]:
     """Return the arguments as given, after `delay_ms` if given (for wiring, demos, tests)."""
     delay_ms = args.get("delay_ms")
@@ -85,7 +112,14 @@ def echo(ctx: StepContext, **args: Any) -> dict[str, Any]:
     return {"args": args}
 
 
-@register_tool("http")
+@register_tool(
+    "http",
+    description=(
+        "Send one HTTP request to a public address and return its status, headers and body "
+        "(parsed when it is JSON)."
+    ),
+    schema=HTTP_SCHEMA,
+)
 def http(
     ctx: StepContext,
     *,

@@ -87,6 +87,20 @@ class _Writes:
             }
         )
 
+    def new_child(self, agent_def, ready: engine.ReadyStep) -> None:
+        """A row for a child of an agent (a turn or a tool call): its kind's queue, the
+        agent's attempts per child, the default attempt timeout."""
+        self.new_steps.append(
+            {
+                "step_id": ready.key[0],
+                "map_index": ready.key[1],
+                "kind": ready.kind,
+                "queue": ready.queue,
+                "max_attempts": agent_def.retry.max_attempts,
+                "timeout_s": _default_timeout(),
+            }
+        )
+
     def plan(self) -> dict[str, Any]:
         return {
             "new_steps": self.new_steps,
@@ -103,7 +117,14 @@ class _Writes:
             self.event("step.expanded", (map_id, None), items=len(items))
             for index in range(len(items)):
                 self.new_step(definition.step(map_id).item, map_index=index)
-        for ready in plan.ready:
+        for key in plan.waiting:
+            self.change(key, StepStatus.WAITING, started=True)
+            self.event("step.waiting", key, agent=True)
+        for ready in plan.spawned:
+            self.new_child(definition.step(ready.key[0]), ready)
+        for key, event_type, data in plan.events:
+            self.event(event_type, key, **data)
+        for ready in [*plan.spawned, *plan.ready]:
             self.change(ready.key, StepStatus.READY, input=ready.input, ready=True)
             self.event("step.ready", ready.key)
             self.admit.append(list(ready.key))
@@ -470,12 +491,18 @@ def run_retry(*, run: Run, by: str = "") -> Run:
             status__in=[StepStatus.FAILED, StepStatus.CANCELLED]
         ):
             step_def = definition.step(step.step_id)
-            expanded_map = (
-                step.kind == "map"
+            # A map or an agent whose children exist resumes over them (a map's row runs, an
+            # agent's waits); its failed children go back to pending below.
+            parent = step.map_index is None and (
+                step.kind in ("map", "agent")
                 and locked.steps.filter(step_id=step.step_id, map_index__isnull=False).exists()
             )
-            step.status = StepStatus.RUNNING if expanded_map else StepStatus.PENDING
-            policy = step_def.item.retry if step.map_index is not None else step_def.retry
+            if parent:
+                step.status = StepStatus.RUNNING if step.kind == "map" else StepStatus.WAITING
+            else:
+                step.status = StepStatus.PENDING
+            is_item = step.map_index is not None and step_def.is_map
+            policy = step_def.item.retry if is_item else step_def.retry
             step.max_attempts = step.attempt + policy.max_attempts
             step.error = ""
             step.error_code = ""

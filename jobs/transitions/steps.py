@@ -308,7 +308,8 @@ def _after_failure(
     retryable: bool,
 ) -> _AfterFailure:
     step_def = definition_for(version_pk).step(step_id)
-    policy = step_def.item.retry if map_index is not None else step_def.retry
+    # A map's item retries by the map's inner step; an agent's children by the agent's policy.
+    policy = step_def.item.retry if map_index is not None and step_def.is_map else step_def.retry
     fatal = not retryable or code in policy.non_retryable
     if not fatal and attempt < max_attempts:
         delay = policy.delay_before_retry(attempt, random.random())

@@ -428,7 +428,7 @@ def test_kind_is_required():
 def test_unknown_kinds_are_refused_with_the_known_ones():
     assert single_fault(workflow({"id": "a", "kind": "llmm", "prompt": "x"})) == (
         "steps[0].kind: unknown kind 'llmm' (did you mean 'llm'?); "
-        "known kinds: approval, llm, map, retrieval, tool, workflow"
+        "known kinds: agent, approval, llm, map, retrieval, tool, workflow"
     )
 
 
@@ -852,7 +852,7 @@ def test_every_fault_is_reported_at_once():
         "name: invalid value 'Bad Name': use lowercase letters, digits, '_', '.' and '-', "
         "starting with a letter or a digit, at most 100 characters",
         "steps[0].kind: unknown kind 'llmm' (did you mean 'llm'?); "
-        "known kinds: approval, llm, map, retrieval, tool, workflow",
+        "known kinds: agent, approval, llm, map, retrieval, tool, workflow",
         "steps[1].prompt: template error: unexpected '}'",
         "steps[2].tool: unknown tool 'crm.lookpu' (did you mean 'crm.lookup'?); "
         "registered tools: crm.lookup, echo, http",
