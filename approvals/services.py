@@ -105,7 +105,7 @@ def step_request_approval(*, claim: Claim) -> Approval | None:
         if step is None:
             return None
         step_def = definition_of(txn.run.workflow_version).step(step.step_id)
-        if step.map_index is not None:
+        if step.map_index is not None and step_def.is_map:
             step_def = step_def.item
         config = claim.input
         form = config.get("form") or {}

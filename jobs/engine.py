@@ -367,6 +367,7 @@ class _Advance:
             prompt=rendered["prompt"],
             children=children,
             timeout_s=step.timeout_s,
+            agent_id=step.id,
         )
         for event_type, data in move.events:
             self.plan.events.append((key, event_type, data))

@@ -150,9 +150,11 @@ class State:
     error: str | None = None
 
 
-def child_for_call(call: dict[str, Any], index: int) -> Child:
-    """The step that runs one tool call (a call whose arguments were valid)."""
-    tool, args = call["tool"], call.get("args") or {}
+def child_for_call(call: dict[str, Any], index: int, args: dict[str, Any] | None = None) -> Child:
+    """The step that runs one tool call (a call whose arguments were valid), with `args` as
+    a reviewer approved them if they were edited."""
+    tool = call["tool"]
+    args = call.get("args") or {} if args is None else args
     if tool == RETRIEVAL_TOOL:
         return Child(index, "retrieval", {"query": str(args.get("query", "")), **_top_k(args)})
     if tool.startswith(WORKFLOW_PREFIX):
@@ -163,6 +165,29 @@ def child_for_call(call: dict[str, Any], index: int) -> Child:
 def _top_k(args: dict[str, Any]) -> dict[str, Any]:
     top_k = args.get("top_k")
     return {"top_k": top_k} if isinstance(top_k, int) and not isinstance(top_k, bool) else {}
+
+
+def approval_for_call(agent_id: str, call: dict[str, Any], reasoning: str, index: int) -> Child:
+    """The `approval` step that asks reviewers about a call of a tool in `approve_tools`: the
+    tool, its arguments as a form (checked against the tool's schema when a reviewer edits
+    them) and the model's reasoning; a rejection goes back to the model, so it continues."""
+    schema = call.get("schema") or {"type": "object"}
+    context: dict[str, Any] = {"tool": call["tool"], "arguments": call.get("args") or {}}
+    if reasoning:
+        context["reasoning"] = reasoning
+    return Child(
+        index,
+        "approval",
+        {
+            "prompt": (
+                f"The agent '{agent_id}' wants to call {call['tool']}. Approve, edit the "
+                "arguments, or reject with a comment that the agent will read."
+            ),
+            "context": context,
+            "form": {"schema": schema, "values": call.get("args") or {}},
+            "on_reject": "continue",
+        },
+    )
 
 
 def base_messages(system: str, prompt: str) -> list[dict[str, Any]]:
@@ -185,6 +210,18 @@ def assistant_message(turn: dict[str, Any]) -> dict[str, Any]:
             for call in turn["tool_calls"]
         ]
     return message
+
+
+def rejection(decision: Any) -> dict[str, Any]:
+    """What the model is told of a call that reviewers did not approve."""
+    decision = decision or {}
+    if decision.get("timed_out"):
+        return {"rejected": True, "comment": "no reviewer decided in time"}
+    return {
+        "rejected": True,
+        "comment": decision.get("comment") or "",
+        "by": decision.get("reviewers") or [],
+    }
 
 
 def call_result(call: dict[str, Any], state: State | None) -> tuple[bool, Any]:
@@ -224,7 +261,7 @@ def turn_input(
         "messages": messages,
         "tools": list(config.get("tools", [])),
     }
-    for name in ("provider", "model", "temperature", "simulated"):
+    for name in ("provider", "model", "temperature", "simulated", "approve_tools"):
         if config.get(name) is not None:
             turn[name] = config[name]
     if timeout_s is not None:
@@ -299,6 +336,49 @@ def _strip_fence(text: str) -> str:
     return match.group(1) if match else text
 
 
+@dataclass
+class _CallMove:
+    """Where one tool call of a turn stands: the indices it takes (none for a refused call,
+    two for a call that waits for approval: the approval, then the call), and either a child
+    to make ready, children still at work, or its result."""
+
+    width: int
+    child: Child | None = None
+    new: bool = False
+    busy: bool = False
+    result: tuple[bool, Any] | None = None
+
+
+def _call_move(
+    call: dict[str, Any], children: dict[int, State], index: int, *, agent_id: str, reasoning: str
+) -> _CallMove:
+    if call.get("error"):
+        return _CallMove(0, result=call_result(call, None))
+    width, args = 1, None
+    if call.get("approval"):
+        width = 2
+        decision = children.get(index)
+        if decision is None or decision.status == StepStatus.PENDING:
+            child = approval_for_call(agent_id, call, reasoning, index)
+            return _CallMove(width, child=child, new=decision is None)
+        if decision.status in STEP_ACTIVE:
+            return _CallMove(width, busy=True)
+        verdict = decision.output or {}
+        if decision.status != StepStatus.SUCCEEDED:
+            error = decision.error or f"the approval was {decision.status}"
+            return _CallMove(width, result=(False, {"error": error}))
+        if not verdict.get("approved"):
+            return _CallMove(width, result=(False, rejection(verdict)))
+        args = verdict.get("data") or call.get("args") or {}
+        index += 1
+    state = children.get(index)
+    if state is None or state.status == StepStatus.PENDING:
+        return _CallMove(width, child=child_for_call(call, index, args), new=state is None)
+    if state.status in STEP_ACTIVE:
+        return _CallMove(width, busy=True)
+    return _CallMove(width, result=call_result(call, state))
+
+
 def progress(
     config: dict[str, Any],
     *,
@@ -306,6 +386,7 @@ def progress(
     prompt: str,
     children: dict[int, State],
     timeout_s: float | None = None,
+    agent_id: str = "agent",
 ) -> Move:
     """The loop's next move, from its configuration (`prompt` and `system` rendered) and the
     states of its children by index. Pure; see the module docstring."""
@@ -358,26 +439,27 @@ def progress(
         busy = False
         results: list[tuple[str, dict]] = []
         next_index = index + 1
+        reasoning = turn.get("text") or ""
         for call in calls:
-            call_state = None
-            if not call.get("error"):
-                call_state = children.get(next_index)
-                if call_state is None or call_state.status == StepStatus.PENDING:
-                    waiting.append(child_for_call(call, next_index))
-                    new = new or call_state is None
-                    next_index += 1
-                    continue
-                next_index += 1
-                if call_state.status in STEP_ACTIVE:
-                    busy = True
-                    continue
-            ok, result = call_result(call, call_state)
-            messages.append(
-                {"role": "tool", "tool_call_id": call["id"], "content": result_content(result)}
-            )
-            results.append(result_event(number, call, ok, result))
+            step = _call_move(call, children, next_index, agent_id=agent_id, reasoning=reasoning)
+            next_index += step.width
+            if step.child is not None:
+                waiting.append(step.child)
+                new = new or step.new
+            elif step.busy:
+                busy = True
+            else:
+                assert step.result is not None
+                ok, result = step.result
+                messages.append(
+                    {"role": "tool", "tool_call_id": call["id"], "content": result_content(result)}
+                )
+                results.append(result_event(number, call, ok, result))
         if waiting:
-            return Move(children=waiting, new=new, events=events if new else [])
+            # The turn's events go out with its first children; an approved call's step,
+            # created later, adds none.
+            first = new and not any(i in children for i in range(index + 1, next_index))
+            return Move(children=waiting, new=new, events=events if first else [])
         if busy:
             return Move()
         carried = results if any(not c.get("error") for c in calls) else events + results
@@ -420,6 +502,10 @@ def transcript(children: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
             }
             if call.get("error"):
                 shown.update(status="refused", result={"error": call["error"]})
+            elif call.get("approval"):
+                decision = children.get(next_index)
+                next_index += 2
+                _show_decision(shown, decision, children.get(next_index - 1))
             else:
                 child = children.get(next_index)
                 next_index += 1
@@ -435,3 +521,34 @@ def transcript(children: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
             entry["tool_calls"].append(shown)
         index, number = next_index, number + 1
     return turns
+
+
+def _show_decision(
+    shown: dict[str, Any], decision: dict[str, Any] | None, call: dict[str, Any] | None
+) -> None:
+    """A call that waited for reviewers: their decision, then the call if it ran."""
+    if decision is None or decision["status"] != StepStatus.SUCCEEDED:
+        shown["status"] = "awaiting approval" if decision is not None else StepStatus.PENDING
+        if decision is not None and decision["status"] in (StepStatus.FAILED, StepStatus.CANCELLED):
+            shown.update(status=decision["status"], result={"error": decision.get("error")})
+        return
+    verdict = decision.get("output") or {}
+    shown["approval"] = {
+        "approved": bool(verdict.get("approved")),
+        "comment": verdict.get("comment") or "",
+        "reviewers": verdict.get("reviewers") or [],
+    }
+    if not verdict.get("approved"):
+        shown.update(status="rejected", result=rejection(verdict))
+        return
+    if verdict.get("data") and verdict["data"] != shown["args"]:
+        shown["approval"]["edited_args"] = verdict["data"]
+    if call is None:
+        shown["status"] = StepStatus.PENDING
+        return
+    shown["status"] = call["status"]
+    shown["duration_ms"] = call.get("duration_ms")
+    if call["status"] == StepStatus.SUCCEEDED:
+        shown["result"] = call.get("output")
+    elif call.get("error"):
+        shown["result"] = {"error": call["error"]}

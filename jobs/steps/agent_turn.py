@@ -181,6 +181,12 @@ def checkpoint(
     output = dict(reply)
     output["turn"] = int(ctx.input["agent_turn"])
     output["tool_calls"] = checked_calls(specs, reply.get("tool_calls") or [])
+    gated = set(ctx.input.get("approve_tools") or [])
+    for call in output["tool_calls"]:
+        if call["tool"] in gated and not call.get("error"):
+            # Reviewers edit the arguments against the tool's schema (jobs.steps.agent).
+            call["approval"] = True
+            call["schema"] = specs[agent.function_name(call["tool"])].schema
     if until is not None:
         output["agent_deadline"] = iso(until)
     return output

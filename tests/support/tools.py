@@ -87,3 +87,22 @@ def kill_self(ctx: StepContext, key: str):
     os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(10)
     return {"unreachable": True}
+
+
+@register_tool(
+    "test.refund",
+    description="Refund an amount of an order (recorded in the ledger).",
+    schema={
+        "type": "object",
+        "required": ["order", "amount"],
+        "additionalProperties": False,
+        "properties": {
+            "order": {"type": "integer"},
+            "amount": {"type": "number", "minimum": 0, "maximum": 500},
+        },
+    },
+)
+def refund(ctx: StepContext, order: int, amount: float):
+    """Record the refund; return what was refunded (agents' approval tests)."""
+    record(f"refund-{order}", ctx.idempotency_key)
+    return {"refunded": {"order": order, "amount": amount}}

@@ -1,0 +1,114 @@
+"""Tools named in an agent's `approve_tools` wait for a reviewer: approved, edited (checked
+against the tool's schema) or rejected with a comment that the model reads as the result;
+through the API, in this process (the inbox in a browser: tests/browser)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from approvals.models import Approval
+from jobs.models import Event
+from tests.support.agents import children, drive
+from tests.support.workflows import assert_gapless, submit
+
+
+def refund_agent() -> dict:
+    script = [
+        {
+            "text": "The order arrived broken; I will refund it.",
+            "tool_calls": [
+                {"tool": "echo", "args": {"order": 7}},
+                {"tool": "test.refund", "args": {"order": 7, "amount": 120}},
+            ],
+        },
+        {"text": "Done."},
+    ]
+    return {
+        "name": "refund-agent",
+        "steps": [
+            {
+                "id": "helper",
+                "kind": "agent",
+                "provider": "simulated",
+                "prompt": "Order 7 arrived broken.",
+                "tools": ["echo", "test.refund"],
+                "approve_tools": ["test.refund"],
+                "max_turns": 3,
+                "simulated": {"latency_ms": 0, "script": script},
+            }
+        ],
+        "output": "{{ steps.helper.output.text }}",
+    }
+
+
+@pytest.fixture
+def waiting(owner, ledger):
+    """A run whose agent waits for a reviewer on its refund call (the echo call ran)."""
+    run = drive(submit(owner.tenant, refund_agent()))
+    assert run.status == "waiting"
+    approval = Approval.objects.get(run=run)
+    return run, approval
+
+
+def decide(owner, approval, **body):
+    return owner.api.post(f"/api/v1/approvals/{approval.public_id}/decision/", body, format="json")
+
+
+def model_was_told(run) -> dict:
+    last_turn = [s for s in children(run) if s.kind == "llm"][-1]
+    return json.loads(last_turn.input["messages"][-1]["content"])
+
+
+def test_the_request_shows_the_tool_its_arguments_and_the_models_reasoning(owner, waiting):
+    run, approval = waiting
+    body = owner.api.get(f"/api/v1/approvals/{approval.public_id}/").json()
+    assert body["context"] == {
+        "tool": "test.refund",
+        "arguments": {"order": 7, "amount": 120},
+        "reasoning": "The order arrived broken; I will refund it.",
+    }
+    assert body["form"]["values"] == {"order": 7, "amount": 120}
+    assert [s.kind for s in children(run)] == ["llm", "tool", "approval"]
+
+
+def test_an_approved_call_runs_with_the_arguments_the_model_gave(owner, waiting):
+    run, approval = waiting
+    assert decide(owner, approval, decision="approve").status_code == 200
+    run = drive(run)
+    assert run.status == "succeeded", run.error
+    assert model_was_told(run)["refunded"] == {"order": 7, "amount": 120}
+    assert [s.kind for s in children(run)] == ["llm", "tool", "approval", "tool", "llm"]
+    assert_gapless(run)
+
+
+def test_edited_arguments_are_checked_against_the_tools_schema_then_used(owner, waiting):
+    run, approval = waiting
+    refused = decide(owner, approval, decision="approve", data={"amount": 900})
+    assert refused.status_code == 400
+    assert "amount" in json.dumps(refused.json())
+    assert decide(owner, approval, decision="approve", data={"amount": 60}).status_code == 200
+    run = drive(run)
+    assert run.status == "succeeded", run.error
+    assert model_was_told(run)["refunded"] == {"order": 7, "amount": 60}
+    transcript = owner.api.get(f"/api/v1/runs/{run.public_id}/").json()["agents"]["helper"]
+    refund = transcript[0]["tool_calls"][1]
+    assert refund["approval"]["edited_args"] == {"order": 7, "amount": 60}
+    assert refund["status"] == "succeeded"
+
+
+def test_a_rejection_goes_back_to_the_model_as_the_result_and_the_tool_never_runs(owner, waiting):
+    run, approval = waiting
+    comment = "Ask the customer for a photo first."
+    assert decide(owner, approval, decision="reject", comment=comment).status_code == 200
+    run = drive(run)
+    assert run.status == "succeeded", run.error
+    told = model_was_told(run)
+    assert told["rejected"] is True and told["comment"] == comment
+    assert [s.kind for s in children(run)] == ["llm", "tool", "approval", "llm"]
+    results = Event.objects.filter(run=run, type="agent.tool_result").order_by("seq")
+    assert [(e.data["tool"], e.data["ok"]) for e in results] == [
+        ("echo", True),
+        ("test.refund", False),
+    ]
