@@ -4,6 +4,10 @@
 the knowledge base (retrieval), looks the customer up (tool), summarises each found article
 in parallel (map of llm calls), flags refunds on a branch (tool, only when the ticket is
 classified as a refund), and drafts a reply from all of it (llm).
+
+`support-agent` is the same job done by an agent step: it searches the documents, looks the
+order up through a tool and asks a reviewer before it calls the refund tool. Its model is the
+simulated provider playing a script, so the demo runs without an API key.
 """
 
 SUPPORT_TRIAGE = {
@@ -204,3 +208,79 @@ REFUND_REQUESTS = [
         "amount": 320.0,
     },
 ]
+
+SUPPORT_AGENT = {
+    "name": "support-agent",
+    "description": "An agent answers a customer: documents, the order, a refund if approved.",
+    "input_schema": {
+        "type": "object",
+        "required": ["order", "message"],
+        "properties": {
+            "order": {"type": "string", "pattern": "^[A-Z]-[0-9]{4}$"},
+            "message": {"type": "string", "minLength": 1},
+        },
+    },
+    "steps": [
+        {
+            "id": "agent",
+            "kind": "agent",
+            "provider": "simulated",
+            "system": (
+                "You are a support agent of a shop. Check the policy and the order before you "
+                "act. Refunds need a reviewer's approval. Answer as JSON: reply, refunded."
+            ),
+            "prompt": "Order {{ input.order }}: {{ input.message }}",
+            "tools": ["retrieval", "demo.order_lookup", "demo.refund"],
+            "approve_tools": ["demo.refund"],
+            "max_turns": 5,
+            "max_tokens": 20000,
+            "timeout_s": 86400,
+            "output_schema": {
+                "type": "object",
+                "required": ["reply", "refunded"],
+                "properties": {"reply": {"type": "string"}, "refunded": {"type": "boolean"}},
+            },
+            "simulated": {
+                "latency_ms": 700,
+                "script": [
+                    {
+                        "text": "I will check the refund policy and the order first.",
+                        "tool_calls": [
+                            {"tool": "retrieval", "args": {"query": "refund policy"}},
+                            {"tool": "demo.order_lookup", "args": {"order": "A-1042"}},
+                        ],
+                    },
+                    {
+                        "text": (
+                            "The order is within the 30 days of the policy; I propose a "
+                            "refund of the lamp."
+                        ),
+                        "tool_calls": [
+                            {
+                                "tool": "demo.refund",
+                                "args": {
+                                    "order": "A-1042",
+                                    "amount": 39.5,
+                                    "reason": "The lamp arrived broken.",
+                                },
+                            }
+                        ],
+                    },
+                    {
+                        "text": (
+                            '{"reply": "Sorry about the lamp. We have looked at your order '
+                            'A-1042; a reviewer has decided on your refund and you will hear '
+                            'from us by email.", "refunded": true}'
+                        )
+                    },
+                ],
+            },
+        }
+    ],
+    "output": "{{ steps.agent.output.data }}",
+}
+
+AGENT_REQUESTS = [
+    {"order": "A-1042", "message": "My desk lamp arrived broken. Can I get my money back?"},
+]
+

@@ -9,7 +9,9 @@ import json
 import pytest
 
 from approvals.models import Approval
+from jobs.demo import AGENT_REQUESTS, DEMO_DOCUMENTS, SUPPORT_AGENT
 from jobs.models import Event
+from jobs.services.documents import documents_add
 from tests.support.agents import children, drive
 from tests.support.workflows import assert_gapless, submit
 
@@ -112,3 +114,20 @@ def test_a_rejection_goes_back_to_the_model_as_the_result_and_the_tool_never_run
         ("echo", True),
         ("test.refund", False),
     ]
+
+
+def test_the_demo_support_agent_searches_looks_up_the_order_and_asks_before_refunding(owner):
+    documents_add(tenant=owner.tenant, documents=DEMO_DOCUMENTS)
+    run = drive(submit(owner.tenant, SUPPORT_AGENT, AGENT_REQUESTS[0]))
+    assert run.status == "waiting"
+    approval = Approval.objects.get(run=run)
+    assert approval.context["tool"] == "demo.refund"
+    assert decide(owner, approval, decision="approve").status_code == 200
+    run = drive(run)
+    assert run.status == "succeeded", run.error
+    assert run.output["refunded"] is True
+    transcript = owner.api.get(f"/api/v1/runs/{run.public_id}/").json()["agents"]["agent"]
+    found = transcript[0]["tool_calls"][0]["result"]["documents"]
+    assert found[0]["title"] == "Refund policy"
+    assert transcript[0]["tool_calls"][1]["result"]["order"] == "A-1042"
+    assert transcript[1]["tool_calls"][0]["result"]["refunded_eur"] == 39.5

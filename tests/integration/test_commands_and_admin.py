@@ -41,9 +41,11 @@ def test_seed_demo_is_idempotent_and_prints_working_keys():
     second = _run("seed_demo")
     assert Tenant.objects.filter(slug__in=["acme", "globex"]).count() == 2
     assert Workflow.objects.filter(name="support-triage").count() == 2
-    # Per tenant, only on the first call: three support-triage runs, two refund reviews.
-    assert Run.objects.count() == 10
+    # Per tenant, only on the first call: three support-triage runs, two refund reviews, one
+    # support agent.
+    assert Run.objects.count() == 12
     assert Workflow.objects.filter(name="refund-review").count() == 2
+    assert Workflow.objects.filter(name="support-agent").count() == 2
     assert Document.objects.filter(tenant__slug="acme").count() == 4
     assert Membership.objects.filter(user__username="reviewer").count() == 2
     assert get_user_model().objects.get(username="operator").is_staff

@@ -12,7 +12,14 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 
 from jobs.definitions import parse_definition
-from jobs.demo import DEMO_DOCUMENTS, REFUND_REQUESTS, REFUND_REVIEW, SUPPORT_TRIAGE
+from jobs.demo import (
+    AGENT_REQUESTS,
+    DEMO_DOCUMENTS,
+    REFUND_REQUESTS,
+    REFUND_REVIEW,
+    SUPPORT_AGENT,
+    SUPPORT_TRIAGE,
+)
 from jobs.models import Document, Run
 from jobs.selectors import workflow_version_for
 from jobs.services.documents import documents_add
@@ -80,6 +87,7 @@ class Command(BaseCommand):
                     )
 
             _seed_refund_reviews(tenant)
+            _seed_support_agent(tenant)
 
         self.stdout.write(f"Operator login: {OPERATOR[0]} / {OPERATOR[1]} (staff)")
         self.stdout.write(f"Reviewer login: {REVIEWER[0]} / {REVIEWER[1]}")
@@ -94,6 +102,16 @@ def _seed_refund_reviews(tenant) -> None:
         version = workflow_version_create(tenant=tenant, document=REFUND_REVIEW)
     if not Run.objects.filter(tenant=tenant, workflow_version__workflow=version.workflow).exists():
         for request in REFUND_REQUESTS:
+            run_create(tenant=tenant, version=version, input=request)
+
+
+def _seed_support_agent(tenant) -> None:
+    """The support agent and, once, a run that will wait for the refund's approval."""
+    version = workflow_version_for(tenant=tenant, name=SUPPORT_AGENT["name"])
+    if version is None or version.definition != parse_definition(SUPPORT_AGENT).document:
+        version = workflow_version_create(tenant=tenant, document=SUPPORT_AGENT)
+    if not Run.objects.filter(tenant=tenant, workflow_version__workflow=version.workflow).exists():
+        for request in AGENT_REQUESTS:
             run_create(tenant=tenant, version=version, input=request)
 
 
