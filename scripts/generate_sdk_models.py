@@ -112,14 +112,15 @@ def generate(schema: Path, destination: Path = DESTINATION) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--schema", type=Path, help="a schema file (default: the server's)")
+    parser.add_argument("--destination", type=Path, default=DESTINATION)
     args = parser.parse_args()
     if args.schema:
-        generate(args.schema)
+        generate(args.schema, args.destination)
         return
     with tempfile.TemporaryDirectory() as scratch:
         schema = Path(scratch) / "schema.yaml"
         schema_from_django(schema)
-        generate(schema)
+        generate(schema, args.destination)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from uuid import UUID
 import datetime
 
 if TYPE_CHECKING:
+  from ..models.run_detail_out_agents import RunDetailOutAgents
   from ..models.run_links_out import RunLinksOut
   from ..models.step_out import StepOut
   from ..models.webhook_out import WebhookOut
@@ -55,6 +56,8 @@ class RunDetailOut:
             steps (list[StepOut]):
             webhook (None | WebhookOut): null when the run has no webhook_url.
             parent_run (UUID | Unset): Only on a child run (a `workflow` step's run).
+            agents (RunDetailOutAgents | Unset): Only on a run with `agent` steps: each agent's transcript by step id, one
+                entry per turn.
      """
 
     id: UUID
@@ -72,6 +75,7 @@ class RunDetailOut:
     steps: list[StepOut]
     webhook: None | WebhookOut
     parent_run: UUID | Unset = UNSET
+    agents: RunDetailOutAgents | Unset = UNSET
     additional_properties: dict[str, Any] = _attrs_field(init=False, factory=dict)
 
 
@@ -79,6 +83,7 @@ class RunDetailOut:
 
 
     def to_dict(self) -> dict[str, Any]:
+        from ..models.run_detail_out_agents import RunDetailOutAgents # noqa: PLC0415
         from ..models.run_links_out import RunLinksOut # noqa: PLC0415
         from ..models.step_out import StepOut # noqa: PLC0415
         from ..models.webhook_out import WebhookOut # noqa: PLC0415
@@ -132,6 +137,10 @@ class RunDetailOut:
         if not isinstance(self.parent_run, Unset):
             parent_run = str(self.parent_run)
 
+        agents: dict[str, Any] | Unset = UNSET
+        if not isinstance(self.agents, Unset):
+            agents = self.agents.to_dict()
+
 
         field_dict: dict[str, Any] = {}
         field_dict.update(self.additional_properties)
@@ -153,6 +162,8 @@ class RunDetailOut:
         })
         if parent_run is not UNSET:
             field_dict["parent_run"] = parent_run
+        if agents is not UNSET:
+            field_dict["agents"] = agents
 
         return field_dict
 
@@ -160,6 +171,7 @@ class RunDetailOut:
 
     @classmethod
     def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
+        from ..models.run_detail_out_agents import RunDetailOutAgents # noqa: PLC0415
         from ..models.run_links_out import RunLinksOut # noqa: PLC0415
         from ..models.step_out import StepOut # noqa: PLC0415
         from ..models.webhook_out import WebhookOut # noqa: PLC0415
@@ -279,6 +291,16 @@ class RunDetailOut:
 
 
 
+        _agents = d.pop("agents", UNSET)
+        agents: RunDetailOutAgents | Unset
+        if isinstance(_agents,  Unset):
+            agents = UNSET
+        else:
+            agents = RunDetailOutAgents.from_dict(_agents)
+
+
+
+
         run_detail_out = cls(
             id=id,
             workflow=workflow,
@@ -295,6 +317,7 @@ class RunDetailOut:
             steps=steps,
             webhook=webhook,
             parent_run=parent_run,
+            agents=agents,
         )
 
 
