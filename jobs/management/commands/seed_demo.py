@@ -86,8 +86,8 @@ class Command(BaseCommand):
                         },
                     )
 
-            _seed_refund_reviews(tenant)
-            _seed_support_agent(tenant)
+            _seed_workflow(tenant, REFUND_REVIEW, REFUND_REQUESTS)
+            _seed_workflow(tenant, SUPPORT_AGENT, AGENT_REQUESTS)
 
         self.stdout.write(f"Operator login: {OPERATOR[0]} / {OPERATOR[1]} (staff)")
         self.stdout.write(f"Reviewer login: {REVIEWER[0]} / {REVIEWER[1]}")
@@ -95,24 +95,15 @@ class Command(BaseCommand):
             self.stdout.write(f"API key for {slug}: {raw_key}")
 
 
-def _seed_refund_reviews(tenant) -> None:
-    """The refund-review workflow and, once, two runs that will wait in the reviewer's inbox."""
-    version = workflow_version_for(tenant=tenant, name=REFUND_REVIEW["name"])
-    if version is None or version.definition != parse_definition(REFUND_REVIEW).document:
-        version = workflow_version_create(tenant=tenant, document=REFUND_REVIEW)
+def _seed_workflow(tenant, document: dict, inputs: list[dict]) -> None:
+    """A workflow of the demo and, once, a run per input: the refund reviews and the support
+    agent's run wait in the reviewer's inbox."""
+    version = workflow_version_for(tenant=tenant, name=document["name"])
+    if version is None or version.definition != parse_definition(document).document:
+        version = workflow_version_create(tenant=tenant, document=document)
     if not Run.objects.filter(tenant=tenant, workflow_version__workflow=version.workflow).exists():
-        for request in REFUND_REQUESTS:
-            run_create(tenant=tenant, version=version, input=request)
-
-
-def _seed_support_agent(tenant) -> None:
-    """The support agent and, once, a run that will wait for the refund's approval."""
-    version = workflow_version_for(tenant=tenant, name=SUPPORT_AGENT["name"])
-    if version is None or version.definition != parse_definition(SUPPORT_AGENT).document:
-        version = workflow_version_create(tenant=tenant, document=SUPPORT_AGENT)
-    if not Run.objects.filter(tenant=tenant, workflow_version__workflow=version.workflow).exists():
-        for request in AGENT_REQUESTS:
-            run_create(tenant=tenant, version=version, input=request)
+        for run_input in inputs:
+            run_create(tenant=tenant, version=version, input=run_input)
 
 
 def _normalised(tenant) -> dict:
