@@ -38,7 +38,14 @@ from approvals import kind
 from approvals.models import Approval, ApprovalDecision, ApprovalStatus, ApprovalVote
 from jobs.events import READY_CHANNEL, publish_inbox
 from jobs.formats import iso
-from jobs.models import AttemptOutcome, StepRun, StepStatus, WebhookDelivery
+from jobs.models import (
+    WEBHOOK_OPEN,
+    AttemptOutcome,
+    StepRun,
+    StepStatus,
+    WebhookDelivery,
+    WebhookStatus,
+)
 from jobs.transitions.runs import run_advance, step_fail_final
 from jobs.transitions.steps import Claim, step_fenced
 from jobs.transitions.txn import (
@@ -524,6 +531,43 @@ def _webhook(approval: Approval, event_type: str, now: datetime) -> WebhookDeliv
     with connection.cursor() as cursor:  # wakes the scheduler's sweep, on commit only
         cursor.execute("SELECT pg_notify(%s, '')", [READY_CHANNEL])
     return delivery
+
+
+# Open approval webhooks (pending, or failed with another attempt due) about a request that is
+# no longer pending, locked unless a delivery worker holds them.
+_MOOT_NOTIFICATIONS = """
+WITH moot AS (
+    SELECT d.id FROM jobs_webhookdelivery d
+    JOIN jobs_approval a ON a.public_id = ((d.payload::jsonb) -> 'approval' ->> 'id')::uuid
+    WHERE d.status = ANY(%(open)s) AND d.event_type LIKE 'approval.%%'
+      AND a.status <> %(pending)s
+    ORDER BY d.id LIMIT %(batch)s
+    FOR UPDATE OF d SKIP LOCKED
+)
+UPDATE jobs_webhookdelivery d
+SET status = %(gave_up)s, next_attempt_at = NULL, finished_at = %(now)s,
+    last_error = 'withdrawn: the approval was decided, expired or cancelled before delivery'
+FROM moot WHERE d.id = moot.id
+"""
+
+
+def approval_notifications_withdraw(*, now: datetime | None = None, batch: int) -> int:
+    """Give up (at most `batch`) approval webhooks still to be delivered about requests that
+    are no longer pending: a request that expired or was decided while its notification kept
+    failing is not announced late. One short transaction; returns how many were given up.
+    Called by the housekeeping (`maintenance.housekeeping`)."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(
+            _MOOT_NOTIFICATIONS,
+            {
+                "open": [str(status) for status in WEBHOOK_OPEN],
+                "pending": str(ApprovalStatus.PENDING),
+                "batch": batch,
+                "gave_up": str(WebhookStatus.GAVE_UP),
+                "now": now or timezone.now(),
+            },
+        )
+        return cursor.rowcount
 
 
 def _announce(approval: Approval, change_type: str) -> None:

@@ -60,6 +60,9 @@ class MetricSample(models.Model):
     metric = models.CharField(max_length=32)
     key = models.CharField(max_length=100, blank=True)
     value = models.FloatField()
+    # A minute's average of the raw points, written by the housekeeping's roll-up
+    # (`maintenance.housekeeping.metric_samples_roll_up`) once the points are old.
+    rolled_up = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["at", "id"]

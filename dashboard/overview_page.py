@@ -19,6 +19,7 @@ from approvals.models import Approval
 from dashboard.health import broker_queues, health, last_sample_at, workers
 from jobs.metrics import LaneMetrics, scheduling_metrics
 from jobs.models import Run, RunStatus, StepAttempt
+from maintenance.selectors import housekeeping_last_runs
 
 ACTIVE_RUN_STATUSES = (RunStatus.ACCEPTED, RunStatus.RUNNING, RunStatus.WAITING)
 ACTIVE_RUNS_SHOWN = 15
@@ -131,4 +132,5 @@ def overview(now: datetime | None = None) -> dict[str, Any]:
             finished_at__gte=now - timedelta(minutes=5), outcome__in=["failed", "lost"]
         ).count(),
         "last_sample_at": last_sample_at(),
+        "housekeeping": housekeeping_last_runs(),
     }

@@ -11,11 +11,15 @@ A feed is a projection of the run's log in PostgreSQL that the channel layer onl
    next expected seq waits up to GAP_WAIT_S for the missing ones (events of one run are
    published by several processes, so they may arrive out of order), then the gap is read
    from the database (the channel layer may drop a message under load);
-4. when nothing arrives for `idle_s`, read the log again: a dropped last message then delays
-   a view by at most that long;
+4. when nothing arrives for `idle_s`, look at the run's last seq, and read the log if it is
+   past the subscriber's: a lost last message then delays a view by at most that long. The
+   feeds of one process ask together (`RunHeads`: one query for every feed that asks within
+   HEADS_GATHER_S), so that a thousand streams that went idle together cost one query, not a
+   thousand log reads queued behind each other (which held every stream's live events back
+   for seconds);
 5. when the hub says that it lost Redis, or that it subscribed again after losing it
-   (`jobs.live.RESYNC`), read the log at once; while it is not subscribed (Redis down), poll
-   the log every POLL_S: the stream stays whole, only slower, and without token deltas.
+   (`jobs.live.RESYNC`), do the same at once; while it is not subscribed (Redis down), every
+   POLL_S: the stream stays whole, only slower, and without token deltas.
 
 The feed ends after the run's final event (`run.succeeded`, `run.failed`, `run.cancelled`).
 Token deltas pass through as they come; they carry no seq and take no part in the above.
@@ -30,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +45,7 @@ from django.db.models import Q
 from jobs.events import event_payload, run_delta_group, run_group
 from jobs.live import Subscription, run_bus
 from jobs.models import Event, Run
+from jobs.statuses import RUN_FINAL
 from tenants.auth import api_key_lookup
 from tenants.models import Tenant
 
@@ -50,8 +56,10 @@ FINAL_EVENTS = frozenset({"run.succeeded", "run.failed", "run.cancelled"})
 REPLAY_PAGE = 500
 # How long a feed waits for a missing seq to arrive live before reading the log for it.
 GAP_WAIT_S = 0.1
-# How often a feed that could not subscribe (the channel layer is down) reads the log.
+# How often a feed that could not subscribe (Redis is down) looks for new events.
 POLL_S = 1.0
+# How long the first question about a run's last seq waits for others to share its query.
+HEADS_GATHER_S = 0.01
 
 
 def db_call(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -154,19 +162,14 @@ class RunFeed:
             if polling:
                 remaining = min(remaining, POLL_S)
             message = await self._receive(timeout=remaining) if remaining > 0 else None
-            if message is not None and message.get("type") == "resync":
-                async for item in self._catch_up():
-                    yield item
-                    quiet_since = loop.time()
-                continue
-            if message is None:
+            if message is None or message.get("type") == "resync":
                 # The heartbeat first: it needs no database, and a proxy closes a stream that
                 # stays silent past its read timeout however long the log read below waits
                 # for a connection (found by the bench: 24 of 500 streams, under saturation).
-                if loop.time() - quiet_since >= idle_s:
+                if message is None and loop.time() - quiet_since >= idle_s:
                     yield Idle()
                     quiet_since = loop.time()
-                async for item in self._catch_up():
+                async for item in self._resync():
                     yield item
                     quiet_since = loop.time()
                 continue
@@ -208,6 +211,16 @@ class RunFeed:
             async for item in self._catch_up():
                 yield item
 
+    async def _resync(self) -> AsyncIterator[StoredEvent]:
+        """What the subscriber may have missed: the log after its seq, if the run's last seq
+        (asked together with the process's other feeds) is past it."""
+        last_seq, final = await run_heads().ask(self.run.pk)
+        if last_seq > self.last_seq:
+            async for item in self._catch_up():
+                yield item
+        elif final:
+            self.finished = True  # the final event is the run's last: it has everything
+
     async def _catch_up(self) -> AsyncIterator[StoredEvent]:
         payloads, run_final = await db_call(self._read_log)(self.last_seq)
         sent_any = bool(payloads)
@@ -243,6 +256,54 @@ class RunFeed:
 
     async def _receive(self, *, timeout: float) -> dict[str, Any] | None:
         return await self._subscription.get(timeout)
+
+
+class RunHeads:
+    """Answers "what is this run's last seq, and has it ended" for the feeds of one event loop,
+    in one query for all the questions asked within HEADS_GATHER_S."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[int, list[asyncio.Future[tuple[int, bool]]]] = {}
+
+    async def ask(self, run_pk: int) -> tuple[int, bool]:
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        if not self.waiting:
+            loop.call_later(HEADS_GATHER_S, lambda: loop.create_task(self._answer()))
+        self.waiting.setdefault(run_pk, []).append(answer)
+        return await answer
+
+    async def _answer(self) -> None:
+        waiting, self.waiting = self.waiting, {}
+        try:
+            heads = await db_call(_run_heads)(list(waiting))
+        except Exception as exc:  # noqa: BLE001 - each feed gets the error its read would
+            for answers in waiting.values():
+                for answer in answers:
+                    if not answer.done():
+                        answer.set_exception(exc)
+            return
+        for run_pk, answers in waiting.items():
+            head = heads.get(run_pk, (0, True))  # a run that is gone has nothing to send
+            for answer in answers:
+                if not answer.done():
+                    answer.set_result(head)
+
+
+def _run_heads(run_pks: list[int]) -> dict[int, tuple[int, bool]]:
+    rows = Run.objects.filter(pk__in=run_pks).values_list("pk", "next_seq", "status")
+    return {pk: (next_seq - 1, status in RUN_FINAL) for pk, next_seq, status in rows}
+
+
+_heads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RunHeads] = weakref.WeakKeyDictionary()
+
+
+def run_heads() -> RunHeads:
+    loop = asyncio.get_running_loop()
+    heads = _heads.get(loop)
+    if heads is None:
+        heads = _heads[loop] = RunHeads()
+    return heads
 
 
 async def run_wait_final(run: Run, *, timeout_s: float, resync_s: float = 5.0) -> None:

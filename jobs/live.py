@@ -285,6 +285,8 @@ class RunBus:
             pinging = asyncio.get_running_loop().create_task(self._ping())
             while True:
                 reply = await connection.read_response()
+                if not isinstance(reply, list):
+                    continue  # PONG, when no channel is subscribed
                 kind = reply[0]
                 if kind == b"pong":
                     continue

@@ -41,6 +41,7 @@ from jobs.transitions.steps import (
 )
 from jobs.wakeups import channel_connection
 from jobs.webhooks import webhooks_dispatch_due
+from maintenance.timers import housekeeping_enqueue_due
 from schedules.services import schedules_fire_due
 from tenants.quotas import throttle_fold, throttle_record, usage_roll_up
 
@@ -132,6 +133,8 @@ def _sweep(stats: CycleStats, now) -> None:
     usage_roll_up()
     # Schedules' fire times that are due, each fired once (docs/schedules.md).
     schedules_fire_due(now=now)
+    # Housekeeping jobs that are due, to the maintenance queue (docs/maintenance.md).
+    housekeeping_enqueue_due(now=now)
 
 
 # How soon a cycle that found the admission lock held looks again.

@@ -88,6 +88,7 @@ INSTALLED_APPS = [
     "approvals",
     "dashboard",
     "schedules",
+    "maintenance",
 ]
 
 MIDDLEWARE = [
@@ -384,6 +385,18 @@ SPECTACULAR_SETTINGS = {
 # The metric sampler (run by the scheduler) takes a sample this often and keeps this many hours.
 SWITCHYARD_METRICS_SAMPLE_S = env_float("SWITCHYARD_METRICS_SAMPLE_S", 10.0, minimum=0.5)
 SWITCHYARD_METRICS_RETENTION_H = env_float("SWITCHYARD_METRICS_RETENTION_H", 24.0, minimum=1)
+# The housekeeping averages raw samples older than this many hours into one point per minute.
+SWITCHYARD_METRICS_ROLLUP_AFTER_H = env_float("SWITCHYARD_METRICS_ROLLUP_AFTER_H", 1.0, minimum=0.1)
+
+# --- Housekeeping (docs/maintenance.md) --------------------------------------------------------
+# Each job (retention, metric roll-up, idempotency keys, approvals' notifications) is enqueued by
+# the scheduler this often, on the maintenance queue; a run works in batches of BATCH rows (one
+# short transaction each) and stops after BUDGET_S seconds, leaving the rest to the next run.
+SWITCHYARD_HOUSEKEEPING_INTERVAL_S = env_float(
+    "SWITCHYARD_HOUSEKEEPING_INTERVAL_S", 600.0, minimum=1
+)
+SWITCHYARD_HOUSEKEEPING_BATCH = env_int("SWITCHYARD_HOUSEKEEPING_BATCH", 1000, minimum=1)
+SWITCHYARD_HOUSEKEEPING_BUDGET_S = env_float("SWITCHYARD_HOUSEKEEPING_BUDGET_S", 120.0, minimum=1)
 # Workers write a heartbeat this often; one silent for DOWN_AFTER_S is shown as down.
 SWITCHYARD_WORKER_HEARTBEAT_S = env_float("SWITCHYARD_WORKER_HEARTBEAT_S", 5.0, minimum=0.1)
 SWITCHYARD_WORKER_DOWN_AFTER_S = env_float("SWITCHYARD_WORKER_DOWN_AFTER_S", 15.0, minimum=0.5)

@@ -143,6 +143,7 @@ class TenantAdmin(admin.ModelAdmin):
                 )
             },
         ),
+        ("Retention", {"fields": ("retention_days",)}),
     )
 
     def get_queryset(self, request):

@@ -7,6 +7,7 @@ scheduler's next cycle without a restart (the scheduler reads them every cycle).
 import uuid
 
 from django.conf import settings
+from django.core.validators import MinValueValidator
 from django.db import models
 
 from tenants.origins import validate_allowed_origins
@@ -40,6 +41,14 @@ class Tenant(models.Model):
     max_queued_runs = models.PositiveIntegerField(default=10_000)
     steps_per_minute = models.PositiveIntegerField(default=6_000)
     llm_tokens_per_day = models.PositiveBigIntegerField(default=10_000_000)
+    # How long a finished run keeps its event log and attempts (docs/maintenance.md): the
+    # housekeeping's retention deletes them after that; the run and its steps stay.
+    retention_days = models.PositiveIntegerField(
+        default=30,
+        validators=[MinValueValidator(1)],
+        help_text="Days a finished run keeps its events and attempts before housekeeping "
+        "deletes them (the run, its steps and output stay).",
+    )
     is_active = models.BooleanField(default=True, help_text="Paused tenants' steps stay ready.")
     # The key that signs this tenant's webhooks, Fernet-encrypted under
     # SWITCHYARD_ENCRYPTION_KEY (`orchestrator.encryption`). It must be readable to sign, so it
