@@ -12,7 +12,8 @@ case (queue depths change without a run event, and the channel layer may drop a 
 `WS /ws/dashboard/runs/<id>/?after=<seq>` streams one run's events after `seq` (the same feed
 as the client API's stream, `jobs.feeds.RunFeed`), and closes after the run's final event.
 
-Close codes: 4401 not signed in, 4403 not staff, 4404 no such run.
+Close codes: 4401 not signed in, 4403 not staff, 4404 no such run. The run socket is
+`jobs.sockets.RunStreamConsumer` (the tenants' run socket's stream) with the staff check.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import urlencode
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
@@ -31,36 +32,22 @@ from django.utils import timezone
 
 from dashboard import health, overview_page, run_queries, sampling, tenant_usage
 from jobs.events import DASHBOARD_GROUP
-from jobs.feeds import Idle, RunFeed, db_call
+from jobs.feeds import db_call
+from jobs.sockets import (
+    CLOSE_NOT_FOUND,
+    Authorised,
+    RunStreamConsumer,
+    query,
+    seq_from,
+    session_refusal,
+)
 from schedules.dashboard import events_frame, schedules_frame
 
 log = logging.getLogger(__name__)
-
-CLOSE_UNAUTHENTICATED = 4401
-CLOSE_FORBIDDEN = 4403
-CLOSE_NOT_FOUND = 4404
 # At most one push per this interval, however many runs change.
 MIN_GAP_S = 0.5
 VIEWS = ("overview", "workers", "tenants", "schedules", "events")
 CHART_WINDOW = timedelta(hours=1)
-
-
-def _query(scope: dict[str, Any]) -> dict[str, str]:
-    parsed = parse_qs(scope.get("query_string", b"").decode("latin1"))
-    return {name: values[-1] for name, values in parsed.items()}
-
-
-async def _admit(consumer: AsyncJsonWebsocketConsumer) -> bool:
-    """Accept the socket; close it (and return False) unless the user is staff."""
-    user = consumer.scope.get("user")
-    await consumer.accept()
-    if user is None or not user.is_authenticated:
-        await consumer.close(code=CLOSE_UNAUTHENTICATED)
-        return False
-    if not user.is_staff:
-        await consumer.close(code=CLOSE_FORBIDDEN)
-        return False
-    return True
 
 
 def overview_frame(chart_since: datetime) -> tuple[dict[str, Any], datetime]:
@@ -140,17 +127,20 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
     joined = False
 
     async def connect(self) -> None:
-        if not await _admit(self):
+        await self.accept()
+        refusal = session_refusal(self.scope, staff=True)
+        if refusal is not None:
+            await self.close(code=refusal)
             return
-        query = _query(self.scope)
-        self.view = query.get("view") if query.get("view") in VIEWS else "overview"
+        params = query(self.scope)
+        self.view = params.get("view") if params.get("view") in VIEWS else "overview"
         try:
-            since = float(query.get("since", "0"))
+            since = float(params.get("since", "0"))
         except ValueError:
             since = 0.0
         self.chart_since = datetime.fromtimestamp(max(since, 0.0), UTC)
         # The Tenants page sends its own search, sort and page along.
-        self.tenant_query = tenant_usage.TenantQuery.from_query(query)
+        self.tenant_query = tenant_usage.TenantQuery.from_query(params)
         self.poke = asyncio.Event()
         self.poke.set()
         await self.channel_layer.group_add(DASHBOARD_GROUP, self.channel_name)
@@ -199,41 +189,17 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
         return frame
 
 
-class OperatorRunConsumer(AsyncJsonWebsocketConsumer):
-    # No channel of the consumer's own: the RunFeed subscribes on one it reads itself.
-    channel_layer_alias = None
-    feed: RunFeed | None = None
-    streaming: asyncio.Task | None = None
+class OperatorRunConsumer(RunStreamConsumer):
+    """`WS /ws/dashboard/runs/<id>/?after=<seq>`: any tenant's run, for staff; no deltas."""
 
-    async def connect(self) -> None:
-        if not await _admit(self):
-            return
+    deltas = False
+
+    async def authorise(self) -> Authorised:
+        refusal = session_refusal(self.scope, staff=True)
+        if refusal is not None:
+            return refusal
         run_id = self.scope["url_route"]["kwargs"]["run_id"]
         run = await db_call(run_queries.run_by_public_id)(run_id)
         if run is None:
-            await self.close(code=CLOSE_NOT_FOUND)
-            return
-        raw = _query(self.scope).get("after", "0")
-        self.feed = RunFeed(run, after=int(raw) if raw.isdigit() else 0, deltas=False)
-        await self.feed.__aenter__()
-        self.streaming = asyncio.create_task(self._stream(self.feed))
-
-    async def disconnect(self, code: int) -> None:
-        if self.streaming is not None and self.streaming is not asyncio.current_task():
-            self.streaming.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.streaming
-        if self.feed is not None:
-            await self.feed.__aexit__(None, None, None)
-            self.feed = None
-
-    async def _stream(self, feed: RunFeed) -> None:
-        try:
-            async for item in feed.items(idle_s=float(settings.SWITCHYARD_SSE_HEARTBEAT_S)):
-                if not isinstance(item, Idle):
-                    await self.send_json(item.payload)
-        except Exception:
-            log.exception("operator run stream %s failed", feed.run.public_id)
-            await self.close(code=1011)
-            return
-        await self.close(code=1000)
+            return CLOSE_NOT_FOUND
+        return run, seq_from(query(self.scope).get("after", "0")) or 0
