@@ -84,6 +84,20 @@ def _batch(batch: int | None) -> int:
     return batch or settings.SWITCHYARD_HOUSEKEEPING_BATCH
 
 
+def _until_done(
+    outcome: Outcome, table: str, budget: _Budget, one_batch: Callable[[], int]
+) -> None:
+    """Run `one_batch` (one transaction; how many rows it changed) until it changes none or
+    the budget is spent."""
+    while not budget.spent():
+        rows = one_batch()
+        if not rows:
+            return
+        outcome.count(table, rows)
+        outcome.batches += 1
+    outcome.finished = False
+
+
 def _timed(outcome: Outcome, work: Callable[[], None]) -> Outcome:
     started = time.monotonic()
     try:
@@ -253,18 +267,12 @@ def idempotency_keys_expire(
     budget = _Budget(budget_s)
     before = now - timedelta(seconds=settings.SWITCHYARD_IDEMPOTENCY_TTL_S)
 
-    def work() -> None:
-        while not budget.spent():
-            with transaction.atomic(), connection.cursor() as cursor:
-                cursor.execute(_KEYS_EXPIRE, {"before": before, "batch": _batch(batch)})
-                released = cursor.rowcount
-            if not released:
-                return
-            outcome.count("idempotency keys", released)
-            outcome.batches += 1
-        outcome.finished = False
+    def one_batch() -> int:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(_KEYS_EXPIRE, {"before": before, "batch": _batch(batch)})
+            return cursor.rowcount
 
-    return _timed(outcome, work)
+    return _timed(outcome, lambda: _until_done(outcome, "idempotency keys", budget, one_batch))
 
 
 # --- approvals' notifications -------------------------------------------------------------------
@@ -279,13 +287,9 @@ def approval_notifications_expire(
     outcome = Outcome(job="approval notifications")
     budget = _Budget(budget_s)
 
-    def work() -> None:
-        while not budget.spent():
-            withdrawn = approval_notifications_withdraw(now=now, batch=_batch(batch))
-            if not withdrawn:
-                return
-            outcome.count("approval notifications", withdrawn)
-            outcome.batches += 1
-        outcome.finished = False
+    def one_batch() -> int:
+        return approval_notifications_withdraw(now=now, batch=_batch(batch))
 
-    return _timed(outcome, work)
+    return _timed(
+        outcome, lambda: _until_done(outcome, "approval notifications", budget, one_batch)
+    )
