@@ -8,7 +8,11 @@ Last-Event-ID after the server went away mid-run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import re
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -31,6 +35,8 @@ from jobs.transitions.runs import run_cancel
 from tests.support.cluster import free_port
 
 pytestmark = pytest.mark.cluster
+
+README = Path(__file__).resolve().parents[2] / "clients" / "python" / "README.md"
 
 GREET = {
     "name": "greet",
@@ -229,3 +235,16 @@ def test_approvals_are_listed_and_decided(sdk, stepping):
     with pytest.raises(Conflict) as again:
         sdk.approvals.decide(approval.id, "reject")
     assert again.value.code == "not_pending"
+
+
+def test_the_readmes_quickstart_runs_as_written(owner, web, stepping):
+    """The five lines of clients/python/README.md's quickstart, against this server."""
+    [quickstart] = re.findall(r"## Quickstart\n\n```python\n(.*?)```", README.read_text(), re.S)
+    assert len(quickstart.strip().splitlines()) == 5
+    code = quickstart.replace('"http://127.0.0.1:8000"', repr(web)).replace('"sy_..."', "KEY")
+    with Switchyard(web, owner.raw_key) as sdk:
+        sdk.workflows.create(GREET)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(code, {"KEY": owner.raw_key})
+    assert printed.getvalue() == "hi Ann\n"
