@@ -303,6 +303,9 @@ def _agents_shown(steps: list[StepRun]) -> list[dict[str, Any]]:
                 call["args_json"] = json.dumps(call.get("args"), indent=2, ensure_ascii=False)
                 if "result" in call:
                     call["result_json"] = json.dumps(call["result"], indent=2, ensure_ascii=False)
+                edited = (call.get("approval") or {}).get("edited_args")
+                if edited is not None:
+                    call["edited_json"] = json.dumps(edited, indent=2, ensure_ascii=False)
         tokens = sum(int(turn["usage"].get("total_tokens") or 0) for turn in turns)
         shown.append({"step_id": step_id, "turns": turns, "tokens": tokens})
     return shown

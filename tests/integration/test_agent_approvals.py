@@ -12,37 +12,8 @@ from approvals.models import Approval
 from jobs.demo import AGENT_REQUESTS, DEMO_DOCUMENTS, SUPPORT_AGENT
 from jobs.models import Event
 from jobs.services.documents import documents_add
-from tests.support.agents import children, drive
+from tests.support.agents import children, drive, model_was_told, refund_agent
 from tests.support.workflows import assert_gapless, submit
-
-
-def refund_agent() -> dict:
-    script = [
-        {
-            "text": "The order arrived broken; I will refund it.",
-            "tool_calls": [
-                {"tool": "echo", "args": {"order": 7}},
-                {"tool": "test.refund", "args": {"order": 7, "amount": 120}},
-            ],
-        },
-        {"text": "Done."},
-    ]
-    return {
-        "name": "refund-agent",
-        "steps": [
-            {
-                "id": "helper",
-                "kind": "agent",
-                "provider": "simulated",
-                "prompt": "Order 7 arrived broken.",
-                "tools": ["echo", "test.refund"],
-                "approve_tools": ["test.refund"],
-                "max_turns": 3,
-                "simulated": {"latency_ms": 0, "script": script},
-            }
-        ],
-        "output": "{{ steps.helper.output.text }}",
-    }
 
 
 @pytest.fixture
@@ -56,11 +27,6 @@ def waiting(owner, ledger):
 
 def decide(owner, approval, **body):
     return owner.api.post(f"/api/v1/approvals/{approval.public_id}/decision/", body, format="json")
-
-
-def model_was_told(run) -> dict:
-    last_turn = [s for s in children(run) if s.kind == "llm"][-1]
-    return json.loads(last_turn.input["messages"][-1]["content"])
 
 
 def test_the_request_shows_the_tool_its_arguments_and_the_models_reasoning(owner, waiting):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from jobs.execution import step_execute
@@ -59,3 +60,39 @@ def drive(run: Run, *, limit: int = 50) -> Run:
 
 def children(run: Run) -> list[StepRun]:
     return list(StepRun.objects.filter(run=run, step_id="helper").exclude(map_index=None))
+
+
+def refund_agent() -> dict[str, Any]:
+    """An agent that calls echo, then test.refund, which needs a reviewer's approval."""
+    script = [
+        {
+            "text": "The order arrived broken; I will refund it.",
+            "tool_calls": [
+                {"tool": "echo", "args": {"order": 7}},
+                {"tool": "test.refund", "args": {"order": 7, "amount": 120}},
+            ],
+        },
+        {"text": "Done."},
+    ]
+    return {
+        "name": "refund-agent",
+        "steps": [
+            {
+                "id": "helper",
+                "kind": "agent",
+                "provider": "simulated",
+                "prompt": "Order 7 arrived broken.",
+                "tools": ["echo", "test.refund"],
+                "approve_tools": ["test.refund"],
+                "max_turns": 3,
+                "simulated": {"latency_ms": 0, "script": script},
+            }
+        ],
+        "output": "{{ steps.helper.output.text }}",
+    }
+
+
+def model_was_told(run: Run) -> Any:
+    """The last message the agent's last turn was given: the result of the last call."""
+    last_turn = [s for s in children(run) if s.kind == "llm"][-1]
+    return json.loads(last_turn.input["messages"][-1]["content"])
