@@ -167,21 +167,27 @@ def noisy_chart(path: Path, phases: dict[str, Sequence[float]]) -> str:
 
 
 def streams_chart(
-    path: Path, latencies: Sequence[float], rss: Sequence[tuple[float, float]]
+    path: Path,
+    latencies: Sequence[float],
+    rss: Sequence[tuple[float, float]],
+    *,
+    websocket: Sequence[float] = (),
 ) -> str:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    _cdf(left, [max(x, 0.1) for x in latencies], "commit → client", SWITCHYARD_COLOUR)
+    _cdf(left, [max(x, 0.1) for x in latencies], "SSE: commit → client", SWITCHYARD_COLOUR)
+    if websocket:
+        _cdf(left, [max(x, 0.1) for x in websocket], "WebSocket: commit → client", "grey")
     left.axvline(250, color="black", linestyle="--", label="target P99 250 ms")
     left.set_xscale("log")
     left.set_xlabel("event delivery latency, ms (log)")
     left.set_ylabel("share of events")
     left.legend(loc="lower right")
-    left.set_title("SSE delivery")
+    left.set_title("Delivery")
     if rss:
         right.plot([t for t, _ in rss], [m for _, m in rss], color=SWITCHYARD_COLOUR)
     right.set_xlabel("s")
     right.set_ylabel("web process RSS, MiB")
-    right.set_title("Memory of the one web process")
+    right.set_title("Memory of the one web process (SSE phase)")
     return _save(fig, path)
 
 

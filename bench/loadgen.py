@@ -89,6 +89,23 @@ class Followed:
     # (seq, type, event's `at` as unix time, time.time() on receipt) of each stored event
     events: list[tuple[int, str, float, float]] = field(default_factory=list)
     deltas: int = 0
+    # Set when the first stored event arrives (the replay of the run's log has begun).
+    replayed: asyncio.Event | None = None
+
+    def record(self, kind: str, data: str, received: float) -> bool:
+        """Note a frame (its event type, its JSON) received at `received`; whether it was the
+        run's final event."""
+        if kind == "step.delta":
+            self.deltas += 1
+            return False
+        payload = json.loads(data)
+        self.events.append((payload["seq"], kind, _unix(payload["at"]), received))
+        if self.replayed is not None:
+            self.replayed.set()
+        if kind in FINAL_EVENTS:
+            self.final, self.final_at = kind, received
+            return True
+        return False
 
 
 def _unix(iso: str) -> float:
@@ -103,14 +120,16 @@ async def follow(
     idle_timeout_s: float,
     deadline_s: float,
     connected: asyncio.Event | None = None,
+    replayed: asyncio.Event | None = None,
 ) -> Followed:
     """Follow a run's SSE stream until its final event.
 
     A gateway in front: the response must start within `first_byte_s` (its request timeout),
     then the stream dies after `idle_timeout_s` without a byte (its read timeout).
-    `deadline_s` bounds the whole stream. `connected` is set once the response has started.
+    `deadline_s` bounds the whole stream. `connected` is set once the response has started,
+    `replayed` once its first stored event has arrived.
     """
-    seen = Followed()
+    seen = Followed(replayed=replayed)
     timeout = httpx.Timeout(connect=first_byte_s, read=idle_timeout_s, write=10, pool=None)
     frame: dict[str, str] = {}
     loop = asyncio.get_running_loop()
@@ -129,7 +148,7 @@ async def follow(
                     connected.set()
                 if response.status_code != 200:
                     seen.error = f"HTTP {response.status_code}"
-                    return seen
+                    return _done(seen, connected)
                 async for line in response.aiter_lines():
                     if line:
                         if not line.startswith(":"):
@@ -141,13 +160,7 @@ async def follow(
                     received = time.time()
                     event, data = frame.get("event", ""), frame.get("data", "{}")
                     frame = {}
-                    if event == "step.delta":
-                        seen.deltas += 1
-                        continue
-                    payload = json.loads(data)
-                    seen.events.append((payload["seq"], event, _unix(payload["at"]), received))
-                    if event in FINAL_EVENTS:
-                        seen.final, seen.final_at = event, received
+                    if seen.record(event, data, received):
                         return seen
     except TimeoutError:
         seen.error = "deadline" if started else "gateway timeout"
@@ -155,9 +168,14 @@ async def follow(
         seen.error = "idle timeout"
     except httpx.HTTPError as exc:
         seen.error = type(exc).__name__
-    finally:
-        if connected is not None and not connected.is_set():
-            connected.set()
+    return _done(seen, connected)
+
+
+def _done(seen: Followed, connected: asyncio.Event | None) -> Followed:
+    """A follower's end: whoever waits for it to connect, or to replay, waits no more."""
+    for event in (connected, seen.replayed):
+        if event is not None and not event.is_set():
+            event.set()
     return seen
 
 
@@ -229,3 +247,51 @@ async def open_loop(
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
     return results, missed
+
+
+async def follow_ws(
+    base_url: str,
+    key: str,
+    run_id: str,
+    *,
+    first_byte_s: float,
+    idle_timeout_s: float,
+    deadline_s: float,
+    connected: asyncio.Event | None = None,
+    replayed: asyncio.Event | None = None,
+) -> Followed:
+    """`follow` over the run's WebSocket (`WS /ws/runs/{id}/`, the key in the subprotocol
+    header): the same bounds, the same record of what arrived."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import WebSocketException
+
+    if not base_url.startswith("http://127.0.0.1:"):
+        raise ValueError(f"the bench only talks to 127.0.0.1, not {base_url}")
+    url = base_url.replace("http://", "ws://", 1) + f"/ws/runs/{run_id}/"
+    seen = Followed(replayed=replayed)
+    loop = asyncio.get_running_loop()
+    started = False
+    try:
+        async with asyncio.timeout(first_byte_s) as limit:
+            async with connect(
+                url,
+                subprotocols=["switchyard.v1", f"switchyard.bearer.{key}"],
+                open_timeout=first_byte_s,
+                ping_interval=None,
+                max_queue=None,
+            ) as socket:
+                limit.reschedule(loop.time() + deadline_s)
+                started = True
+                if connected is not None:
+                    connected.set()
+                while True:
+                    async with asyncio.timeout(idle_timeout_s):
+                        text = await socket.recv()
+                    received = time.time()
+                    if seen.record(json.loads(text).get("type", ""), text, received):
+                        return seen
+    except TimeoutError:
+        seen.error = "deadline" if started else "gateway timeout"
+    except (WebSocketException, OSError) as exc:
+        seen.error = type(exc).__name__
+    return _done(seen, connected)

@@ -283,17 +283,20 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             )
         )
     s6 = results.get("s6") or {}
-    if "delivery_ms" in s6:
-        p99, limit = s6["delivery_ms"]["p99"], t.streams_p99_ms
-        finished = s6.get("clients_finished")
-        met = p99 is not None and p99 <= limit and not s6["client_errors"]
+    for name, phase in (("Streams (SSE)", s6), ("Streams (WebSocket)", s6.get("websocket"))):
+        if not phase or "delivery_ms" not in phase:
+            continue
+        p99, limit = phase["delivery_ms"]["p99"], t.streams_p99_ms
+        finished = phase.get("clients_finished")
+        faults = phase.get("events_missing", 0) + phase.get("events_out_of_order_or_repeated", 0)
+        met = p99 is not None and p99 <= limit and not phase["client_errors"] and not faults
         found.append(
             _target(
-                "Streams",
+                name,
                 f"P99 delivery ≤ {limit:g} ms with 1,000 clients",
-                f"P99 {p99} ms, P50 {s6['delivery_ms']['p50']} ms; {finished} clients "
-                f"finished, {s6['client_errors']} errors; web RSS peak "
-                f"{s6['web_rss_mb']['peak']} MiB",
+                f"P99 {p99} ms, P50 {phase['delivery_ms']['p50']} ms; {finished} clients "
+                f"finished, {phase['client_errors']} errors, {faults} events missing, "
+                f"repeated or out of order; web RSS peak {phase['web_rss_mb']['peak']} MiB",
                 met,
                 f"P99 {_times(p99, limit)}" if p99 and p99 > limit else "",
             )
@@ -455,13 +458,17 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         for phase, w in s5["wait_ms"].items():
             add("5 noisy neighbour", f"A's wait P50 / P95, {phase}", f"{w['p50']} / {w['p95']} ms")
     s6 = results.get("s6") or {}
-    if "delivery_ms" in s6:
-        d = s6["delivery_ms"]
-        add("6 streams", "delivery P50 / P99", f"{d['p50']} / {d['p99']} ms")
-        rss = s6["web_rss_mb"]
+    for name, phase in (("SSE", s6), ("WebSocket", s6.get("websocket"))):
+        if not phase or "delivery_ms" not in phase:
+            continue
+        d = phase["delivery_ms"]
+        add("6 streams", f"{name}: delivery P50 / P99", f"{d['p50']} / {d['p99']} ms")
+        fifths = " · ".join(f"{f['p50']:g}/{f['p99']:g}" for f in phase["delivery_ms_by_fifth"])
+        add("6 streams", f"{name}: P50/P99 by fifth of the run, early → late", f"{fifths} ms")
+        rss = phase["web_rss_mb"]
         add(
             "6 streams",
-            "web RSS before / peak",
+            f"{name}: web RSS before / peak",
             f"{rss['before']} / {rss['peak']} MiB ({rss['per_client_kib']} KiB per client)",
         )
     s7 = results.get("s7") or {}
