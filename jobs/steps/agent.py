@@ -418,6 +418,8 @@ def progress(
         if not calls:
             output, error = final_output(config, turn, number, usage)
             return Move(output=output, finished=error is None, error=error, events=events)
+        if turn.get("daily_budget_spent"):
+            return Move(error=turn["daily_budget_spent"], events=events)
         if max_tokens and usage["total_tokens"] >= max_tokens:
             return Move(
                 error=(

@@ -22,6 +22,8 @@ from jobs.formats import iso
 from jobs.models import WorkflowVersion
 from jobs.steps import agent, registry
 from jobs.steps.registry import StepContext, StepFailure, ToolSpec
+from tenants.models import Tenant
+from tenants.quotas import llm_tokens_used, usage_day
 
 RETRIEVAL_SPEC = ToolSpec(
     name=agent.RETRIEVAL_TOOL,
@@ -189,4 +191,25 @@ def checkpoint(
             call["schema"] = specs[agent.function_name(call["tool"])].schema
     if until is not None:
         output["agent_deadline"] = iso(until)
+    if output["tool_calls"]:
+        spent = daily_budget_spent(ctx, output)
+        if spent:
+            output["daily_budget_spent"] = spent
     return output
+
+
+def daily_budget_spent(ctx: StepContext, output: dict[str, Any]) -> str | None:
+    """Why the loop cannot go on when the tenant's LLM tokens for today, this turn's
+    included, have reached its daily budget: the next turn would be held until tomorrow, so
+    the agent ends now with this error (the turn itself is kept and its tokens counted)."""
+    tenant = Tenant.objects.only("llm_tokens_per_day").get(pk=ctx.tenant_id)
+    day = usage_day(timezone.now())
+    used = llm_tokens_used([ctx.tenant_id], day=day).get(ctx.tenant_id, 0)
+    used += int((output.get("usage") or {}).get("total_tokens") or 0)
+    if used < tenant.llm_tokens_per_day:
+        return None
+    return (
+        f"the tenant's daily budget of {tenant.llm_tokens_per_day} LLM tokens is spent "
+        f"({used} used on {day.isoformat()}, UTC) while turn {ctx.input['agent_turn']} still "
+        "calls tools"
+    )

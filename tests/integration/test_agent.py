@@ -227,3 +227,14 @@ def test_the_run_page_shows_the_transcript_as_a_conversation_with_calls_folded(o
     assert first.count('<details class="tool-call"') == 2
     assert 'data-tool="retrieval" data-status="succeeded"' in first
     assert "Refund policy" in first and "&quot;query&quot;: &quot;refund policy&quot;" in first
+
+
+def test_the_tenants_daily_token_budget_ends_the_loop_with_a_clear_error(owner, policy):
+    owner.tenant.llm_tokens_per_day = 60
+    owner.tenant.save(update_fields=["llm_tokens_per_day"])
+    run = drive(submit(owner.tenant, support_agent(), {"order": 7}))
+    assert run.status == "failed"
+    assert "the tenant's daily budget of 60 LLM tokens is spent (" in run.error
+    assert "while turn 2 still calls tools" in run.error
+    # The turns that ran are kept, their tokens counted; no third turn was made.
+    assert [s.kind for s in children(run)] == ["llm", "tool", "retrieval", "llm"]
