@@ -120,16 +120,16 @@ async def follow(
     idle_timeout_s: float,
     deadline_s: float,
     connected: asyncio.Event | None = None,
-    replayed: asyncio.Event | None = None,
+    seen: Followed | None = None,
 ) -> Followed:
     """Follow a run's SSE stream until its final event.
 
     A gateway in front: the response must start within `first_byte_s` (its request timeout),
     then the stream dies after `idle_timeout_s` without a byte (its read timeout).
-    `deadline_s` bounds the whole stream. `connected` is set once the response has started,
-    `replayed` once its first stored event has arrived.
+    `deadline_s` bounds the whole stream. `connected` is set once the response has started.
+    What arrives is recorded in `seen` (a new `Followed` if not given), as it arrives.
     """
-    seen = Followed(replayed=replayed)
+    seen = seen if seen is not None else Followed()
     timeout = httpx.Timeout(connect=first_byte_s, read=idle_timeout_s, write=10, pool=None)
     frame: dict[str, str] = {}
     loop = asyncio.get_running_loop()
@@ -258,28 +258,35 @@ async def follow_ws(
     idle_timeout_s: float,
     deadline_s: float,
     connected: asyncio.Event | None = None,
-    replayed: asyncio.Event | None = None,
+    seen: Followed | None = None,
+    opening: asyncio.Semaphore | None = None,
 ) -> Followed:
     """`follow` over the run's WebSocket (`WS /ws/runs/{id}/`, the key in the subprotocol
-    header): the same bounds, the same record of what arrived."""
+    header): the same bounds, the same record of what arrived. `opening` bounds the
+    handshakes in progress at once (a load generator's ramp)."""
     from websockets.asyncio.client import connect
     from websockets.exceptions import WebSocketException
 
     if not base_url.startswith("http://127.0.0.1:"):
         raise ValueError(f"the bench only talks to 127.0.0.1, not {base_url}")
     url = base_url.replace("http://", "ws://", 1) + f"/ws/runs/{run_id}/"
-    seen = Followed(replayed=replayed)
+    seen = seen if seen is not None else Followed()
     loop = asyncio.get_running_loop()
     started = False
     try:
         async with asyncio.timeout(first_byte_s) as limit:
-            async with connect(
-                url,
-                subprotocols=["switchyard.v1", f"switchyard.bearer.{key}"],
-                open_timeout=first_byte_s,
-                ping_interval=None,
-                max_queue=None,
-            ) as socket:
+            async with contextlib.AsyncExitStack() as stack:
+                if opening is not None:
+                    await stack.enter_async_context(opening)
+                socket = await connect(
+                    url,
+                    subprotocols=["switchyard.v1", f"switchyard.bearer.{key}"],
+                    open_timeout=first_byte_s,
+                    ping_interval=None,
+                    max_queue=None,
+                )
+                await stack.aclose()  # the handshake is done: the next one may start
+                stack.push_async_callback(socket.close)
                 limit.reschedule(loop.time() + deadline_s)
                 started = True
                 if connected is not None:

@@ -5,7 +5,8 @@ In each phase the runs are created while their tenant is paused; every client co
 gets its first byte; then the tenant is resumed and the runs execute. A stored event's delivery
 latency is the client's receive time minus the event's `at` (its row's creation inside the
 committing transaction, so commit → client within a millisecond), over the events committed
-after the release (the replayed ones are history, not delivery); reported over the whole phase
+after the release (the replayed ones are history, not delivery), until `deadline_s` after the
+release; reported over the whole phase
 and by fifth of the phase (events in order of commit: early against late). Every client's seqs
 are checked: each event once, in order, none missing. The web process's resident memory is
 sampled throughout. Each phase has a web process of its own, fresh, and is released once
@@ -29,6 +30,9 @@ from bench.stats import summary
 from bench.workload import chain_workflow, install
 
 TRANSPORTS = ("sse", "websocket")
+# WebSocket handshakes in progress at once: the load generator ramps up rather than asking
+# daphne for a thousand at once (each must be accepted within its handshake timeout, 5 s).
+HANDSHAKES_AT_ONCE = 100
 
 
 def run(bench) -> dict[str, Any]:
@@ -198,19 +202,29 @@ async def _follow_all(url, key, run_ids, release, p, transport: str):
     async with loadgen.client(url, key=key, connections=len(run_ids) + 10) as http:
         # A client is ready once its run's log has begun to arrive: the web process has
         # authenticated it and subscribed to the run (it subscribes before it replays).
-        ready = [asyncio.Event() for _ in run_ids]
+        seen = [loadgen.Followed(replayed=asyncio.Event()) for _ in run_ids]
+        opening = asyncio.Semaphore(HANDSHAKES_AT_ONCE)
         started = time.monotonic()
-        bounds = {"first_byte_s": 60, "idle_timeout_s": 60, "deadline_s": p.deadline_s}
+        # Each client's own bound covers connecting too; the phase's deadline counts from the
+        # release (below).
+        bounds = {"first_byte_s": 60, "idle_timeout_s": 60, "deadline_s": 120 + p.deadline_s}
         followers = [
             asyncio.create_task(
-                loadgen.follow(http, run_id, replayed=event, **bounds)
+                loadgen.follow(http, run_id, seen=record, **bounds)
                 if transport == "sse"
-                else loadgen.follow_ws(url, key, run_id, replayed=event, **bounds)
+                else loadgen.follow_ws(url, key, run_id, seen=record, opening=opening, **bounds)
             )
-            for run_id, event in zip(run_ids, ready, strict=True)
+            for run_id, record in zip(run_ids, seen, strict=True)
         ]
         async with asyncio.timeout(120):
-            await asyncio.gather(*(event.wait() for event in ready))
+            await asyncio.gather(*(record.replayed.wait() for record in seen))
         connect_s = time.monotonic() - started
         await asyncio.to_thread(release)
-        return await asyncio.gather(*followers), connect_s
+        _, late = await asyncio.wait(followers, timeout=p.deadline_s)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*followers, return_exceptions=True)
+        for record in seen:
+            if record.final is None and not record.error:
+                record.error = "deadline"
+        return seen, connect_s
