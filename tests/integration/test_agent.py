@@ -11,8 +11,10 @@ import json
 
 import pytest
 
+from jobs.definitions import DefinitionError
 from jobs.models import Event, Run
 from jobs.services.documents import documents_add
+from jobs.services.workflows import workflow_version_create
 from jobs.transitions.runs import run_retry
 from tests.support import tools
 from tests.support.agents import children, drive, support_agent
@@ -238,3 +240,14 @@ def test_the_tenants_daily_token_budget_ends_the_loop_with_a_clear_error(owner, 
     assert "while turn 2 still calls tools" in run.error
     # The turns that ran are kept, their tokens counted; no third turn was made.
     assert [s.kind for s in children(run)] == ["llm", "tool", "retrieval", "llm"]
+
+
+def test_an_agents_workflow_tools_must_name_workflows_the_tenant_has(owner):
+    tools = ["echo", "workflow:order-lookpu", "workflow:support-agent"]
+    definition = support_agent(tools=tools, simulated={"script": []})
+    with pytest.raises(DefinitionError) as raised:
+        workflow_version_create(tenant=owner.tenant, document=definition)
+    assert [str(fault) for fault in raised.value.faults] == [
+        "steps[0].tools[1]: unknown workflow 'order-lookpu'",
+        "steps[0].tools[2]: a workflow cannot call itself",
+    ]
