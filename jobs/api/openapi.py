@@ -7,6 +7,9 @@ These serializers only describe what the views return (the views build plain dic
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
@@ -303,37 +306,73 @@ class WebhookSecretOut(serializers.Serializer):
 
 
 # --- links between operations ------------------------------------------------------------------
-# What a client does next with an answer, as OpenAPI links: the id a submission answers opens the
-# run, its events, its cancel and retry. Generated clients and Schemathesis's stateful phase
-# follow them. drf-spectacular has no per-response links, so a postprocessing hook adds them.
+# What a client does next with an answer, as OpenAPI links: a workflow's version is submitted as
+# a run, the id a submission answers opens the run, its events, its cancel and retry.
+# Generated clients and Schemathesis's stateful phase follow them. drf-spectacular has no
+# per-response links, so a postprocessing hook adds them.
+
+
+@dataclass(frozen=True)
+class Link:
+    operation_id: str
+    description: str
+    parameters: dict[str, str] = field(default_factory=dict)
+    # Fields of the target's request body (runtime expressions or values).
+    body: dict[str, Any] | None = None
+
+    def as_openapi(self) -> dict[str, Any]:
+        link: dict[str, Any] = {"operationId": self.operation_id, "description": self.description}
+        if self.parameters:
+            link["parameters"] = self.parameters
+        if self.body is not None:
+            link["requestBody"] = self.body
+        return link
+
+
+def _submit(workflow: str, version: str) -> Link:
+    body = {"workflow": workflow, "version": version, "input": {}}
+    return Link("runs_create", "Submit a run of this version (its input: your own).", body=body)
+
 
 _RUN_ID = {"run_id": "$response.body#/id"}
 _RUN_NEXT = {
-    "GetRun": ("runs_retrieve", _RUN_ID, "The run: status, output, steps."),
-    "GetRunEvents": ("runs_events_list", _RUN_ID, "The run's event log; streams with SSE."),
-    "CancelRun": ("runs_cancel", _RUN_ID, "Cancel the run."),
-    "RetryRun": ("runs_retry", _RUN_ID, "Retry the run once it has failed."),
-    "GetStreamToken": ("runs_stream_token", _RUN_ID, "A stream token for a browser."),
+    "GetRun": Link("runs_retrieve", "The run: status, output, steps.", _RUN_ID),
+    "GetRunEvents": Link("runs_events_list", "The run's event log; streams with SSE.", _RUN_ID),
+    "CancelRun": Link("runs_cancel", "Cancel the run.", _RUN_ID),
+    "RetryRun": Link("runs_retry", "Retry the run once it has failed.", _RUN_ID),
+    "GetStreamToken": Link("runs_stream_token", "A stream token for a browser.", _RUN_ID),
 }
-_FIRST_RUN_ID = {"run_id": "$response.body#/runs/0/id"}
-LINKS: dict[tuple[str, str], dict[str, tuple[str, dict[str, str], str]]] = {
+_THIS_VERSION = {"name": "$response.body#/name", "version": "$response.body#/version"}
+LINKS: dict[tuple[str, str], dict[str, Link]] = {
     ("runs_create", "202"): _RUN_NEXT,
     ("runs_create", "200"): _RUN_NEXT,
     ("runs_retrieve", "200"): _RUN_NEXT,
     ("runs_cancel", "200"): _RUN_NEXT,
     ("runs_retry", "202"): _RUN_NEXT,
     ("runs_list", "200"): {
-        "GetFirstRun": ("runs_retrieve", _FIRST_RUN_ID, "The newest run of the page."),
+        "GetFirstRun": Link(
+            "runs_retrieve", "The newest run of the page.", {"run_id": "$response.body#/runs/0/id"}
+        ),
     },
     ("workflows_create", "201"): {
-        "GetWorkflowVersion": (
+        "GetWorkflowVersion": Link("workflows_retrieve", "This version.", _THIS_VERSION),
+        "SubmitRun": _submit("$response.body#/name", "$response.body#/version"),
+    },
+    ("workflows_retrieve", "200"): {
+        "SubmitRun": _submit("$response.body#/name", "$response.body#/version"),
+    },
+    ("workflows_list", "200"): {
+        "GetFirstWorkflow": Link(
             "workflows_retrieve",
-            {"name": "$response.body#/name", "version": "$response.body#/version"},
-            "The version just created.",
+            "The first workflow's latest version.",
+            {"name": "$response.body#/workflows/0/name"},
+        ),
+        "SubmitRun": _submit(
+            "$response.body#/workflows/0/name", "$response.body#/workflows/0/latest_version"
         ),
     },
     ("keys_create", "201"): {
-        "RevokeKey": ("keys_revoke", {"key_id": "$response.body#/id"}, "Revoke the new key."),
+        "RevokeKey": Link("keys_revoke", "Revoke the new key.", {"key_id": "$response.body#/id"}),
     },
 }
 
@@ -345,12 +384,7 @@ def add_links(result: dict, generator, request, public) -> dict:
             if not isinstance(operation, dict):
                 continue
             for status, response in operation.get("responses", {}).items():
-                for name, (target, parameters, description) in LINKS.get(
-                    (operation.get("operationId"), status), {}
-                ).items():
-                    response.setdefault("links", {})[name] = {
-                        "operationId": target,
-                        "parameters": parameters,
-                        "description": description,
-                    }
+                links = LINKS.get((operation.get("operationId"), status), {})
+                for name, link in links.items():
+                    response.setdefault("links", {})[name] = link.as_openapi()
     return result
