@@ -14,6 +14,7 @@ import pytest
 from jobs.definitions import DefinitionError
 from jobs.models import Event, Run
 from jobs.services.documents import documents_add
+from jobs.services.operations import run_rerun_from
 from jobs.services.workflows import workflow_version_create
 from jobs.transitions.runs import run_retry
 from tests.support import tools
@@ -251,3 +252,13 @@ def test_an_agents_workflow_tools_must_name_workflows_the_tenant_has(owner):
         "steps[0].tools[1]: unknown workflow 'order-lookpu'",
         "steps[0].tools[2]: a workflow cannot call itself",
     ]
+
+
+def test_a_rerun_from_the_agent_runs_its_loop_again_from_turn_one(owner, policy):
+    run = drive(submit(owner.tenant, support_agent(), {"order": 7}))
+    assert run.status == "succeeded"
+    run_rerun_from(run=run, step_id="helper", by="test")
+    run = drive(run)
+    assert run.status == "succeeded", run.error
+    assert [s.map_index for s in children(run)] == [0, 1, 2, 3, 4, 5]
+    assert len(tools.calls("order-7")) == 2  # once per run of the loop
