@@ -295,6 +295,13 @@ def _run_heads(run_pks: list[int]) -> dict[int, tuple[int, bool]]:
     return {pk: (next_seq - 1, status in RUN_FINAL) for pk, next_seq, status in rows}
 
 
+def has_everything(run: Run, after: int) -> bool:
+    """Whether the run has ended and a subscriber that has seen up to seq `after` has its whole
+    log (its final event is its last). One query."""
+    last_seq, final = _run_heads([run.pk]).get(run.pk, (0, True))
+    return final and last_seq <= after
+
+
 _heads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RunHeads] = weakref.WeakKeyDictionary()
 
 

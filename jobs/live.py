@@ -263,7 +263,8 @@ class RunBus:
         pool = redis.asyncio.ConnectionPool.from_url(
             self.url,
             protocol=2,  # pub/sub messages as plain replies (RESP3 would push them aside)
-            socket_connect_timeout=2,
+            # Generous: under load the event loop itself is late to finish a connection.
+            socket_connect_timeout=5,
             socket_timeout=READ_TIMEOUT_S,
             socket_keepalive=True,
         )

@@ -47,7 +47,15 @@ from jobs import selectors
 from jobs.api.errors import DATABASE_RETRY_AFTER, DATABASE_UNAVAILABLE
 from jobs.api.serializers import run_detail as run_detail_repr
 from jobs.api.views import RunDetailView, RunEventsView, RunListView
-from jobs.feeds import Delta, Idle, RunFeed, StoredEvent, db_call, run_wait_final
+from jobs.feeds import (
+    Delta,
+    Idle,
+    RunFeed,
+    StoredEvent,
+    db_call,
+    has_everything,
+    run_wait_final,
+)
 from jobs.models import Run
 from jobs.stream_tokens import StreamTokenRefused, run_for_stream_token
 from tenants.auth import ApiKeyAuthentication
@@ -250,7 +258,7 @@ async def run_events(request: HttpRequest, run_id: str) -> HttpResponse:
         return _error(
             400, "invalid_request", f"{source} {message}", [{"path": source, "message": message}]
         )
-    if await db_call(_has_everything)(run, int(after)):
+    if await db_call(has_everything)(run, int(after)):
         return HttpResponse(status=204)
     response = StreamingHttpResponse(_event_stream(run, int(after)), content_type=EVENT_STREAM)
     response["Cache-Control"] = "no-cache"
@@ -276,16 +284,6 @@ async def _run_for_token(request: HttpRequest, run_id: str) -> Run | HttpRespons
         )
     except StreamTokenRefused as refused:
         return _error(refused.status, refused.code, refused.message)
-
-
-def _has_everything(run: Run, after: int) -> bool:
-    """Whether the run has ended and a client that has seen up to seq `after` has its log.
-
-    The status is read first: if the run was final then, its final event was committed by
-    then too (same transaction), so the read of the log that follows sees it.
-    """
-    run.refresh_from_db(fields=["status"])
-    return run.is_final and not selectors.events_for(run=run, after=after, limit=1)
 
 
 async def _event_stream(run: Run, after: int) -> AsyncIterator[bytes]:
