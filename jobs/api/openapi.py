@@ -56,15 +56,20 @@ _ERROR_DESCRIPTIONS = {
     409: "Conflict with the object's state, or an Idempotency-Key reused with another body.",
     413: "The request body is over SWITCHYARD_API_MAX_BODY_BYTES.",
     429: "The tenant's queued-run quota (max_queued_runs) is full; see `Retry-After`.",
-    503: "The platform backlog is over its limit; see `Retry-After`.",
+    503: (
+        "Nothing was recorded; retry after `Retry-After`: the database is unavailable "
+        "(`database_unavailable`, any operation) or, for submissions, the platform's backlog "
+        "is over its limit (`platform_backlog_full`)."
+    ),
 }
 
 
 def errors(*codes: int) -> dict[int, OpenApiResponse]:
-    """Error responses in the envelope: 401 always, plus `codes`."""
+    """Error responses in the envelope: 401 and 503 (no database connection) always, plus
+    `codes`."""
     return {
         code: OpenApiResponse(ErrorSerializer, description=_ERROR_DESCRIPTIONS[code])
-        for code in sorted({401, *codes})
+        for code in sorted({401, 503, *codes})
     }
 
 
