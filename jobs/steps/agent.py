@@ -47,6 +47,11 @@ MAX_TURNS = 100
 # model and into the run's events (the child step keeps the whole output).
 RESULT_CHARS = 8000
 
+# Events stay small (they are stored and sent to every live client): a turn's text and a
+# call's result are cut in them; the transcript has them whole.
+EVENT_TEXT_CHARS = 2000
+EVENT_RESULT_CHARS = 500
+
 TEMPLATE_FIELDS = ("prompt", "system")
 
 _SCRIPT_TURN_SCHEMA = {
@@ -237,6 +242,10 @@ def call_result(call: dict[str, Any], state: State | None) -> tuple[bool, Any]:
     return False, {"error": reason}
 
 
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def result_content(result: Any) -> str:
     text = json.dumps(result, ensure_ascii=False, default=str)
     if len(text) > RESULT_CHARS:
@@ -274,7 +283,7 @@ def turn_input(
 def turn_event(number: int, turn: dict[str, Any]) -> tuple[str, dict]:
     data: dict[str, Any] = {
         "turn": number,
-        "text": turn.get("text") or "",
+        "text": _cut(turn.get("text") or "", EVENT_TEXT_CHARS),
         "tool_calls": [call["tool"] for call in turn.get("tool_calls", [])],
         "usage": turn.get("usage") or {},
     }
@@ -289,6 +298,8 @@ def call_events(number: int, turn: dict[str, Any]) -> list[tuple[str, dict]]:
         data = {"turn": number, "call": call["id"], "tool": call["tool"], "args": call.get("args")}
         if call.get("error"):
             data["error"] = call["error"]
+        elif call.get("approval"):
+            data["approval"] = True  # waits for a reviewer before it runs
         events.append(("agent.tool_call", data))
     return events
 
@@ -301,7 +312,7 @@ def result_event(number: int, call: dict[str, Any], ok: bool, result: Any) -> tu
             "call": call["id"],
             "tool": call["tool"],
             "ok": ok,
-            "result": result_content(result)[:500],
+            "result": _cut(result_content(result), EVENT_RESULT_CHARS),
         },
     )
 

@@ -10,6 +10,7 @@ import pytest
 from jobs.definitions import DefinitionError, parse_definition
 from jobs.engine import StepState, advance, apply, initial_states
 from jobs.statuses import StepStatus
+from jobs.steps.agent import transcript
 
 
 def agent_definition(**fields):
@@ -253,3 +254,46 @@ def test_an_agent_cannot_be_the_step_of_a_map():
     }
     with pytest.raises(DefinitionError, match=r"steps\[0\].step.kind: an agent cannot be"):
         parse_definition(document)
+
+
+def test_the_transcript_reads_each_turn_and_call_with_reviewers_decisions():
+
+    first = turn(
+        "Refunding.",
+        [
+            ("c1", "echo", {"n": 1}, None),
+            ("c2", "shop.refund", {"amount": 120}, None),
+            ("c3", "shop.refund", {"amount": 5}, None),
+        ],
+    )
+    for call in first["tool_calls"][1:]:
+        call["approval"] = True
+    approved = {"approved": True, "reviewers": ["ann"], "comment": "", "data": {"amount": 60}}
+    rejected = {"approved": False, "reviewers": ["bob"], "comment": "No.", "data": {}}
+    rows = {
+        0: {"status": "succeeded", "output": first},
+        1: {"status": "succeeded", "output": {"args": {"n": 1}}, "duration_ms": 4},
+        2: {"status": "succeeded", "output": approved},
+        3: {"status": "succeeded", "output": {"refunded": 60}},
+        4: {"status": "succeeded", "output": rejected},
+        # 5 is the rejected call's: never created
+        6: {"status": "running", "output": None},
+    }
+    [one, two] = transcript(rows)
+    assert one["text"] == "Refunding." and one["usage"]["total_tokens"] == 10
+    echo, refund, refused = one["tool_calls"]
+    assert (echo["status"], echo["result"], echo["duration_ms"]) == (
+        "succeeded",
+        {"args": {"n": 1}},
+        4,
+    )
+    assert refund["approval"] == {
+        "approved": True,
+        "comment": "",
+        "reviewers": ["ann"],
+        "edited_args": {"amount": 60},
+    }
+    assert (refund["status"], refund["result"]) == ("succeeded", {"refunded": 60})
+    assert refused["status"] == "rejected"
+    assert refused["result"] == {"rejected": True, "comment": "No.", "by": ["bob"]}
+    assert (two["turn"], two["status"], two["text"]) == (2, "running", "")
