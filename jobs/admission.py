@@ -25,15 +25,17 @@ With `SWITCHYARD_ADMISSION_POLICY=fifo` the scheduler admits by readiness time a
 still hold): the baseline the benchmark compares fairness against.
 
 Direct admission: a transaction that makes steps ready (a worker's report, a submission)
-admits them itself when no other step waits in their queue, so that on a system that is not
-saturated a step does not wait for a scheduler cycle. With nothing else waiting, the fair
-choice is that step whatever the policy; the quotas are checked as the scheduler checks
+admits them itself when no other step waits in their queue, or when other tenants' steps wait
+but the fair policy would pick this tenant first (`_next_fair`: its load is the lowest, no
+lower lane below its share waits), so that a step does not wait for a scheduler cycle. The
+last places of each queue (`fair_reserve`) go only to tenants below their fair share, so a
+flood leaves room for a newcomer. The quotas are checked as the scheduler checks
 them, under the same admission lock (taken without waiting: when the scheduler holds it, the
 scheduler is woken instead). It is written in SQL, in the statement that makes the steps
 ready (`switchyard_run_apply` in jobs/transitions/sql/functions.sql: the same rules as
-`queue_room` and `_blocked_reason` here, tested side by side in
-tests/integration/test_direct_admission.py). Under contention every step goes through
-`decide`.
+`queue_room`, `fair_reserve` and `_blocked_reason` here, tested side by side in
+tests/integration/test_direct_admission.py and test_fair_reserve.py). A tenant's own older
+ready steps, and every step when the policy is FIFO, go through `decide`.
 """
 
 from __future__ import annotations
@@ -153,10 +155,11 @@ def _unheld_running_by_queue() -> dict[str, int]:
     )
 
 
-def queue_room(queue: str, *, queued: int, unheld_running: int) -> int:
+def queue_room(queue: str, *, queued: int, unheld_running: int, reserve: int = 0) -> int:
     """How many more steps `queue` may have admitted now.
 
-    At most `max_queued(queue)` wait in the broker; and no more than the pool's slots that
+    At most `max_queued(queue)` wait in the broker, less the `reserve` when the step's tenant
+    holds its fair share already (`fair_reserve`); and no more than the pool's slots that
     unheld steps do not take. A worker prefetches up to its free slots, and a step running
     unheld (acknowledged at its start, it may run for hours) frees its prefetch credit at once:
     a held message prefetched behind it would wait for the slot, past RabbitMQ's
@@ -164,7 +167,30 @@ def queue_room(queue: str, *, queued: int, unheld_running: int) -> int:
     steps).
     """
     capacity = pool_capacity().get(queue, settings.SWITCHYARD_QUEUE_MAX_QUEUED)
-    return min(max_queued(queue) - queued, capacity - unheld_running - queued)
+    return min(max_queued(queue) - reserve - queued, capacity - unheld_running - queued)
+
+
+def fair_reserve(queue: str) -> int:
+    """The last places of `queue`'s broker depth that only a tenant below its fair share may
+    take: the depth (`max_queued`, at most the pool's capacity) times
+    `SWITCHYARD_FAIR_RESERVE`, rounded up, leaving at least one place for everyone.
+
+    A flooding tenant fills the queue up to the reserve and no further, so a tenant that
+    arrives finds room at once (its step is admitted in the transaction that made it ready)
+    instead of waiting for a flood's step to start."""
+    fraction = settings.SWITCHYARD_FAIR_RESERVE
+    capacity = pool_capacity().get(queue, settings.SWITCHYARD_QUEUE_MAX_QUEUED)
+    depth = min(max_queued(queue), capacity)
+    if fraction <= 0 or depth < 2:
+        return 0
+    return min(depth - 1, math.ceil(depth * fraction))
+
+
+def fair_share(queue: str, tenant_id: int, weights: dict[int, int]) -> float:
+    """`tenant_id`'s share of `queue`'s pool: its weight's part of the weights of the tenants
+    with steps in flight or ready there (`weights`, which includes it)."""
+    capacity = pool_capacity().get(queue, settings.SWITCHYARD_QUEUE_MAX_QUEUED)
+    return capacity * weights[tenant_id] / max(1, sum(weights.values()))
 
 
 # The distinct (queue, tenant, lane) buckets with ready steps, by a skip scan over the partial
@@ -260,10 +286,24 @@ def decide(now: datetime | None = None) -> Decision:
 
     for queue, free in sorted(room.items()):
         queue_backlog = {k: v for k, v in backlog.items() if k[0] == queue}
-        for _slot in range(free):
+        # Past `open_room`, only a tenant below its fair share is admitted (`fair_reserve`).
+        open_room = queue_room(
+            queue,
+            queued=queued.get(queue, 0),
+            unheld_running=unheld.get(queue, 0),
+            reserve=0 if fifo else fair_reserve(queue),
+        )
+        weights = _active_weights(queue, queue_backlog, tenants, in_flight_qt)
+        for slot in range(free):
             eligible = list(
                 _eligible_buckets(queue, queue_backlog, tenants, quotas, in_flight_t, held)
             )
+            if slot >= open_room:
+                eligible = [
+                    bucket
+                    for bucket in eligible
+                    if in_flight_qt[(queue, bucket[0])] < fair_share(queue, bucket[0], weights)
+                ]
             if not eligible:
                 break
             if fifo:
@@ -286,6 +326,15 @@ def decide(now: datetime | None = None) -> Decision:
     decision.admit = _concrete_steps(picks, tenants, quotas)
     decision.holds = _concrete_holds(held)
     return decision
+
+
+def _active_weights(queue, queue_backlog, tenants, in_flight_qt) -> dict[int, int]:
+    """The weights of the tenants with steps ready (`queue_backlog`) or in flight in `queue`."""
+    active = {tenant_id for (_q, tenant_id, _lane) in queue_backlog}
+    active |= {tenant_id for (q, tenant_id), n in in_flight_qt.items() if q == queue and n > 0}
+    return {
+        tenant_id: max(1, tenants[tenant_id].weight) for tenant_id in active if tenant_id in tenants
+    }
 
 
 def _blocked_reason(

@@ -292,6 +292,9 @@ SWITCHYARD_ADMISSION_POLICY = env_choice("SWITCHYARD_ADMISSION_POLICY", "fair", 
 SWITCHYARD_LANE_MIN_SHARE = env_map_float(
     "SWITCHYARD_LANE_MIN_SHARE", {"standard": 0.2, "batch": 0.1}
 )
+# The last places of each queue's broker depth that only a tenant below its fair share may take
+# (jobs/admission.py `fair_reserve`): a neighbour's flood never fills the queue to the brim.
+SWITCHYARD_FAIR_RESERVE = env_float("SWITCHYARD_FAIR_RESERVE", 0.25, minimum=0.0)
 SWITCHYARD_RATE_BURST_S = env_float("SWITCHYARD_RATE_BURST_S", 10.0, minimum=0.0)
 SWITCHYARD_API_MAX_WAIT_S = env_int("SWITCHYARD_API_MAX_WAIT_S", 60, minimum=0)
 # Live streams (SSE) send a heartbeat comment after this many seconds without a frame.

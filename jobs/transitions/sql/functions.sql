@@ -256,9 +256,9 @@ $$;
 
 -- What a run's transaction writes after the engine ran, in one statement: new step rows (a
 -- map's items), step changes by key, the run's change, its events (gapless seq), then the
--- direct admission of the steps made ready (when nothing else waits in their queue and the
--- tenant's quotas allow; the same rules as jobs/admission.py, which hands over the queues'
--- room), and whether the scheduler should be woken (the caller wakes it after the commit).
+-- direct admission of the steps made ready (when nothing else waits in their queue, or the fair
+-- policy would pick this tenant first, and the tenant's quotas allow; the same rules as
+-- jobs/admission.py, which hands over the queues' room), and whether the scheduler should be woken (the caller wakes it after the commit).
 --
 -- p_plan: {
 --   "new_steps": [{"step_id", "map_index", "kind", "queue", "max_attempts", "timeout_s"}],
@@ -267,8 +267,10 @@ $$;
 --   "run": {"status", "output"?, "error"?, "started": bool, "finished": bool} | null,
 --   "events": [{"type", "step_id"?, "map_index"?, "data"}],
 --   "admit": [[step_id, map_index], ...],          (steps made ready: direct admission)
---   "admission": {"lock": int, "burst_s": float, "unheld_s": float,
---                 "queues": {queue: {"max_queued": int, "capacity": int}}} | null,
+--   "admission": {"lock": int, "burst_s": float, "unheld_s": float, "fair": bool,
+--                 "lane_min_share": {lane: float},
+--                 "queues": {queue: {"max_queued": int, "reserve": int, "capacity": int}}}
+--                | null,
 --   "wake": "always" | "if_ready" | null
 -- }
 -- Returns {"dispatches": [{"id", "token", "queue", "lane", "timeout_s"}], "events": [...],
@@ -289,6 +291,15 @@ DECLARE
     v_queued integer;
     v_in_flight integer;
     v_others boolean;
+    v_max_queued integer;
+    v_reserve integer;
+    v_fair_n integer;
+    v_below boolean;
+    v_weights double precision;
+    v_mine integer;
+    v_min_other double precision;
+    v_lane_first boolean;
+    v_share double precision;
     v_level double precision;
     v_refilled_at timestamptz;
     v_spent double precision;
@@ -371,11 +382,78 @@ BEGIN
                 SELECT count(*) INTO v_in_flight FROM jobs_steprun
                  WHERE status IN ('queued', 'running') AND kind <> 'map'
                    AND tenant_id = r.tenant_id;
+                -- The tenant's own older ready steps keep their order: the scheduler's.
+                IF EXISTS (SELECT 1 FROM jobs_steprun WHERE status = 'ready' AND queue = v_queue
+                              AND tenant_id = r.tenant_id AND NOT (id = ANY(v_ready_ids))) THEN
+                    CONTINUE queues;
+                END IF;
                 SELECT EXISTS (SELECT 1 FROM jobs_steprun WHERE status = 'ready'
                                   AND queue = v_queue AND NOT (id = ANY(v_ready_ids)))
                   INTO v_others;
-                IF v_others THEN
-                    CONTINUE queues;
+                v_max_queued := coalesce((v_adm->'queues'->v_queue->>'max_queued')::integer, 0);
+                v_reserve := coalesce((v_adm->'queues'->v_queue->>'reserve')::integer, 0);
+                v_fair_n := NULL;
+                v_share := NULL;
+                v_below := true;
+                IF v_others AND NOT coalesce((v_adm->>'fair')::boolean, false) THEN
+                    CONTINUE queues;  -- FIFO: every step waits for the scheduler's order
+                END IF;
+                IF v_others
+                   OR v_max_queued - v_queued - array_length(v_candidates, 1) < v_reserve THEN
+                    -- Other tenants wait (or admitting would reach into the reserve): admit only
+                    -- what the fair policy would pick first (jobs/admission.py `_next_fair`),
+                    -- and the reserve only to a tenant below its fair share (`fair_reserve`).
+                    WITH RECURSIVE ready_bucket AS (
+                        (SELECT tenant_id, lane FROM jobs_steprun
+                          WHERE status = 'ready' AND queue = v_queue
+                          ORDER BY queue, tenant_id, lane LIMIT 1)
+                        UNION ALL
+                        SELECT nx.tenant_id, nx.lane FROM ready_bucket b, LATERAL (
+                            SELECT s.tenant_id, s.lane FROM jobs_steprun s
+                             WHERE s.status = 'ready' AND s.queue = v_queue
+                               AND (s.tenant_id, s.lane) > (b.tenant_id, b.lane)
+                             ORDER BY s.queue, s.tenant_id, s.lane LIMIT 1) nx
+                    ),
+                    flight AS (
+                        SELECT tenant_id, lane, count(*) AS n FROM jobs_steprun
+                         WHERE status IN ('queued', 'running') AND kind <> 'map'
+                           AND queue = v_queue
+                         GROUP BY tenant_id, lane
+                    ),
+                    per_tenant AS (
+                        SELECT tenant_id, sum(n) AS n FROM flight GROUP BY tenant_id
+                    ),
+                    active AS (
+                        SELECT tenant_id FROM ready_bucket UNION SELECT tenant_id FROM per_tenant
+                    )
+                    SELECT
+                        (SELECT coalesce(sum(greatest(1, tt.weight)), 1)
+                           FROM active a JOIN tenants_tenant tt ON tt.id = a.tenant_id),
+                        coalesce((SELECT n FROM per_tenant WHERE tenant_id = r.tenant_id), 0),
+                        (SELECT min(coalesce(p.n, 0)::double precision / greatest(1, tt.weight))
+                           FROM (SELECT DISTINCT tenant_id FROM ready_bucket) rb
+                           JOIN tenants_tenant tt ON tt.id = rb.tenant_id
+                           LEFT JOIN per_tenant p ON p.tenant_id = rb.tenant_id
+                          WHERE rb.tenant_id <> r.tenant_id),
+                        EXISTS (
+                            SELECT 1 FROM ready_bucket rb
+                             WHERE rb.tenant_id <> r.tenant_id AND rb.lane <> r.lane
+                               AND rb.lane IN ('standard', 'batch')
+                               AND coalesce((SELECT sum(n) FROM flight f WHERE f.lane = rb.lane), 0)
+                                   < coalesce((v_adm->'lane_min_share'->>rb.lane)::double precision, 0)
+                                     * (coalesce((SELECT sum(n) FROM flight), 0) + 1))
+                      INTO v_weights, v_mine, v_min_other, v_lane_first;
+                    IF v_others THEN
+                        IF v_lane_first OR v_min_other IS NULL
+                           OR v_mine::double precision / greatest(1, t.weight) >= v_min_other THEN
+                            CONTINUE queues;
+                        END IF;
+                        -- Picked while its load stays below every other waiting tenant's.
+                        v_fair_n := ceil(v_min_other * greatest(1, t.weight) - v_mine)::integer;
+                    END IF;
+                    v_share := coalesce((v_adm->'queues'->v_queue->>'capacity')::integer, 0)
+                               * greatest(1, t.weight) / v_weights;
+                    v_below := v_mine < v_share;
                 END IF;
                 IF r.status = 'accepted' AND r.parent_step_id IS NULL THEN
                     -- A run that would start (a child run is part of an active tree).
@@ -415,10 +493,17 @@ BEGIN
                  WHERE status = 'running' AND kind <> 'map' AND queue = v_queue
                    AND timeout_s > (v_adm->>'unheld_s')::double precision;
                 v_room := least(
-                    coalesce((v_adm->'queues'->v_queue->>'max_queued')::integer, 0) - v_queued,
+                    v_max_queued - v_queued,
                     coalesce((v_adm->'queues'->v_queue->>'capacity')::integer, 0)
                         - v_unheld - v_queued);
-                v_n := least(array_length(v_candidates, 1), v_room,
+                IF v_below AND v_share IS NOT NULL THEN
+                    -- Into the reserve only while below its share.
+                    v_room := least(v_room, greatest(0, v_max_queued - v_reserve - v_queued)
+                                            + greatest(0, ceil(v_share - v_mine)::integer));
+                ELSIF NOT v_below THEN
+                    v_room := least(v_room, v_max_queued - v_reserve - v_queued);
+                END IF;
+                v_n := least(array_length(v_candidates, 1), v_room, v_fair_n,
                              t.max_concurrent_steps - v_in_flight
                                  - coalesce(array_length(v_admitted, 1), 0),
                              floor(v_tokens)::integer);
