@@ -40,17 +40,15 @@ from jobs.events import READY_CHANNEL, publish_inbox
 from jobs.formats import iso
 from jobs.models import (
     WEBHOOK_OPEN,
-    AttemptOutcome,
     StepRun,
     StepStatus,
     WebhookDelivery,
     WebhookStatus,
 )
-from jobs.transitions.runs import run_advance, step_fail_final
-from jobs.transitions.steps import Claim, step_fenced
+from jobs.transitions.runs import run_advance, step_fail_final, step_succeed_waiting
+from jobs.transitions.steps import Claim, step_fenced, step_park_waiting
 from jobs.transitions.txn import (
     RunTxn,
-    attempt_close,
     definition_of,
     run_locked,
     skips_busy_runs,
@@ -136,11 +134,7 @@ def step_request_approval(*, claim: Claim) -> Approval | None:
             on_timeout=config.get("on_timeout", "reject") if deadline else "",
             on_reject=config.get("on_reject", "fail"),
         )
-        attempt_close(step, AttemptOutcome.SUCCEEDED)
-        step.status = StepStatus.WAITING
-        step.lease_expires_at = None
-        step.save(update_fields=["status", "lease_expires_at"])
-        txn.log.add("step.waiting", step=step, approval=str(approval.public_id))
+        step_park_waiting(txn, step, approval=str(approval.public_id))
         txn.log.add(
             "approval.requested",
             step=step,
@@ -323,22 +317,15 @@ def _settle(
     )
     fails = outcome.decision == "" or (not approved and approval.on_reject == "fail")
     if not fails:
-        step.status = StepStatus.SUCCEEDED
-        step.output = output
-        step.finished_at = now
-        step.save(update_fields=["status", "output", "finished_at"])
-        txn.log.add("step.succeeded", step=step, approval=str(approval.public_id))
         txn.log.wake_scheduler()
-        run_advance(txn)
+        step_succeed_waiting(txn, step, output=output, approval=str(approval.public_id))
         return
-    step.output = output
-    step.save(update_fields=["output"])
     if outcome.timed_out:
         error, code = outcome.comment, "approval_timeout"
     else:
         said = f": {outcome.comment}" if outcome.comment else " (no comment)"
         error, code = f"rejected by {outcome.decided_by}{said}", "rejected"
-    step_fail_final(txn, step, error=error, code=code)
+    step_fail_final(txn, step, error=error, code=code, output=output)
 
 
 # --- the scheduler's sweeps ------------------------------------------------------------------

@@ -8,9 +8,10 @@ a step only through the public functions here:
   scheduler's transitions never wait for a run's lock);
 - `runs`: `run_insert` / `run_create` (a submission, a child run), `run_advance` (the engine's
   plan after every transition), `run_cancel`, `run_retry`, `step_fail_final`,
-  `step_settle_from_child`;
+  `step_succeed_waiting` (a waiting step's wait ended well), `step_settle_from_child`;
 - `steps`: admission (`steps_admit`, `step_hold`), the worker's `step_claim`, `step_complete`,
-  `step_fail`, `step_start_child_run`, the fencing of late reports (`step_fenced`), and
+  `step_fail`, `step_start_child_run`, `step_park_waiting` (a claimed step that waits on a
+  child run or people), the fencing of late reports (`step_fenced`), and
   recovery (`step_release_retry`, `step_expire_lease`, `step_redispatch`).
 
 Their writes on the hot path are PL/pgSQL functions (`sql/functions.sql`, installed by

@@ -531,14 +531,34 @@ def run_retry(*, run: Run, by: str = "") -> Run:
         return locked
 
 
-def step_fail_final(txn: RunTxn, step: StepRun, *, error: str, code: str) -> None:
+def step_fail_final(
+    txn: RunTxn, step: StepRun, *, error: str, code: str, output: Any = None
+) -> None:
+    """Fail `step` for good (no retry) and advance the run. `output`, when given, is kept as
+    the step's output (a rejected approval's decision). Call inside the run's `run_locked`."""
     step.status = StepStatus.FAILED
     step.error = error
     step.error_code = code
     step.finished_at = timezone.now()
     step.lease_expires_at = None
-    step.save(update_fields=["status", "error", "error_code", "finished_at", "lease_expires_at"])
+    fields = ["status", "error", "error_code", "finished_at", "lease_expires_at"]
+    if output is not None:
+        step.output = output
+        fields.append("output")
+    step.save(update_fields=fields)
     txn.log.add("step.failed", step=step, attempt=step.attempt, error=error, code=code)
+    run_advance(txn)
+
+
+def step_succeed_waiting(txn: RunTxn, step: StepRun, *, output: Any, **event: Any) -> None:
+    """A `waiting` step's wait ended well (its child run succeeded, people approved): it
+    succeeds with `output`, `step.succeeded` is logged with `event`, and the run advances.
+    Call inside the run's `run_locked`, holding the step's row."""
+    step.status = StepStatus.SUCCEEDED
+    step.output = output
+    step.finished_at = timezone.now()
+    step.save(update_fields=["status", "output", "finished_at"])
+    txn.log.add("step.succeeded", step=step, **event)
     run_advance(txn)
 
 
@@ -556,13 +576,7 @@ def step_settle_from_child(*, child: Run) -> None:
         if step.status != StepStatus.WAITING:
             return
         if child.status == RunStatus.SUCCEEDED:
-            now = timezone.now()
-            step.status = StepStatus.SUCCEEDED
-            step.output = child.output
-            step.finished_at = now
-            step.save(update_fields=["status", "output", "finished_at"])
-            txn.log.add("step.succeeded", step=step, child_run=str(child.public_id))
-            run_advance(txn)
+            step_succeed_waiting(txn, step, output=child.output, child_run=str(child.public_id))
         else:
             step_fail_final(
                 txn,

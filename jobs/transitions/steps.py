@@ -448,6 +448,17 @@ def _report(
     return True
 
 
+def step_park_waiting(txn: RunTxn, step: StepRun, **event: Any) -> None:
+    """A claimed step that waits on something outside the workers (a child run, people) ends
+    its attempt and parks in `waiting`, holding no worker and no lease; `step.waiting` is
+    logged with `event`. Call inside the run's `run_locked`, holding the fenced step."""
+    attempt_close(step, AttemptOutcome.SUCCEEDED)
+    step.status = StepStatus.WAITING
+    step.lease_expires_at = None
+    step.save(update_fields=["status", "lease_expires_at"])
+    txn.log.add("step.waiting", step=step, **event)
+
+
 def step_start_child_run(*, claim: Claim) -> bool:
     """Start the child run of a `workflow` step and park the step in `waiting`, atomically."""
     with run_locked(claim.run_pk) as txn:
@@ -477,11 +488,7 @@ def step_start_child_run(*, claim: Claim) -> bool:
             attempt_close(step, AttemptOutcome.FAILED, error=detail, code=exc.code)
             step_fail_final(txn, step, error=f"child run refused: {detail}", code=exc.code)
             return True
-        attempt_close(step, AttemptOutcome.SUCCEEDED)
-        step.status = StepStatus.WAITING
-        step.lease_expires_at = None
-        step.save(update_fields=["status", "lease_expires_at"])
-        txn.log.add("step.waiting", step=step, child_run=str(child.public_id))
+        step_park_waiting(txn, step, child_run=str(child.public_id))
         child.refresh_from_db()
         if child.is_final:  # e.g. every step of the child was skipped
             step_settle_from_child(child=child)
