@@ -350,6 +350,8 @@ class _Advance:
         the steps they read are finished."""
         key = (step.id, None)
         count = self.item_count.get(step.id, 0)
+        # A rejected call's index has no row: only the children that exist are cancelled.
+        children_keys = [(step.id, i) for i in range(count) if (step.id, i) in self.states]
         children = {
             index: agent.State(state.status, state.output, state.error)
             for index in range(count)
@@ -359,7 +361,7 @@ class _Advance:
             rendered = _ready_step(step, key, self.context(step.depends_on)).input
         except _StepError as exc:
             self.fail(key, exc.message)
-            self.cancel_open([(step.id, index) for index in range(count)])
+            self.cancel_open(children_keys)
             return True
         move = agent.progress(
             step.config,
@@ -373,7 +375,7 @@ class _Advance:
             self.plan.events.append((key, event_type, data))
         if move.error is not None:
             self.fail(key, move.error)
-            self.cancel_open([(step.id, index) for index in range(count)])
+            self.cancel_open(children_keys)
             return True
         if move.finished:
             self.complete(key, move.output)

@@ -297,3 +297,18 @@ def test_the_transcript_reads_each_turn_and_call_with_reviewers_decisions():
     assert refused["status"] == "rejected"
     assert refused["result"] == {"rejected": True, "comment": "No.", "by": ["bob"]}
     assert (two["turn"], two["status"], two["text"]) == (2, "running", "")
+
+
+def test_a_failing_agent_cancels_its_open_children_and_no_index_a_rejection_left_empty():
+    definition = agent_definition()
+    states = {
+        ("helper", None): StepState(StepStatus.WAITING),
+        ("helper", 0): StepState(StepStatus.SUCCEEDED, output=turn("", [("c", "echo", {}, None)])),
+        ("helper", 1): StepState(StepStatus.SUCCEEDED, output={}),
+        ("helper", 2): StepState(StepStatus.FAILED, error="provider down"),
+        # index 3 does not exist (as after a rejected call); 4 is still queued
+        ("helper", 4): StepState(StepStatus.QUEUED),
+    }
+    plan = advance(definition, {"order": 7}, states)
+    assert plan.failed == [(("helper", None), "turn 2 failed: provider down")]
+    assert plan.cancelled == [("helper", 4)]
