@@ -105,7 +105,10 @@ LAST_EVENT_ID = OpenApiParameter(
     "Last-Event-ID",
     OpenApiTypes.INT,
     OpenApiParameter.HEADER,
-    description="With text/event-stream: resume after this seq (sent by EventSource).",
+    description=(
+        "Resume after this seq (EventSource sends it on reconnection); takes precedence over "
+        "`?after=`, for the JSON log and the stream alike."
+    ),
 )
 
 

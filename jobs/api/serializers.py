@@ -55,7 +55,15 @@ class RunSubmitSerializer(serializers.Serializer):
         required=False, default=dict, help_text="Checked against the workflow's input_schema."
     )
     lane = serializers.ChoiceField(choices=Lane.values, required=False)
-    webhook_url = UrlStringField(required=False, allow_blank=True, max_length=2000)
+    webhook_url = UrlStringField(
+        required=False,
+        allow_blank=True,
+        max_length=2000,
+        help_text=(
+            "http(s), resolving to a public address: a private, loopback or link-local one is "
+            "a 400 forbidden_webhook_url, a host that does not resolve a 400 invalid_webhook_url."
+        ),
+    )
 
 
 class ApiKeyCreateSerializer(serializers.Serializer):

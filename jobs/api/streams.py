@@ -44,9 +44,9 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.views import APIView
 
 from jobs import selectors
-from jobs.api.errors import DATABASE_RETRY_AFTER, DATABASE_UNAVAILABLE
+from jobs.api.errors import DATABASE_RETRY_AFTER, DATABASE_UNAVAILABLE, ApiError
 from jobs.api.serializers import run_detail as run_detail_repr
-from jobs.api.views import RunDetailView, RunEventsView, RunListView
+from jobs.api.views import RunDetailView, RunEventsView, RunListView, resume_after
 from jobs.feeds import (
     Delta,
     Idle,
@@ -247,20 +247,12 @@ async def run_events(request: HttpRequest, run_id: str) -> HttpResponse:
         run = await _run_for_key(request, run_id)
     if isinstance(run, HttpResponse):
         return run
-    # EventSource sends Last-Event-ID on reconnection, to the URL it first opened: the header
-    # is newer than the URL's ?after=.
-    if "Last-Event-ID" in request.headers:
-        source, after = "Last-Event-ID", request.headers["Last-Event-ID"].strip()
-    else:
-        source, after = "after", request.GET.get("after", "0")
-    if not after.isdigit():
-        message = "must be a non-negative integer (an event seq)"
-        return _error(
-            400, "invalid_request", f"{source} {message}", [{"path": source, "message": message}]
-        )
-    if await db_call(has_everything)(run, int(after)):
+    after = resume_after(request)
+    if isinstance(after, ApiError):
+        return _error(after.status_code, after.error_code, after.message, after.details)
+    if await db_call(has_everything)(run, after):
         return HttpResponse(status=204)
-    response = StreamingHttpResponse(_event_stream(run, int(after)), content_type=EVENT_STREAM)
+    response = StreamingHttpResponse(_event_stream(run, after), content_type=EVENT_STREAM)
     response["Cache-Control"] = "no-cache"
     # Proxies that buffer responses (nginx) would hold the frames back.
     response["X-Accel-Buffering"] = "no"

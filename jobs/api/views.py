@@ -315,6 +315,25 @@ class RunDetailView(APIView):
         return Response(run_detail(selectors.run_with_steps(run), request))
 
 
+def resume_after(request) -> int | ApiError:
+    """The seq a reader of a run's events has: the `Last-Event-ID` header, else `?after=`, else
+    0; or the 400 that refuses it. EventSource sends the header on reconnection, to the URL it
+    first opened: the header is newer than the URL's `?after=`."""
+    if "Last-Event-ID" in request.headers:
+        source, after = "Last-Event-ID", request.headers["Last-Event-ID"].strip()
+    else:
+        source, after = "after", request.GET.get("after", "0")
+    if after.isdigit():
+        return int(after)
+    message = "must be a non-negative integer (an event seq)"
+    return ApiError(
+        status_code=400,
+        code="invalid_request",
+        message=f"{source} {message}",
+        details=[{"path": source, "message": message}],
+    )
+
+
 class RunEventsView(APIView):
     @extend_schema(
         tags=["runs"],
@@ -337,14 +356,10 @@ class RunEventsView(APIView):
     )
     def get(self, request: Request, run_id: str) -> Response:
         run = _run_or_404(request, run_id)
-        after = request.query_params.get("after", "0")
-        if not after.isdigit():
-            raise ApiError(
-                status_code=400,
-                code="invalid_request",
-                message="after must be a non-negative integer (an event seq)",
-            )
-        events = selectors.events_for(run=run, after=int(after))
+        after = resume_after(request)
+        if isinstance(after, ApiError):
+            raise after
+        events = selectors.events_for(run=run, after=after)
         return Response(
             {
                 "events": [event_repr(event, run) for event in events],

@@ -202,6 +202,14 @@ def test_the_event_log_pages_with_after(owner, greet):
     later = owner.api.get(f"/api/v1/runs/{run_id}/events/?after=1").json()["events"]
     assert [e["seq"] for e in later] == [e["seq"] for e in events[1:]]
     assert owner.api.get(f"/api/v1/runs/{run_id}/events/?after=x").status_code == 400
+    # Last-Event-ID, as on the stream, and newer than the URL's ?after=.
+    resumed = owner.api.get(f"/api/v1/runs/{run_id}/events/?after=0", HTTP_LAST_EVENT_ID="1")
+    assert [e["seq"] for e in resumed.json()["events"]] == [e["seq"] for e in events[1:]]
+    refused = owner.api.get(f"/api/v1/runs/{run_id}/events/", HTTP_LAST_EVENT_ID="^")
+    assert refused.status_code == 400
+    assert refused.json()["error"]["details"] == [
+        {"path": "Last-Event-ID", "message": "must be a non-negative integer (an event seq)"}
+    ]
 
 
 def test_cancel_stops_a_run_once(owner, greet):
