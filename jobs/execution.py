@@ -14,8 +14,9 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+import psycopg.errors
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, connections
+from django.db import DatabaseError, InterfaceError, OperationalError, connections
 from django.utils import timezone
 
 from approvals.services import step_request_approval
@@ -97,13 +98,34 @@ def _retrying(transition: Callable[[], T], *, until: datetime | None, what: str)
     while True:
         try:
             return transition()
-        except (OperationalError, InterfaceError) as exc:
+        except DatabaseError as exc:
+            if not _transient(exc):
+                raise
             if until is None or timezone.now() + timedelta(seconds=delay) >= until:
                 raise
             log.warning("%s refused (%s); retrying in %.2fs", what, exc, delay)
             _drop_connections()
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+# Errors that end a try but say nothing about the transition itself. Django maps some of them
+# by their SQLSTATE class to InternalError: the session of a transaction that a stalled process
+# kept open past `idle_in_transaction_session_timeout` is ended with 25P03, raised on its next
+# statement (found by test_worker_pause: that report was abandoned to a 5-minute lease).
+_TRANSIENT_CAUSES = (
+    psycopg.errors.IdleInTransactionSessionTimeout,
+    psycopg.errors.AdminShutdown,
+    psycopg.errors.LockNotAvailable,
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.QueryCanceled,
+)
+
+
+def _transient(exc: DatabaseError) -> bool:
+    return isinstance(exc, (OperationalError, InterfaceError)) or isinstance(
+        exc.__cause__, _TRANSIENT_CAUSES
+    )
 
 
 def _drop_connections() -> None:
