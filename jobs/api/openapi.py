@@ -103,7 +103,7 @@ class WaitQuery(serializers.Serializer):
 
 LAST_EVENT_ID = OpenApiParameter(
     "Last-Event-ID",
-    OpenApiTypes.INT,
+    {"type": "integer", "minimum": 0},
     OpenApiParameter.HEADER,
     description=(
         "Resume after this seq (EventSource sends it on reconnection); takes precedence over "

@@ -119,6 +119,11 @@ def test_the_schema_types_what_the_server_answers_and_refuses(schema_document):
     filters = {p["name"]: p["schema"] for p in paths["/api/v1/runs/"]["get"]["parameters"]}
     assert all(schema.get("minLength") == 1 for name, schema in filters.items() if name != "limit")
     assert (filters["limit"]["minimum"], filters["limit"]["maximum"]) == (1, 200)
+    events = paths["/api/v1/runs/{run_id}/events/"]["get"]["parameters"]
+    assert {p["name"]: p["schema"].get("minimum") for p in events if p["in"] != "path"} == {
+        "after": 0,
+        "Last-Event-ID": 0,
+    }
 
 
 def test_links_lead_from_a_submission_to_its_run_events_cancel_and_retry(schema_document):
