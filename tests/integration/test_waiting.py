@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import resource
 import time
 from pathlib import Path
@@ -156,6 +157,27 @@ def thread_count(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/task").iterdir()))
 
 
+def _sockets(pid: int) -> int:
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _all_waiting(cluster, run_id: str) -> bool:
+    """The web holds a connection per waiting request, is subscribed to the run, and spent no
+    CPU for half a second (every request has read what it reads and waits)."""
+    pid = cluster.web.pid
+    if _sockets(pid) < WAITERS or subscribers(cluster, run_id) < 1:
+        return False
+    before = _cpu_ticks(pid)
+    time.sleep(0.5)
+    return _cpu_ticks(pid) == before
+
+
 def test_300_waiting_requests_hold_no_thread_and_a_plain_get_is_still_answered(
     owner, cluster, many_open_files, web, tmp_path
 ):
@@ -173,8 +195,10 @@ def test_300_waiting_requests_hold_no_thread_and_a_plain_get_is_still_answered(
                 asyncio.create_task(client.get(f"/api/v1/runs/{run_id}/", params={"wait": 50}))
                 for _ in range(WAITERS)
             ]
+            # All waiting: the web holds every connection, has subscribed to the run (once for
+            # all of them: one subscription per run per process, jobs/live.py) and is idle.
             deadline = time.monotonic() + 30
-            while await asyncio.to_thread(subscribers, cluster, run_id) < WAITERS:
+            while not await asyncio.to_thread(_all_waiting, cluster, run_id):
                 assert time.monotonic() < deadline, "the waiting requests never all subscribed"
                 await asyncio.sleep(0.1)
             threads_waiting = thread_count(cluster.web.pid)
