@@ -24,6 +24,7 @@ from approvals.models import Approval, ApprovalDecision, ApprovalStatus
 from approvals.services import ApprovalError, Reviewer, approval_decide
 from jobs.api import openapi
 from jobs.api.errors import ApiError, not_found
+from jobs.api.serializers import NoEmptyFilters
 from jobs.formats import iso
 
 APPROVAL_ID = OpenApiParameter("approval_id", OpenApiTypes.UUID, OpenApiParameter.PATH)
@@ -32,7 +33,7 @@ APPROVAL_ID = OpenApiParameter("approval_id", OpenApiTypes.UUID, OpenApiParamete
 # --- shapes ----------------------------------------------------------------------------------
 
 
-class ApprovalListQuery(serializers.Serializer):
+class ApprovalListQuery(NoEmptyFilters, serializers.Serializer):
     status = serializers.ChoiceField(
         choices=ApprovalStatus.choices, required=False, help_text="Only requests in this status."
     )

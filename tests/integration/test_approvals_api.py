@@ -38,6 +38,9 @@ def test_the_list_shows_the_tenants_requests_filtered_by_status(owner, outsider,
     assert item["links"]["inbox"] == f"http://testserver/inbox/{approval.public_id}/"
     assert owner.api.get("/api/v1/approvals/?status=approved").json()["approvals"] == []
     assert owner.api.get("/api/v1/approvals/?status=maybe").status_code == 400
+    empty = owner.api.get("/api/v1/approvals/?status=")  # not taken for "no filter"
+    assert empty.status_code == 400
+    assert empty.json()["error"]["details"][0]["path"] == "status"
 
 
 def test_another_tenants_request_is_a_404_for_reading_and_deciding(outsider, pending):
