@@ -76,7 +76,7 @@ def reset_database() -> None:
 @cache
 def _timestamp_columns() -> tuple[tuple[str, tuple[str, ...]], ...]:
     tables = []
-    for app in ("tenants", "jobs"):
+    for app in ("tenants", "jobs", "approvals"):
         for model in apps.get_app_config(app).get_models():
             if model._meta.proxy or not model._meta.managed:
                 continue
@@ -91,8 +91,8 @@ def _timestamp_columns() -> tuple[tuple[str, tuple[str, ...]], ...]:
 
 
 def pass_time(seconds: float) -> None:
-    """As if `seconds` passed: every timestamp the jobs and tenants apps store moves that far
-    into the past (NULLs stay NULL), in one round trip. Call between transactions."""
+    """As if `seconds` passed: every timestamp the jobs, tenants and approvals apps store moves
+    that far into the past (NULLs stay NULL), in one round trip. Call between transactions."""
     shift = f"interval '{seconds:.6f} seconds'"
     statements = [
         f'UPDATE "{table}" SET '
