@@ -168,14 +168,15 @@ def _cpu_ticks(pid: int) -> int:
 
 
 def _all_waiting(cluster, run_id: str) -> bool:
-    """The web holds a connection per waiting request, is subscribed to the run, and spent no
-    CPU for half a second (every request has read what it reads and waits)."""
+    """The web holds a connection per waiting request, is subscribed to the run, and spent
+    next to no CPU for half a second (at most 20 ms of it: timers and heartbeats; every request
+    has read what it reads and waits)."""
     pid = cluster.web.pid
     if _sockets(pid) < WAITERS or subscribers(cluster, run_id) < 1:
         return False
     before = _cpu_ticks(pid)
     time.sleep(0.5)
-    return _cpu_ticks(pid) == before
+    return _cpu_ticks(pid) - before <= 2
 
 
 def test_300_waiting_requests_hold_no_thread_and_a_plain_get_is_still_answered(
@@ -197,7 +198,7 @@ def test_300_waiting_requests_hold_no_thread_and_a_plain_get_is_still_answered(
             ]
             # All waiting: the web holds every connection, has subscribed to the run (once for
             # all of them: one subscription per run per process, jobs/live.py) and is idle.
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 60
             while not await asyncio.to_thread(_all_waiting, cluster, run_id):
                 assert time.monotonic() < deadline, "the waiting requests never all subscribed"
                 await asyncio.sleep(0.1)
