@@ -269,7 +269,7 @@ SUPPORT_AGENT = {
                     {
                         "text": (
                             '{"reply": "Sorry about the lamp. We have looked at your order '
-                            'A-1042; a reviewer has decided on your refund and you will hear '
+                            "A-1042; a reviewer has decided on your refund and you will hear "
                             'from us by email.", "refunded": true}'
                         )
                     },
@@ -283,4 +283,3 @@ SUPPORT_AGENT = {
 AGENT_REQUESTS = [
     {"order": "A-1042", "message": "My desk lamp arrived broken. Can I get my money back?"},
 ]
-
