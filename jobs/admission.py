@@ -79,8 +79,13 @@ def pool_capacity() -> dict[str, int]:
     return dict(settings.SWITCHYARD_POOL_CAPACITY)
 
 
+def queue_capacity(queue: str) -> int:
+    """The concurrency of `queue`'s pools (`SWITCHYARD_QUEUE_MAX_QUEUED` for a queue not set)."""
+    return pool_capacity().get(queue, settings.SWITCHYARD_QUEUE_MAX_QUEUED)
+
+
 def max_queued(queue: str) -> int:
-    capacity = pool_capacity().get(queue, settings.SWITCHYARD_QUEUE_MAX_QUEUED)
+    capacity = queue_capacity(queue)
     bound = max(2, math.ceil(capacity * settings.SWITCHYARD_QUEUE_DEPTH_FACTOR))
     return min(bound, settings.SWITCHYARD_QUEUE_MAX_QUEUED)
 
@@ -166,7 +171,7 @@ def queue_room(queue: str, *, queued: int, unheld_running: int, reserve: int = 0
     consumer_timeout (found by the chaos suite, with a prefork pool of two both running 20 s
     steps).
     """
-    capacity = pool_capacity().get(queue, settings.SWITCHYARD_QUEUE_MAX_QUEUED)
+    capacity = queue_capacity(queue)
     return min(max_queued(queue) - reserve - queued, capacity - unheld_running - queued)
 
 
@@ -179,7 +184,7 @@ def fair_reserve(queue: str) -> int:
     arrives finds room at once (its step is admitted in the transaction that made it ready)
     instead of waiting for a flood's step to start."""
     fraction = settings.SWITCHYARD_FAIR_RESERVE
-    capacity = pool_capacity().get(queue, settings.SWITCHYARD_QUEUE_MAX_QUEUED)
+    capacity = queue_capacity(queue)
     depth = min(max_queued(queue), capacity)
     if fraction <= 0 or depth < 2:
         return 0
@@ -189,7 +194,7 @@ def fair_reserve(queue: str) -> int:
 def fair_share(queue: str, tenant_id: int, weights: dict[int, int]) -> float:
     """`tenant_id`'s share of `queue`'s pool: its weight's part of the weights of the tenants
     with steps in flight or ready there (`weights`, which includes it)."""
-    capacity = pool_capacity().get(queue, settings.SWITCHYARD_QUEUE_MAX_QUEUED)
+    capacity = queue_capacity(queue)
     return capacity * weights[tenant_id] / max(1, sum(weights.values()))
 
 

@@ -109,22 +109,14 @@ def _retrying(transition: Callable[[], T], *, until: datetime | None, what: str)
             delay = min(delay * 2, 1.0)
 
 
-# Errors that end a try but say nothing about the transition itself. Django maps some of them
-# by their SQLSTATE class to InternalError: the session of a transaction that a stalled process
-# kept open past `idle_in_transaction_session_timeout` is ended with 25P03, raised on its next
-# statement (found by test_worker_pause: that report was abandoned to a 5-minute lease).
-_TRANSIENT_CAUSES = (
-    psycopg.errors.IdleInTransactionSessionTimeout,
-    psycopg.errors.AdminShutdown,
-    psycopg.errors.LockNotAvailable,
-    psycopg.errors.DeadlockDetected,
-    psycopg.errors.QueryCanceled,
-)
-
-
+# Django wraps psycopg's errors by their SQLSTATE class: a lock timeout, a deadlock, a
+# cancelled statement or a server shutdown arrive as OperationalError, but the end of a session
+# whose transaction a stalled process kept open past `idle_in_transaction_session_timeout`
+# (25P03, raised on its next statement) arrives as InternalError (found by test_worker_pause:
+# that report was abandoned to a 5-minute lease).
 def _transient(exc: DatabaseError) -> bool:
     return isinstance(exc, (OperationalError, InterfaceError)) or isinstance(
-        exc.__cause__, _TRANSIENT_CAUSES
+        exc.__cause__, psycopg.errors.IdleInTransactionSessionTimeout
     )
 
 

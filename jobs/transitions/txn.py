@@ -161,21 +161,18 @@ def admission_settings() -> dict[str, Any] | None:
     """What `switchyard_run_apply` needs to admit directly (None: direct admission is off)."""
     if not settings.SWITCHYARD_DIRECT_ADMISSION:
         return None
+    fair = settings.SWITCHYARD_ADMISSION_POLICY == "fair"
     return {
         "lock": admission.ADMISSION_LOCK_ID,
         "burst_s": settings.SWITCHYARD_RATE_BURST_S,
         "unheld_s": unheld_timeout_above_s(),
-        "fair": settings.SWITCHYARD_ADMISSION_POLICY == "fair",
+        "fair": fair,
         "lane_min_share": dict(settings.SWITCHYARD_LANE_MIN_SHARE),
         "queues": {
             queue: {
                 "max_queued": admission.max_queued(queue),
-                "reserve": admission.fair_reserve(queue)
-                if settings.SWITCHYARD_ADMISSION_POLICY == "fair"
-                else 0,
-                "capacity": admission.pool_capacity().get(
-                    queue, settings.SWITCHYARD_QUEUE_MAX_QUEUED
-                ),
+                "reserve": admission.fair_reserve(queue) if fair else 0,
+                "capacity": admission.queue_capacity(queue),
             }
             for queue in admission.step_queues()
         },
