@@ -84,7 +84,21 @@ def assert_each_fire_time_has_exactly_one_run(schedules, *, fired_until) -> int:
 def test_two_schedulers_fire_each_fire_time_once(cluster, every_second):
     first = cluster.start_scheduler("scheduler-1")
     second = cluster.start_scheduler("scheduler-2")
-    time.sleep(8)
+    # Both fire for a while once they have started (which a loaded machine may take seconds to
+    # do): every schedule fired at least once, then 6 s more.
+    cluster.wait_until(
+        lambda: (
+            ScheduleFire.objects.filter(status=FireStatus.SUBMITTED)
+            .values("schedule")
+            .distinct()
+            .count()
+            == SCHEDULES
+        ),
+        timeout=60,
+        message="the schedulers did not fire every schedule",
+        proc=first,
+    )
+    time.sleep(6)
     stopping_at = timezone.now()
     cluster.stop(first)
     cluster.stop(second)
