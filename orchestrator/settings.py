@@ -288,6 +288,9 @@ SWITCHYARD_QUEUE_DEPTH_FACTOR = env_float("SWITCHYARD_QUEUE_DEPTH_FACTOR", 0.5, 
 # A transaction that makes steps ready admits them itself when nothing else waits in their
 # queue (jobs/admission.py, "Direct admission"); off, every step waits for a scheduler cycle.
 SWITCHYARD_DIRECT_ADMISSION = env_bool("SWITCHYARD_DIRECT_ADMISSION", True)
+# How long a direct admission waits for the admission lock that a scheduler cycle holds, when its
+# tenant's steps would be admitted first (0: never waits; the scheduler admits them next).
+SWITCHYARD_ADMISSION_LOCK_WAIT_MS = env_int("SWITCHYARD_ADMISSION_LOCK_WAIT_MS", 100, minimum=0)
 SWITCHYARD_ADMISSION_POLICY = env_choice("SWITCHYARD_ADMISSION_POLICY", "fair", ["fair", "fifo"])
 SWITCHYARD_LANE_MIN_SHARE = env_map_float(
     "SWITCHYARD_LANE_MIN_SHARE", {"standard": 0.2, "batch": 0.1}

@@ -24,6 +24,9 @@ FUNCTIONS = (
     "switchyard_step_report(bigint, bigint, uuid, integer, text, text, text, jsonb, text, text,"
     " text, timestamptz, jsonb, bigint, date)",
     "switchyard_steps_admit(bigint[])",
+    "switchyard_fair_position(text, bigint, text, jsonb)",
+    "switchyard_admission_lock_wait(bigint, integer)",
+    "switchyard_admission_worth_waiting(bigint[], bigint, integer, text, jsonb)",
     "switchyard_run_apply(bigint, jsonb)",
     "switchyard_run_submit(jsonb, jsonb)",
 )

@@ -164,6 +164,7 @@ def admission_settings() -> dict[str, Any] | None:
     fair = settings.SWITCHYARD_ADMISSION_POLICY == "fair"
     return {
         "lock": admission.ADMISSION_LOCK_ID,
+        "lock_wait_ms": settings.SWITCHYARD_ADMISSION_LOCK_WAIT_MS,
         "burst_s": settings.SWITCHYARD_RATE_BURST_S,
         "unheld_s": unheld_timeout_above_s(),
         "fair": fair,

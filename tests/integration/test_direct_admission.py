@@ -4,6 +4,10 @@ waits in their queue, within the tenant's quotas, under the scheduler's admissio
 
 from __future__ import annotations
 
+import threading
+import time
+from contextlib import contextmanager
+
 import httpx
 import psycopg
 import pytest
@@ -107,7 +111,10 @@ def test_a_run_over_the_active_runs_quota_is_left_to_the_scheduler(published):
     assert [len(batch) for batch in published] == [1]  # the first run's step only
 
 
-def test_while_the_scheduler_holds_the_admission_lock_the_step_is_left_ready(owner, published):
+@contextmanager
+def admission_lock_held(release_after_s: float | None = None):
+    """Another session (a scheduler's cycle) holds the admission lock: until the block ends, or
+    for `release_after_s` from its start."""
     params = connection.settings_dict
     with psycopg.connect(
         dbname=params["NAME"],
@@ -117,13 +124,62 @@ def test_while_the_scheduler_holds_the_admission_lock_the_step_is_left_ready(own
         autocommit=True,
     ) as scheduler:
         scheduler.execute("SELECT pg_advisory_lock(%s)", [admission.ADMISSION_LOCK_ID])
+        release = threading.Timer(
+            release_after_s if release_after_s is not None else 3600,
+            lambda: scheduler.execute(
+                "SELECT pg_advisory_unlock(%s)", [admission.ADMISSION_LOCK_ID]
+            ),
+        )
+        if release_after_s is not None:
+            release.start()
+        try:
+            yield
+        finally:
+            release.cancel()
+            if release_after_s is not None:
+                release.join()
+            scheduler.execute("SELECT pg_advisory_unlock_all()")
+
+
+def test_a_step_that_would_be_admitted_first_waits_for_the_schedulers_lock(
+    owner, published, settings
+):
+    settings.SWITCHYARD_ADMISSION_LOCK_WAIT_MS = 10_000
+    with admission_lock_held(release_after_s=0.5):
+        started = time.monotonic()
+        run = submit(owner.tenant, CHAIN)
+        waited = time.monotonic() - started
+
+    assert _status(run)["a"] == "queued"  # admitted by the submission itself
+    assert waited >= 0.4, "admitted before the lock was released"
+    assert [len(batch) for batch in published] == [1]
+
+
+def test_while_the_scheduler_holds_the_lock_past_the_wait_the_step_is_left_ready(
+    owner, published, settings
+):
+    settings.SWITCHYARD_ADMISSION_LOCK_WAIT_MS = 50
+    with connection.cursor() as cursor:
+        cursor.execute("SET lock_timeout = '7s'")
+    with admission_lock_held():
         held = submit(owner.tenant, CHAIN)
-        scheduler.execute("SELECT pg_advisory_unlock(%s)", [admission.ADMISSION_LOCK_ID])
     assert _status(held)["a"] == "ready"
+    assert not published
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW lock_timeout")
+        assert cursor.fetchone()[0] == "7s", "the session's lock timeout was not restored"
+        cursor.execute("RESET lock_timeout")
 
     run_cancel(run=held)  # nothing waits any more
     free = submit(owner.tenant, {**CHAIN, "name": "after"})
     assert _status(free)["a"] == "queued"
+
+
+def test_without_a_wait_the_step_is_left_to_the_scheduler_at_once(owner, published, settings):
+    settings.SWITCHYARD_ADMISSION_LOCK_WAIT_MS = 0
+    with admission_lock_held():
+        held = submit(owner.tenant, CHAIN)
+    assert _status(held)["a"] == "ready"
 
 
 @pytest.mark.cluster

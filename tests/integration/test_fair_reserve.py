@@ -8,12 +8,15 @@ admitted at once and starts with the pool's next free slot, ahead of the flood's
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from django.utils import timezone
 
 from jobs import admission, dispatch
 from jobs.models import Run, StepRun
 from tests.conftest import make_tenant_client
+from tests.integration.test_direct_admission import admission_lock_held
 from tests.integration.test_fairness import flood, parallel_steps
 from tests.support.workflows import submit
 
@@ -83,6 +86,27 @@ def test_a_tenant_not_first_in_the_fair_order_is_left_to_the_scheduler(published
     run = submit(other, parallel_steps("late", 1, 10))
 
     assert _statuses(run) == ["ready"]
+
+
+def test_only_the_tenant_first_in_the_fair_order_waits_for_the_schedulers_lock(published, settings):
+    """While a scheduler's cycle holds the admission lock, a newcomer's step (first in the fair
+    order) waits for it and is admitted when the cycle ends; a step of a tenant that is not
+    first is left to the scheduler at once, however long the allowed wait."""
+    settings.SWITCHYARD_ADMISSION_LOCK_WAIT_MS = 20_000
+    flooder = make_tenant_client("flooder").tenant
+    newcomer = make_tenant_client("newcomer").tenant
+    _run_on_the_pool(flooder, 4)
+    submit(flooder, parallel_steps("more", 3, 10))
+
+    with admission_lock_held():
+        started = time.monotonic()
+        more = submit(flooder, parallel_steps("even-more", 1, 10))
+        assert time.monotonic() - started < 10, "a tenant not first waited for the lock"
+    assert _statuses(more) == ["ready"]
+
+    with admission_lock_held(release_after_s=0.5):
+        ask = submit(newcomer, parallel_steps("ask", 1, 10))
+    assert _statuses(ask) == ["queued"]
 
 
 def test_the_scheduler_keeps_the_reserve_for_tenants_below_their_share(published, settings):

@@ -254,6 +254,112 @@ END;
 $$;
 
 
+-- Where a tenant stands in the fair order of `p_queue` (jobs/admission.py `_next_fair`): the
+-- weights of the active tenants (with ready or in-flight steps), its own in-flight steps, the
+-- lowest load (in-flight per unit of weight) of the other tenants with ready steps (NULL: none
+-- waits), and whether a lower lane of another tenant is below its minimum share (that lane is
+-- served first).
+CREATE OR REPLACE FUNCTION switchyard_fair_position(
+    p_queue text, p_tenant bigint, p_lane text, p_adm jsonb,
+    OUT weights double precision, OUT mine integer, OUT min_other double precision,
+    OUT lane_first boolean)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    WITH RECURSIVE ready_bucket AS (
+        (SELECT tenant_id, lane FROM jobs_steprun
+          WHERE status = 'ready' AND queue = p_queue
+          ORDER BY queue, tenant_id, lane LIMIT 1)
+        UNION ALL
+        SELECT nx.tenant_id, nx.lane FROM ready_bucket b, LATERAL (
+            SELECT s.tenant_id, s.lane FROM jobs_steprun s
+             WHERE s.status = 'ready' AND s.queue = p_queue
+               AND (s.tenant_id, s.lane) > (b.tenant_id, b.lane)
+             ORDER BY s.queue, s.tenant_id, s.lane LIMIT 1) nx
+    ),
+    flight AS (
+        SELECT tenant_id, lane, count(*) AS n FROM jobs_steprun
+         WHERE status IN ('queued', 'running') AND kind <> 'map'
+           AND queue = p_queue
+         GROUP BY tenant_id, lane
+    ),
+    per_tenant AS (
+        SELECT tenant_id, sum(n) AS n FROM flight GROUP BY tenant_id
+    ),
+    active AS (
+        SELECT tenant_id FROM ready_bucket UNION SELECT tenant_id FROM per_tenant
+    )
+    SELECT
+        (SELECT coalesce(sum(greatest(1, tt.weight)), 1)
+           FROM active a JOIN tenants_tenant tt ON tt.id = a.tenant_id),
+        coalesce((SELECT n FROM per_tenant WHERE tenant_id = p_tenant), 0),
+        (SELECT min(coalesce(p.n, 0)::double precision / greatest(1, tt.weight))
+           FROM (SELECT DISTINCT tenant_id FROM ready_bucket) rb
+           JOIN tenants_tenant tt ON tt.id = rb.tenant_id
+           LEFT JOIN per_tenant p ON p.tenant_id = rb.tenant_id
+          WHERE rb.tenant_id <> p_tenant),
+        EXISTS (
+            SELECT 1 FROM ready_bucket rb
+             WHERE rb.tenant_id <> p_tenant AND rb.lane <> p_lane
+               AND rb.lane IN ('standard', 'batch')
+               AND coalesce((SELECT sum(n) FROM flight f WHERE f.lane = rb.lane), 0)
+                   < coalesce((p_adm->'lane_min_share'->>rb.lane)::double precision, 0)
+                     * (coalesce((SELECT sum(n) FROM flight), 0) + 1))
+      INTO weights, mine, min_other, lane_first;
+END;
+$$;
+
+
+-- The admission lock for this transaction, waited for up to `p_wait_ms`; false when the wait
+-- timed out (the lock stays with its holder).
+CREATE OR REPLACE FUNCTION switchyard_admission_lock_wait(p_lock bigint, p_wait_ms integer)
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    v_timeout text := current_setting('lock_timeout');
+BEGIN
+    BEGIN
+        -- Undone with this block's subtransaction when the wait times out.
+        PERFORM set_config('lock_timeout', p_wait_ms || 'ms', true);
+        PERFORM pg_advisory_xact_lock(p_lock);
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN false;
+    END;
+    PERFORM set_config('lock_timeout', v_timeout, true);
+    RETURN true;
+END;
+$$;
+
+
+-- Whether a direct admission of `p_ready` (steps of one tenant's run, just made ready) is worth
+-- waiting for the admission lock: in one of their queues the tenant has no older ready step,
+-- and either nothing else waits there or the fair policy would pick this tenant first. A hint
+-- read without the lock; the admission itself checks everything again holding it.
+CREATE OR REPLACE FUNCTION switchyard_admission_worth_waiting(
+    p_ready bigint[], p_tenant bigint, p_weight integer, p_lane text, p_adm jsonb)
+RETURNS boolean LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_queue text;
+    p record;
+BEGIN
+    FOR v_queue IN SELECT DISTINCT queue FROM jobs_steprun WHERE id = ANY(p_ready) LOOP
+        CONTINUE WHEN EXISTS (SELECT 1 FROM jobs_steprun WHERE status = 'ready'
+                                 AND queue = v_queue AND tenant_id = p_tenant
+                                 AND NOT (id = ANY(p_ready)));
+        IF NOT EXISTS (SELECT 1 FROM jobs_steprun WHERE status = 'ready' AND queue = v_queue
+                          AND NOT (id = ANY(p_ready))) THEN
+            RETURN true;
+        END IF;
+        CONTINUE WHEN NOT coalesce((p_adm->>'fair')::boolean, false);
+        SELECT * INTO p FROM switchyard_fair_position(v_queue, p_tenant, p_lane, p_adm);
+        IF NOT p.lane_first AND p.min_other IS NOT NULL
+           AND p.mine::double precision / greatest(1, p_weight) < p.min_other THEN
+            RETURN true;
+        END IF;
+    END LOOP;
+    RETURN false;
+END;
+$$;
+
+
 -- What a run's transaction writes after the engine ran, in one statement: new step rows (a
 -- map's items), step changes by key, the run's change, its events (gapless seq), then the
 -- direct admission of the steps made ready (when nothing else waits in their queue, or the fair
@@ -314,6 +420,7 @@ DECLARE
     v_admission jsonb;
     v_logged jsonb;
     v_wake boolean := coalesce(p_plan->>'wake' = 'always', false);
+    v_locked boolean := false;
 BEGIN
     SELECT * INTO r FROM jobs_run WHERE id = p_run;  -- locked by the caller's transaction
 
@@ -369,8 +476,18 @@ BEGIN
             ON s.step_id = k->>0 AND s.map_index IS NOT DISTINCT FROM (k->>1)::integer
          WHERE s.run_id = p_run AND s.status = 'ready';
         SELECT * INTO t FROM tenants_tenant WHERE id = r.tenant_id;
-        IF v_ready_ids IS NOT NULL AND t.is_active
-           AND pg_try_advisory_xact_lock((v_adm->>'lock')::bigint) THEN
+        -- The admission lock: waited for (briefly) only when this tenant's steps would be
+        -- admitted first; otherwise a scheduler cycle holding it admits them next.
+        IF v_ready_ids IS NOT NULL AND t.is_active THEN
+            v_locked := pg_try_advisory_xact_lock((v_adm->>'lock')::bigint);
+            IF NOT v_locked AND coalesce((v_adm->>'lock_wait_ms')::integer, 0) > 0
+               AND switchyard_admission_worth_waiting(v_ready_ids, r.tenant_id, t.weight,
+                                                      r.lane, v_adm) THEN
+                v_locked := switchyard_admission_lock_wait((v_adm->>'lock')::bigint,
+                                                           (v_adm->>'lock_wait_ms')::integer);
+            END IF;
+        END IF;
+        IF v_locked THEN
             v_tokens := NULL;
             <<queues>>
             FOR v_queue IN SELECT DISTINCT queue FROM jobs_steprun
@@ -403,46 +520,8 @@ BEGIN
                     -- Other tenants wait (or admitting would reach into the reserve): admit only
                     -- what the fair policy would pick first (jobs/admission.py `_next_fair`),
                     -- and the reserve only to a tenant below its fair share (`fair_reserve`).
-                    WITH RECURSIVE ready_bucket AS (
-                        (SELECT tenant_id, lane FROM jobs_steprun
-                          WHERE status = 'ready' AND queue = v_queue
-                          ORDER BY queue, tenant_id, lane LIMIT 1)
-                        UNION ALL
-                        SELECT nx.tenant_id, nx.lane FROM ready_bucket b, LATERAL (
-                            SELECT s.tenant_id, s.lane FROM jobs_steprun s
-                             WHERE s.status = 'ready' AND s.queue = v_queue
-                               AND (s.tenant_id, s.lane) > (b.tenant_id, b.lane)
-                             ORDER BY s.queue, s.tenant_id, s.lane LIMIT 1) nx
-                    ),
-                    flight AS (
-                        SELECT tenant_id, lane, count(*) AS n FROM jobs_steprun
-                         WHERE status IN ('queued', 'running') AND kind <> 'map'
-                           AND queue = v_queue
-                         GROUP BY tenant_id, lane
-                    ),
-                    per_tenant AS (
-                        SELECT tenant_id, sum(n) AS n FROM flight GROUP BY tenant_id
-                    ),
-                    active AS (
-                        SELECT tenant_id FROM ready_bucket UNION SELECT tenant_id FROM per_tenant
-                    )
-                    SELECT
-                        (SELECT coalesce(sum(greatest(1, tt.weight)), 1)
-                           FROM active a JOIN tenants_tenant tt ON tt.id = a.tenant_id),
-                        coalesce((SELECT n FROM per_tenant WHERE tenant_id = r.tenant_id), 0),
-                        (SELECT min(coalesce(p.n, 0)::double precision / greatest(1, tt.weight))
-                           FROM (SELECT DISTINCT tenant_id FROM ready_bucket) rb
-                           JOIN tenants_tenant tt ON tt.id = rb.tenant_id
-                           LEFT JOIN per_tenant p ON p.tenant_id = rb.tenant_id
-                          WHERE rb.tenant_id <> r.tenant_id),
-                        EXISTS (
-                            SELECT 1 FROM ready_bucket rb
-                             WHERE rb.tenant_id <> r.tenant_id AND rb.lane <> r.lane
-                               AND rb.lane IN ('standard', 'batch')
-                               AND coalesce((SELECT sum(n) FROM flight f WHERE f.lane = rb.lane), 0)
-                                   < coalesce((v_adm->'lane_min_share'->>rb.lane)::double precision, 0)
-                                     * (coalesce((SELECT sum(n) FROM flight), 0) + 1))
-                      INTO v_weights, v_mine, v_min_other, v_lane_first;
+                    SELECT * INTO v_weights, v_mine, v_min_other, v_lane_first
+                      FROM switchyard_fair_position(v_queue, r.tenant_id, r.lane, v_adm);
                     IF v_others THEN
                         IF v_lane_first OR v_min_other IS NULL
                            OR v_mine::double precision / greatest(1, t.weight) >= v_min_other THEN
