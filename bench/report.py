@@ -457,6 +457,14 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     if "wait_ms" in s5:
         for phase, w in s5["wait_ms"].items():
             add("5 noisy neighbour", f"A's wait P50 / P95, {phase}", f"{w['p50']} / {w['p95']} ms")
+        for phase, w in (s5.get("wait_split_ms") or {}).items():
+            adm, dlv = w["admission"], w["delivery"]
+            add(
+                "5 noisy neighbour",
+                f"A's wait split, {phase}: admission P50 / P95; delivery P50 / P95; direct",
+                f"{adm['p50']} / {adm['p95']} ms; {dlv['p50']} / {dlv['p95']} ms; "
+                + ("n/a" if w["admitted_directly"] is None else f"{w['admitted_directly']:.0%}"),
+            )
     s6 = results.get("s6") or {}
     for name, phase in (("SSE", s6), ("WebSocket", s6.get("websocket"))):
         if not phase or "delivery_ms" not in phase:

@@ -80,12 +80,21 @@ def run_cycle(*, sweeps: bool = True) -> CycleStats:
         _sweep(stats, now)
 
     holds: list[admission.Hold] = []
-    # Decide, admit and write the buckets in one transaction holding the admission lock. A
-    # transaction-level lock: a scheduler that stalls inside it (SIGSTOP, a partition) is
-    # cut off by PostgreSQL's idle-in-transaction timeout, which releases the lock.
+    # Decide first, without the admission lock, from the state as of an admission epoch read
+    # while no one held the lock; then admit and write the buckets in one transaction holding
+    # it. If anything was admitted in between (the epoch moved), that decision may give away a
+    # slot twice: decide again, holding the lock. So the lock is held for the writes only, and
+    # a direct admission waiting for it (docs/scheduling.md) waits milliseconds, not a whole
+    # decision. A transaction-level lock: a scheduler that stalls inside it (SIGSTOP, a
+    # partition) is cut off by PostgreSQL's idle-in-transaction timeout, which releases it.
+    early: admission.Decision | None = None
+    if not connection.in_atomic_block:
+        seen = admission_lock_try()  # held for this statement only (autocommit)
+        early = admission.decide(now) if seen is not None else None
     with transaction.atomic():
-        if admission_lock_try():
-            decision = admission.decide(now)
+        epoch = admission_lock_try()
+        if epoch is not None:
+            decision = early if early is not None and epoch == seen else admission.decide(now)
             admitted = steps_admit(step_run_ids=decision.admit)
             stats.admitted = len(admitted)
             stats.skipped_busy = len(decision.admit) - len(admitted)
@@ -141,10 +150,19 @@ def _sweep(stats: CycleStats, now) -> None:
 ADMISSION_RETRY_S = 0.01
 
 
-def admission_lock_try() -> bool:
-    """Take the admission lock for the current transaction, without waiting."""
+def admission_lock_try() -> int | None:
+    """Take the admission lock for the current transaction, without waiting; the admission
+    epoch (advanced by every admission: `switchyard_steps_admit`) read holding it, or None
+    when another transaction holds the lock."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [admission.ADMISSION_LOCK_ID])
+        cursor.execute(
+            """
+            SELECT CASE WHEN pg_try_advisory_xact_lock(%s) THEN
+                   (SELECT CASE WHEN is_called THEN last_value ELSE 0 END
+                      FROM switchyard_admission_epoch) END
+            """,
+            [admission.ADMISSION_LOCK_ID],
+        )
         return cursor.fetchone()[0]
 
 

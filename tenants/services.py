@@ -6,7 +6,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from orchestrator.encryption import decrypt, encrypt
@@ -60,6 +60,9 @@ def tenant_create(*, slug: str, name: str = "", weight: int = 1) -> tuple[Tenant
 
 def tenant_pause(*, tenant: Tenant) -> None:
     Tenant.objects.filter(pk=tenant.pk).update(is_active=False)
+    # A scheduler cycle that decided before the pause decides again (jobs/scheduler.py).
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT nextval('switchyard_admission_epoch')")
 
 
 def tenant_resume(*, tenant: Tenant) -> None:

@@ -32,12 +32,13 @@ def run(bench) -> dict[str, Any]:
 
     waits: dict[str, list[float]] = {}
     drains: dict[str, float | None] = {}
+    splits: dict[str, dict[str, list[float]]] = {}
     cpu: dict[str, dict] = {}
     with bench.cpu_meter() as meter:
-        waits["A alone"], _, done = _phase(bench, a.tenant, interactive, None, p)
+        waits["A alone"], _, done, splits["A alone"] = _phase(bench, a.tenant, interactive, None, p)
     cpu["A alone"] = meter.per(done)
     with bench.profiled("s5-fair", ("scheduler",)), bench.cpu_meter() as meter:
-        waits["flood, fair"], drains["fair"], done = _phase(
+        waits["flood, fair"], drains["fair"], done, splits["flood, fair"] = _phase(
             bench, a.tenant, interactive, (b.tenant, flood), p
         )
     cpu["flood, fair"] = meter.per(done)
@@ -45,7 +46,7 @@ def run(bench) -> dict[str, Any]:
     bench.start_scheduler(SWITCHYARD_ADMISSION_POLICY="fifo")
     try:
         with bench.cpu_meter() as meter:
-            waits["flood, fifo"], drains["fifo"], done = _phase(
+            waits["flood, fifo"], drains["fifo"], done, splits["flood, fifo"] = _phase(
                 bench, a.tenant, interactive, (b.tenant, flood), p
             )
         cpu["flood, fifo"] = meter.per(done)
@@ -72,6 +73,16 @@ def run(bench) -> dict[str, Any]:
             "weights": "A 1, B 1; quotas do not bind",
         },
         "wait_ms": stats,
+        # Where A's wait goes: admission (ready → queued) and delivery (queued → its handler
+        # starts); the share of A's steps admitted by the transaction that made them ready.
+        "wait_split_ms": {
+            name: {
+                "admission": summary(parts["admission"]),
+                "delivery": summary(parts["delivery"]),
+                "admitted_directly": parts["direct"],
+            }
+            for name, parts in splits.items()
+        },
         "fair_over_alone_p95": round(fair95 / alone95, 2) if alone95 else None,
         "fifo_over_alone_p95": round(fifo95 / alone95, 1) if alone95 else None,
         "fair_limit_p95_ms": round(1.5 * alone95 + 20, 1),
@@ -81,8 +92,9 @@ def run(bench) -> dict[str, Any]:
     }
 
 
-def _phase(bench, tenant_a, interactive, flood, p) -> tuple[list[float], float | None, int]:
-    """A's waits, the flood's rate and the steps (A's and the flood's) that finished."""
+def _phase(bench, tenant_a, interactive, flood, p):
+    """A's waits, the flood's rate, the steps (A's and the flood's) that finished, and A's waits
+    split in two: ready → queued (admission) and queued → started (the broker and a worker)."""
     from django.utils import timezone
 
     from jobs.models import Run, StepAttempt, StepRun
@@ -90,6 +102,7 @@ def _phase(bench, tenant_a, interactive, flood, p) -> tuple[list[float], float |
     from tenants.services import tenant_pause, tenant_resume
 
     flood_runs: list[int] = []
+    split: dict[str, Any] = {"admission": [], "delivery": []}
     tenant_b = None
     if flood is not None:
         tenant_b, version = flood
@@ -124,10 +137,17 @@ def _phase(bench, tenant_a, interactive, flood, p) -> tuple[list[float], float |
     attempts = StepAttempt.objects.filter(step_run__run_id__in=a_runs, number=1).select_related(
         "step_run"
     )
-    waits = [
-        (attempt.started_at - attempt.step_run.ready_at).total_seconds() * 1000
-        for attempt in attempts
-    ]
+    waits = []
+    for attempt in attempts:
+        step = attempt.step_run
+        waits.append((attempt.started_at - step.ready_at).total_seconds() * 1000)
+        if step.dispatched_at is not None and step.attempt == 1:
+            admission = (step.dispatched_at - step.ready_at).total_seconds() * 1000
+            split["admission"].append(admission)
+            split["delivery"].append(
+                (attempt.started_at - step.dispatched_at).total_seconds() * 1000
+            )
+    split["direct"] = _admitted_directly(a_runs)
     # Steps of A still waiting at the deadline count with the wait they have had so far.
     now = timezone.now()
     waits += [
@@ -143,4 +163,25 @@ def _phase(bench, tenant_a, interactive, flood, p) -> tuple[list[float], float |
         time.sleep(1.0)
     done = StepRun.objects.filter(run_id__in=[*a_runs, *flood_runs], status="succeeded").count()
     bench.reset_runs()
-    return waits, flood_rate, done
+    return waits, flood_rate, done, split
+
+
+def _admitted_directly(run_ids: list[int]) -> float | None:
+    """The share of the runs' steps queued by the transaction that made them ready (their
+    `step.ready` and `step.queued` events written by one transaction: the same `xmin`)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT count(*) FILTER (WHERE r.xmin::text = q.xmin::text), count(*)
+              FROM jobs_event r
+              JOIN jobs_event q ON q.run_id = r.run_id AND q.step_id = r.step_id
+                               AND q.map_index IS NOT DISTINCT FROM r.map_index
+                               AND q.type = 'step.queued'
+             WHERE r.run_id = ANY(%s) AND r.type = 'step.ready'
+            """,
+            [run_ids],
+        )
+        direct, total = cursor.fetchone()
+    return round(direct / total, 2) if total else None

@@ -9,7 +9,6 @@ import time
 from contextlib import contextmanager
 
 import httpx
-import psycopg
 import pytest
 from django.db import connection, transaction
 from django.utils import timezone
@@ -20,6 +19,7 @@ from jobs.transitions.runs import run_cancel
 from tenants.models import Tenant
 from tenants.quotas import quota_states
 from tests.conftest import make_tenant_client
+from tests.support.sessions import other_session
 from tests.support.workflows import event_types, submit
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -115,14 +115,7 @@ def test_a_run_over_the_active_runs_quota_is_left_to_the_scheduler(published):
 def admission_lock_held(release_after_s: float | None = None):
     """Another session (a scheduler's cycle) holds the admission lock: until the block ends, or
     for `release_after_s` from its start."""
-    params = connection.settings_dict
-    with psycopg.connect(
-        dbname=params["NAME"],
-        user=params["USER"] or None,
-        host=params["HOST"] or None,
-        port=params["PORT"] or None,
-        autocommit=True,
-    ) as scheduler:
+    with other_session() as scheduler:
         scheduler.execute("SELECT pg_advisory_lock(%s)", [admission.ADMISSION_LOCK_ID])
         release = threading.Timer(
             release_after_s if release_after_s is not None else 3600,

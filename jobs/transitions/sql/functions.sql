@@ -204,7 +204,7 @@ $$;
 
 -- ready → queued for the given steps, with fresh dispatch tokens and `step.queued` events:
 -- the one writer of this transition (the scheduler's admission and the direct admission of
--- `switchyard_run_apply` both call it). Runs are locked in id order, SKIP LOCKED: a run that
+-- `switchyard_run_apply` both call it), which advances the admission epoch when it admits. Runs are locked in id order, SKIP LOCKED: a run that
 -- another transaction holds (a worker reporting, or a stalled one) is not waited for, and its
 -- steps stay ready for the next cycle (a run this transaction holds is not skipped).
 -- Returns {"dispatches": [{"id", "token", "queue", "lane", "timeout_s", "tenant_id"}],
@@ -249,6 +249,10 @@ BEGIN
                            'data', jsonb_build_object('queue', q->>'queue')))
                   FROM jsonb_array_elements(v_queued) q))));
     END LOOP;
+    IF jsonb_array_length(v_dispatches) > 0 THEN
+        -- A scheduler that decided without the admission lock decides again (jobs/scheduler.py).
+        PERFORM nextval('switchyard_admission_epoch');
+    END IF;
     RETURN jsonb_build_object('dispatches', v_dispatches, 'events', v_events);
 END;
 $$;
