@@ -25,17 +25,19 @@ With `SWITCHYARD_ADMISSION_POLICY=fifo` the scheduler admits by readiness time a
 still hold): the baseline the benchmark compares fairness against.
 
 Direct admission: a transaction that makes steps ready (a worker's report, a submission)
-admits them itself when no other step waits in their queue, or when other tenants' steps wait
-but the fair policy would pick this tenant first (`_next_fair`: its load is the lowest, no
-lower lane below its share waits), so that a step does not wait for a scheduler cycle. The
-last places of each queue (`fair_reserve`) go only to tenants below their fair share, so a
-flood leaves room for a newcomer. The quotas are checked as the scheduler checks
-them, under the same admission lock (taken without waiting: when the scheduler holds it, the
-scheduler is woken instead). It is written in SQL, in the statement that makes the steps
-ready (`switchyard_run_apply` in jobs/transitions/sql/functions.sql: the same rules as
-`queue_room`, `fair_reserve` and `_blocked_reason` here, tested side by side in
-tests/integration/test_direct_admission.py and test_fair_reserve.py). A tenant's own older
-ready steps, and every step when the policy is FIFO, go through `decide`.
+admits its tenant's next ready steps itself (in this module's order within a tenant,
+`_concrete_steps`: its older ones first) when no other tenant's step waits in their queue, or
+when others wait but the fair policy would pick this tenant first (`_next_fair`: its load is
+the lowest, no lower lane below its share waits), so that a step does not wait for a
+scheduler cycle. The last places of each queue (`fair_reserve`) go only to tenants below
+their fair share, so a flood leaves room for a newcomer. The quotas are checked as the
+scheduler checks them, under the same admission lock (waited for briefly when this tenant
+would be picked first, else only tried: the scheduler is woken instead). It is written in
+SQL, in the statement that makes the steps ready (`switchyard_run_apply` in
+jobs/transitions/sql/functions.sql: the same rules as `queue_room`, `fair_reserve`,
+`_concrete_steps` and `_blocked_reason` here, tested side by side in
+tests/integration/test_direct_admission.py and test_fair_reserve.py). When the policy is
+FIFO, every step waits for `decide` while another tenant's step waits.
 """
 
 from __future__ import annotations

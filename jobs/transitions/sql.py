@@ -25,6 +25,8 @@ FUNCTIONS = (
     " text, timestamptz, jsonb, bigint, date)",
     "switchyard_steps_admit(bigint[])",
     "switchyard_fair_position(text, bigint, text, jsonb)",
+    "switchyard_others_ready(text, bigint)",
+    "switchyard_tenant_next_steps(bigint, text, integer, integer, bigint[])",
     "switchyard_admission_lock_wait(bigint, integer)",
     "switchyard_admission_worth_waiting(bigint[], bigint, integer, text, jsonb)",
     "switchyard_run_apply(bigint, jsonb)",

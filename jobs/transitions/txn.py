@@ -189,6 +189,8 @@ def apply_writes(txn: RunTxn, plan: dict[str, Any], wake: str | None) -> dict[st
     result = sql.run_apply(run_pk=txn.run.pk, plan=plan)
     txn.run.next_seq = result["run"]["next_seq"]
     publish_live_on_commit(txn.run.public_id, result["events"])
+    for logged in result.get("other_events") or []:  # the tenant's older steps it admitted
+        publish_live_on_commit(logged["run"], logged["events"])
     publish_after_commit([dispatch_of(row, txn.run.tenant_id) for row in result["dispatches"]])
     if result["wake"]:
         wake_after_commit()

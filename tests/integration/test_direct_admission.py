@@ -11,11 +11,13 @@ from contextlib import contextmanager
 import httpx
 import pytest
 from django.db import connection, transaction
+from django.test import override_settings
 from django.utils import timezone
 
 from jobs import admission, dispatch
 from jobs.models import Run, StepRun
 from jobs.transitions.runs import run_cancel
+from jobs.transitions.steps import step_claim, step_complete
 from tenants.models import Tenant
 from tenants.quotas import quota_states
 from tests.conftest import make_tenant_client
@@ -78,6 +80,62 @@ def test_a_step_waiting_in_the_queue_leaves_the_next_one_to_the_scheduler(
     assert _status(waiting)["a"] == "ready"
     assert _status(run)["a"] == "ready"  # the fair choice between the two is the scheduler's
     assert published == []
+
+
+def _older_step_waiting(tenant, *, started: bool) -> Run:
+    """A run of the tenant whose first step is ready, not admitted (the scheduler's, as if its
+    cycle had not come yet); `started`: the run has begun (an earlier step of it ran)."""
+    with override_settings(SWITCHYARD_DIRECT_ADMISSION=False):
+        older = submit(tenant, {**CHAIN, "name": "older"})
+    if started:
+        Run.objects.filter(pk=older.pk).update(status="running")
+    return older
+
+
+def test_a_tenants_older_ready_step_is_admitted_before_its_newer_one(owner, published):
+    older = _older_step_waiting(owner.tenant, started=True)
+
+    newer = submit(owner.tenant, CHAIN)
+
+    assert _status(older)["a"] == "queued" and _status(newer)["a"] == "queued"
+    assert event_types(older)[-1] == "step.queued"  # in the older run's own log
+    [batch] = published
+    older_a = StepRun.objects.get(run=older, step_id="a")
+    assert batch[0].step_run_id == older_a.pk  # in the tenant's order
+
+
+def test_a_tenants_last_slot_goes_to_its_older_step(published):
+    single = make_tenant_client("single-slot", max_concurrent_steps=1)
+    older = _older_step_waiting(single.tenant, started=True)
+
+    newer = submit(single.tenant, CHAIN)
+
+    assert _status(older)["a"] == "queued"
+    assert _status(newer)["a"] == "ready"
+
+
+def test_runs_not_started_start_in_order_within_the_active_runs_quota(published):
+    one_run = make_tenant_client("one-run", max_active_runs=1)
+    older = _older_step_waiting(one_run.tenant, started=False)
+
+    newer = submit(one_run.tenant, CHAIN)
+
+    # The older run takes the one active place; the newer one waits for the scheduler.
+    assert _status(older)["a"] == "queued" and _status(newer)["a"] == "ready"
+
+
+def test_a_started_runs_next_step_is_admitted_past_runs_that_may_not_start(published):
+    one_run = make_tenant_client("one-active", max_active_runs=1).tenant
+    first = submit(one_run, CHAIN)
+    step = StepRun.objects.get(run=first, step_id="a")
+    claim = step_claim(step_run_id=step.pk, dispatch_token=str(step.dispatch_token), worker="w/1")
+    later = [submit(one_run, {**CHAIN, "name": f"later-{n}"}) for n in range(3)]
+    assert [_status(run)["a"] for run in later] == ["ready"] * 3  # may not start yet
+
+    step_complete(claim=claim, output={})
+
+    assert _status(first)["b"] == "queued"  # by the report, past the older steps
+    assert [_status(run)["a"] for run in later] == ["ready"] * 3
 
 
 def test_direct_admission_keeps_the_concurrency_quota(published):

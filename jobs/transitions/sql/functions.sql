@@ -258,6 +258,60 @@ END;
 $$;
 
 
+-- Whether a tenant other than `p_tenant` has a ready step in `p_queue` (two index probes, so
+-- that a large backlog of `p_tenant`'s own is not read).
+CREATE OR REPLACE FUNCTION switchyard_others_ready(p_queue text, p_tenant bigint)
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM jobs_steprun WHERE status = 'ready' AND queue = p_queue
+                      AND tenant_id < p_tenant)
+        OR EXISTS (SELECT 1 FROM jobs_steprun WHERE status = 'ready' AND queue = p_queue
+                      AND tenant_id > p_tenant);
+$$;
+
+
+-- The tenant's next ready steps of `p_queue` in the scheduler's order (jobs/admission.py
+-- `_concrete_steps`), at most `p_limit`: its most urgent lane first; within a lane, steps of
+-- runs already started (and child runs) first, then those of runs not started (top-level runs
+-- still `accepted`) while the tenant may start another run (`p_starts` more than the runs in
+-- `p_started`, those this admission starts already), each by age. A lane is read up to its
+-- `4 × p_limit` oldest ready steps, so that a backlog of thousands costs no more than a few
+-- dozen; a step beyond them is left to the scheduler. Returns the steps and the runs started.
+CREATE OR REPLACE FUNCTION switchyard_tenant_next_steps(
+    p_tenant bigint, p_queue text, p_limit integer, p_starts integer, p_started bigint[],
+    OUT ids bigint[], OUT started bigint[])
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_lane text;
+    v_step record;
+BEGIN
+    ids := '{}';
+    started := coalesce(p_started, '{}');
+    <<lanes>>
+    FOREACH v_lane IN ARRAY ARRAY['interactive', 'standard', 'batch'] LOOP
+        FOR v_step IN
+            SELECT w.id, w.run_id, w.starts FROM (
+                SELECT s.id, s.run_id, s.ready_at,
+                       (ru.status = 'accepted' AND ru.parent_step_id IS NULL) AS starts
+                  FROM jobs_steprun s JOIN jobs_run ru ON ru.id = s.run_id
+                 WHERE s.status = 'ready' AND s.queue = p_queue AND s.tenant_id = p_tenant
+                   AND s.lane = v_lane
+                 ORDER BY s.ready_at, s.id
+                 LIMIT 4 * p_limit) w
+             ORDER BY w.starts, w.ready_at, w.id
+        LOOP
+            IF v_step.starts AND NOT v_step.run_id = ANY(started) THEN
+                -- The rest of the lane's list are steps of runs not started either.
+                EXIT WHEN coalesce(array_length(started, 1), 0) >= p_starts;
+                started := started || v_step.run_id;
+            END IF;
+            ids := ids || v_step.id;
+            EXIT lanes WHEN array_length(ids, 1) >= p_limit;
+        END LOOP;
+    END LOOP;
+END;
+$$;
+
+
 -- Where a tenant stands in the fair order of `p_queue` (jobs/admission.py `_next_fair`): the
 -- weights of the active tenants (with ready or in-flight steps), its own in-flight steps, the
 -- lowest load (in-flight per unit of weight) of the other tenants with ready steps (NULL: none
@@ -334,28 +388,39 @@ $$;
 
 
 -- Whether a direct admission of `p_ready` (steps of one tenant's run, just made ready) is worth
--- waiting for the admission lock: in one of their queues the tenant has no older ready step,
--- and either nothing else waits there or the fair policy would pick this tenant first. A hint
--- read without the lock; the admission itself checks everything again holding it.
+-- waiting for the admission lock: in one of their queues there is room for the tenant (a place
+-- short of the fair reserve, or one in it while the tenant is below its fair share), and
+-- either no other tenant's step waits there or the fair policy would pick this tenant first.
+-- A hint read without the lock; the admission itself checks everything again holding it.
 CREATE OR REPLACE FUNCTION switchyard_admission_worth_waiting(
     p_ready bigint[], p_tenant bigint, p_weight integer, p_lane text, p_adm jsonb)
 RETURNS boolean LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_queue text;
+    v_queued integer;
+    v_max_queued integer;
+    v_open integer;
+    v_others boolean;
     p record;
 BEGIN
     FOR v_queue IN SELECT DISTINCT queue FROM jobs_steprun WHERE id = ANY(p_ready) LOOP
-        CONTINUE WHEN EXISTS (SELECT 1 FROM jobs_steprun WHERE status = 'ready'
-                                 AND queue = v_queue AND tenant_id = p_tenant
-                                 AND NOT (id = ANY(p_ready)));
-        IF NOT EXISTS (SELECT 1 FROM jobs_steprun WHERE status = 'ready' AND queue = v_queue
-                          AND NOT (id = ANY(p_ready))) THEN
+        v_max_queued := coalesce((p_adm->'queues'->v_queue->>'max_queued')::integer, 0);
+        v_open := v_max_queued - coalesce((p_adm->'queues'->v_queue->>'reserve')::integer, 0);
+        SELECT count(*) INTO v_queued FROM jobs_steprun
+         WHERE status = 'queued' AND queue = v_queue;
+        CONTINUE WHEN v_queued >= v_max_queued;
+        v_others := switchyard_others_ready(v_queue, p_tenant);
+        IF NOT v_others AND v_queued < v_open THEN
             RETURN true;
         END IF;
-        CONTINUE WHEN NOT coalesce((p_adm->>'fair')::boolean, false);
+        CONTINUE WHEN v_others AND NOT coalesce((p_adm->>'fair')::boolean, false);
         SELECT * INTO p FROM switchyard_fair_position(v_queue, p_tenant, p_lane, p_adm);
-        IF NOT p.lane_first AND p.min_other IS NOT NULL
-           AND p.mine::double precision / greatest(1, p_weight) < p.min_other THEN
+        CONTINUE WHEN v_others AND (p.lane_first OR p.min_other IS NULL
+                                    OR p.mine::double precision / greatest(1, p_weight)
+                                       >= p.min_other);
+        IF v_queued < v_open
+           OR p.mine < coalesce((p_adm->'queues'->v_queue->>'capacity')::integer, 0)
+                       * greatest(1, p_weight) / p.weights THEN
             RETURN true;
         END IF;
     END LOOP;
@@ -425,6 +490,8 @@ DECLARE
     v_logged jsonb;
     v_wake boolean := coalesce(p_plan->>'wake' = 'always', false);
     v_locked boolean := false;
+    v_others_logged jsonb := '[]'::jsonb;
+    v_started bigint[] := '{}';
 BEGIN
     SELECT * INTO r FROM jobs_run WHERE id = p_run;  -- locked by the caller's transaction
 
@@ -493,25 +560,27 @@ BEGIN
         END IF;
         IF v_locked THEN
             v_tokens := NULL;
+            -- Runs that have not started start only while the tenant's active runs are fewer
+            -- than its quota (a child run is part of an active tree and does not count).
+            SELECT count(*) INTO v_active FROM jobs_run
+             WHERE tenant_id = r.tenant_id AND status IN ('running', 'waiting');
             <<queues>>
             FOR v_queue IN SELECT DISTINCT queue FROM jobs_steprun
                             WHERE id = ANY(v_ready_ids) ORDER BY queue LOOP
-                SELECT array_agg(id ORDER BY id) INTO v_candidates FROM jobs_steprun
-                 WHERE id = ANY(v_ready_ids) AND queue = v_queue;
+                v_max_queued := coalesce((v_adm->'queues'->v_queue->>'max_queued')::integer, 0);
+                -- The tenant's ready steps in the scheduler's order (its most urgent lane, then
+                -- the oldest), its older ones before these, within its active-runs quota.
+                SELECT ids, started INTO v_candidates, v_started
+                  FROM switchyard_tenant_next_steps(r.tenant_id, v_queue,
+                                                    greatest(v_max_queued, 1),
+                                                    t.max_active_runs - v_active, v_started);
+                CONTINUE queues WHEN coalesce(array_length(v_candidates, 1), 0) = 0;
                 SELECT count(*) INTO v_queued FROM jobs_steprun
                  WHERE status = 'queued' AND queue = v_queue;
                 SELECT count(*) INTO v_in_flight FROM jobs_steprun
                  WHERE status IN ('queued', 'running') AND kind <> 'map'
                    AND tenant_id = r.tenant_id;
-                -- The tenant's own older ready steps keep their order: the scheduler's.
-                IF EXISTS (SELECT 1 FROM jobs_steprun WHERE status = 'ready' AND queue = v_queue
-                              AND tenant_id = r.tenant_id AND NOT (id = ANY(v_ready_ids))) THEN
-                    CONTINUE queues;
-                END IF;
-                SELECT EXISTS (SELECT 1 FROM jobs_steprun WHERE status = 'ready'
-                                  AND queue = v_queue AND NOT (id = ANY(v_ready_ids)))
-                  INTO v_others;
-                v_max_queued := coalesce((v_adm->'queues'->v_queue->>'max_queued')::integer, 0);
+                v_others := switchyard_others_ready(v_queue, r.tenant_id);
                 v_reserve := coalesce((v_adm->'queues'->v_queue->>'reserve')::integer, 0);
                 v_fair_n := NULL;
                 v_share := NULL;
@@ -537,15 +606,6 @@ BEGIN
                     v_share := coalesce((v_adm->'queues'->v_queue->>'capacity')::integer, 0)
                                * greatest(1, t.weight) / v_weights;
                     v_below := v_mine < v_share;
-                END IF;
-                IF r.status = 'accepted' AND r.parent_step_id IS NULL THEN
-                    -- A run that would start (a child run is part of an active tree).
-                    SELECT count(*) INTO v_active FROM jobs_run
-                     WHERE tenant_id = r.tenant_id AND status IN ('running', 'waiting');
-                    IF v_active >= t.max_active_runs THEN
-                        v_admitted := '{}';
-                        EXIT queues;
-                    END IF;
                 END IF;
                 IF v_queue = 'steps.llm' THEN
                     SELECT coalesce((SELECT sum(llm_tokens) FROM tenants_tenantusageday
@@ -600,13 +660,16 @@ BEGIN
                 VALUES (r.tenant_id, array_length(v_admitted, 1));
                 v_admission := switchyard_steps_admit(v_admitted);
                 v_dispatches := v_admission->'dispatches';
-                IF jsonb_array_length(v_admission->'events') > 0 THEN
-                    v_logged := v_logged || (v_admission->'events'->0->'events');
-                END IF;
+                -- This run's step.queued events join its log's; other runs' go back apart.
+                SELECT coalesce(v_logged, '[]'::jsonb)
+                       || coalesce(jsonb_agg(g->'events') FILTER (WHERE g->>'run' = r.public_id::text)->0, '[]'::jsonb),
+                       coalesce(jsonb_agg(g) FILTER (WHERE g->>'run' <> r.public_id::text), '[]'::jsonb)
+                  INTO v_logged, v_others_logged
+                  FROM jsonb_array_elements(v_admission->'events') g;
             END IF;
         END IF;
-        IF coalesce(array_length(v_admitted, 1), 0) < coalesce(array_length(v_ready_ids, 1), 0)
-        THEN
+        -- The scheduler looks at what this transaction made ready and did not admit.
+        IF EXISTS (SELECT 1 FROM unnest(v_ready_ids) x WHERE NOT x = ANY(v_admitted)) THEN
             v_wake := true;
         END IF;
     ELSIF jsonb_array_length(v_admit) > 0 THEN
@@ -621,6 +684,8 @@ BEGIN
         -- Whether the scheduler should look: woken by the caller after the commit.
         'wake', v_wake,
         'events', coalesce(v_logged, '[]'::jsonb),
+        -- [{"run": public id, "events": [...]}] of the tenant's other runs it admitted steps of
+        'other_events', v_others_logged,
         'run', jsonb_build_object('status', r.status,
                                    'next_seq', r.next_seq + jsonb_array_length(
                                        coalesce(v_logged, '[]'::jsonb)))
