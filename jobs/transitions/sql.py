@@ -26,9 +26,9 @@ FUNCTIONS = (
     "switchyard_steps_admit(bigint[])",
     "switchyard_fair_position(text, bigint, text, jsonb)",
     "switchyard_others_ready(text, bigint)",
-    "switchyard_tenant_next_steps(bigint, text, integer, integer, bigint[])",
+    "switchyard_tenant_next_steps(bigint, text, integer, integer, bigint[], jsonb)",
     "switchyard_admission_lock_wait(bigint, integer)",
-    "switchyard_admission_worth_waiting(bigint[], bigint, integer, text, jsonb)",
+    "switchyard_admission_worth_waiting(text[], bigint, integer, text, jsonb)",
     "switchyard_run_apply(bigint, jsonb)",
     "switchyard_run_submit(jsonb, jsonb)",
 )

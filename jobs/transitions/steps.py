@@ -24,6 +24,7 @@ from jobs.dispatch import Dispatch
 from jobs.events import publish_live_on_commit
 from jobs.models import AttemptOutcome, StepAttempt, StepRun, StepStatus
 from jobs.selectors import workflow_version_for
+from jobs.steps import registry
 from jobs.transitions import sql
 from jobs.transitions.runs import (
     RunError,
@@ -439,7 +440,9 @@ def _report(
             return False
         run = run_from_row(reported_row["run"])
         with run_locked(run.pk, locked=run) as txn:
-            # A slot of this tenant and queue is free: the scheduler matters if steps wait.
+            # A slot of this tenant and queue is free: its next ready steps take it, else the
+            # scheduler matters if steps wait.
+            txn.freed = registry.kind(claim.kind).queue
             if reported_row["steps"] is None:
                 txn.log.wake_scheduler(only_if_ready=True)
             else:

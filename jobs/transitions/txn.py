@@ -67,6 +67,9 @@ class RunTxn:
     log: RunLog
     # Steps this transaction made ready: admitted directly or left to the scheduler at its end.
     ready: list[StepRun] = field(default_factory=list)
+    # The queue of a worker slot this transaction freed (a step's attempt ended): the run's
+    # tenant's next ready steps there are admitted directly, as for steps made ready.
+    freed: str | None = None
 
 
 _open = threading.local()
@@ -151,7 +154,7 @@ def _flush(txn: RunTxn) -> None:
     pending events, and the direct admission of the steps it made ready (published after the
     commit; the scheduler is woken for those it leaves)."""
     events, wake = txn.log.take()
-    if not (events or txn.ready or wake):
+    if not (events or txn.ready or wake or txn.freed):
         return
     ready, txn.ready = txn.ready, []
     apply_writes(txn, {"events": events, "admit": [[s.step_id, s.map_index] for s in ready]}, wake)
@@ -184,7 +187,9 @@ def apply_writes(txn: RunTxn, plan: dict[str, Any], wake: str | None) -> dict[st
     """Write `plan` (see `switchyard_run_apply`) for the locked run; publish its events and
     dispatches after the commit; keep `txn.run` in step with the row."""
     plan["wake"] = wake
-    if plan.get("admit"):
+    if txn.freed is not None:
+        plan["freed"], txn.freed = [txn.freed], None
+    if plan.get("admit") or plan.get("freed"):
         plan["admission"] = admission_settings()
     result = sql.run_apply(run_pk=txn.run.pk, plan=plan)
     txn.run.next_seq = result["run"]["next_seq"]

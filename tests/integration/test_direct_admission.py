@@ -138,6 +138,21 @@ def test_a_started_runs_next_step_is_admitted_past_runs_that_may_not_start(publi
     assert [_status(run)["a"] for run in later] == ["ready"] * 3
 
 
+def test_a_report_that_frees_a_slot_admits_the_tenants_waiting_step(published):
+    single = make_tenant_client("one-slot-report", max_concurrent_steps=1).tenant
+    one_step = {"name": "one", "steps": [_llm("only")]}
+    first = submit(single, one_step)
+    step = StepRun.objects.get(run=first)
+    claim = step_claim(step_run_id=step.pk, dispatch_token=str(step.dispatch_token), worker="w/1")
+    waiting = submit(single, {**one_step, "name": "two"})
+    assert _status(waiting)["only"] == "ready"  # the one slot is taken
+
+    step_complete(claim=claim, output={})  # the run ends: nothing of it becomes ready
+
+    assert _status(waiting)["only"] == "queued"  # the freed slot, taken by the report
+    assert event_types(waiting)[-1] == "step.queued"
+
+
 def test_direct_admission_keeps_the_concurrency_quota(published):
     capped = make_tenant_client("capped", max_concurrent_steps=2)
     run = submit(capped.tenant, FAN)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import time
 
 import pytest
+from django.test import override_settings
 from django.utils import timezone
 
 from jobs import admission, dispatch
 from jobs.models import Run, StepRun
+from tenants.services import tenant_pause
 from tests.conftest import make_tenant_client
 from tests.integration.test_direct_admission import admission_lock_held
 from tests.integration.test_fairness import flood, parallel_steps
@@ -107,6 +109,19 @@ def test_only_the_tenant_first_in_the_fair_order_waits_for_the_schedulers_lock(p
     with admission_lock_held(release_after_s=0.5):
         ask = submit(newcomer, parallel_steps("ask", 1, 10))
     assert _statuses(ask) == ["queued"]
+
+
+def test_a_paused_tenants_waiting_steps_do_not_hold_back_another_tenant(published):
+    paused = make_tenant_client("paused-backlog").tenant
+    with override_settings(SWITCHYARD_DIRECT_ADMISSION=False):
+        submit(paused, parallel_steps("backlog", 3, 10))  # ready, none in flight
+    tenant_pause(tenant=paused)
+    other = make_tenant_client("other").tenant
+
+    run = submit(other, parallel_steps("ask", 1, 10))
+
+    # The scheduler would skip the paused tenant: its steps are not a fair rival.
+    assert _statuses(run) == ["queued"]
 
 
 def test_the_scheduler_keeps_the_reserve_for_tenants_below_their_share(published, settings):

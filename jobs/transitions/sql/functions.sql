@@ -269,43 +269,69 @@ RETURNS boolean LANGUAGE sql STABLE AS $$
 $$;
 
 
--- The tenant's next ready steps of `p_queue` in the scheduler's order (jobs/admission.py
--- `_concrete_steps`), at most `p_limit`: its most urgent lane first; within a lane, steps of
--- runs already started (and child runs) first, then those of runs not started (top-level runs
--- still `accepted`) while the tenant may start another run (`p_starts` more than the runs in
--- `p_started`, those this admission starts already), each by age. A lane is read up to its
--- `4 × p_limit` oldest ready steps, so that a backlog of thousands costs no more than a few
--- dozen; a step beyond them is left to the scheduler. Returns the steps and the runs started.
+-- The tenant's next ready steps of `p_queue` in the scheduler's order (jobs/admission.py), at
+-- most `p_limit`: first a lower lane whose share of the queue's in-flight steps is below its
+-- reserved minimum (`p_min_share`), as many as bring it to that share; then its lanes by
+-- urgency. Within a lane, steps of runs already started (and child runs) first, then those of
+-- runs not started (top-level runs still `accepted`) while the tenant may start another run
+-- (`p_starts` more than the runs in `p_started`, those this admission starts already), each
+-- by age (`_concrete_steps`). A lane is read up to its `4 × p_limit` oldest ready steps, so
+-- that a backlog of thousands costs no more than a few dozen rows; a step beyond them is left
+-- to the scheduler. Returns the steps and the runs started.
 CREATE OR REPLACE FUNCTION switchyard_tenant_next_steps(
     p_tenant bigint, p_queue text, p_limit integer, p_starts integer, p_started bigint[],
-    OUT ids bigint[], OUT started bigint[])
+    p_min_share jsonb, OUT ids bigint[], OUT started bigint[])
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_lane text;
+    v_take integer;
+    v_total integer;
     v_step record;
+    v_passes text[] := '{}';
+    v_takes integer[] := '{}';
+    i integer;
 BEGIN
     ids := '{}';
     started := coalesce(p_started, '{}');
-    <<lanes>>
-    FOREACH v_lane IN ARRAY ARRAY['interactive', 'standard', 'batch'] LOOP
+    SELECT count(*) INTO v_total FROM jobs_steprun
+     WHERE status IN ('queued', 'running') AND kind <> 'map' AND queue = p_queue;
+    FOREACH v_lane IN ARRAY ARRAY['standard', 'batch'] LOOP
+        SELECT ceil(coalesce((p_min_share->>v_lane)::double precision, 0) * (v_total + 1)
+                    - count(*))::integer INTO v_take
+          FROM jobs_steprun
+         WHERE status IN ('queued', 'running') AND kind <> 'map' AND queue = p_queue
+           AND lane = v_lane;
+        IF v_take > 0 THEN
+            v_passes := v_passes || v_lane;
+            v_takes := v_takes || v_take;
+        END IF;
+    END LOOP;
+    v_passes := v_passes || ARRAY['interactive', 'standard', 'batch'];
+    v_takes := v_takes || ARRAY[p_limit, p_limit, p_limit];
+    <<passes>>
+    FOR i IN 1 .. array_length(v_passes, 1) LOOP
+        v_take := v_takes[i];
         FOR v_step IN
             SELECT w.id, w.run_id, w.starts FROM (
                 SELECT s.id, s.run_id, s.ready_at,
                        (ru.status = 'accepted' AND ru.parent_step_id IS NULL) AS starts
                   FROM jobs_steprun s JOIN jobs_run ru ON ru.id = s.run_id
                  WHERE s.status = 'ready' AND s.queue = p_queue AND s.tenant_id = p_tenant
-                   AND s.lane = v_lane
+                   AND s.lane = v_passes[i]
                  ORDER BY s.ready_at, s.id
                  LIMIT 4 * p_limit) w
+             WHERE NOT w.id = ANY(ids)
              ORDER BY w.starts, w.ready_at, w.id
         LOOP
+            EXIT WHEN v_take <= 0;
             IF v_step.starts AND NOT v_step.run_id = ANY(started) THEN
                 -- The rest of the lane's list are steps of runs not started either.
                 EXIT WHEN coalesce(array_length(started, 1), 0) >= p_starts;
                 started := started || v_step.run_id;
             END IF;
             ids := ids || v_step.id;
-            EXIT lanes WHEN array_length(ids, 1) >= p_limit;
+            v_take := v_take - 1;
+            EXIT passes WHEN array_length(ids, 1) >= p_limit;
         END LOOP;
     END LOOP;
 END;
@@ -315,7 +341,7 @@ $$;
 -- Where a tenant stands in the fair order of `p_queue` (jobs/admission.py `_next_fair`): the
 -- weights of the active tenants (with ready or in-flight steps), its own in-flight steps, the
 -- lowest load (in-flight per unit of weight) of the other tenants with ready steps (NULL: none
--- waits), and whether a lower lane of another tenant is below its minimum share (that lane is
+-- waits; a paused tenant's steps do not), and whether a lower lane of another tenant is below its minimum share (that lane is
 -- served first).
 CREATE OR REPLACE FUNCTION switchyard_fair_position(
     p_queue text, p_tenant bigint, p_lane text, p_adm jsonb,
@@ -334,6 +360,12 @@ BEGIN
                AND (s.tenant_id, s.lane) > (b.tenant_id, b.lane)
              ORDER BY s.queue, s.tenant_id, s.lane LIMIT 1) nx
     ),
+    -- A paused tenant's ready steps wait for nothing here (the scheduler skips them too).
+    waiting AS (
+        SELECT rb.tenant_id, rb.lane FROM ready_bucket rb
+          JOIN tenants_tenant tt ON tt.id = rb.tenant_id
+         WHERE tt.is_active
+    ),
     flight AS (
         SELECT tenant_id, lane, count(*) AS n FROM jobs_steprun
          WHERE status IN ('queued', 'running') AND kind <> 'map'
@@ -344,19 +376,19 @@ BEGIN
         SELECT tenant_id, sum(n) AS n FROM flight GROUP BY tenant_id
     ),
     active AS (
-        SELECT tenant_id FROM ready_bucket UNION SELECT tenant_id FROM per_tenant
+        SELECT tenant_id FROM waiting UNION SELECT tenant_id FROM per_tenant
     )
     SELECT
         (SELECT coalesce(sum(greatest(1, tt.weight)), 1)
            FROM active a JOIN tenants_tenant tt ON tt.id = a.tenant_id),
         coalesce((SELECT n FROM per_tenant WHERE tenant_id = p_tenant), 0),
         (SELECT min(coalesce(p.n, 0)::double precision / greatest(1, tt.weight))
-           FROM (SELECT DISTINCT tenant_id FROM ready_bucket) rb
+           FROM (SELECT DISTINCT tenant_id FROM waiting) rb
            JOIN tenants_tenant tt ON tt.id = rb.tenant_id
            LEFT JOIN per_tenant p ON p.tenant_id = rb.tenant_id
           WHERE rb.tenant_id <> p_tenant),
         EXISTS (
-            SELECT 1 FROM ready_bucket rb
+            SELECT 1 FROM waiting rb
              WHERE rb.tenant_id <> p_tenant AND rb.lane <> p_lane
                AND rb.lane IN ('standard', 'batch')
                AND coalesce((SELECT sum(n) FROM flight f WHERE f.lane = rb.lane), 0)
@@ -387,13 +419,14 @@ END;
 $$;
 
 
--- Whether a direct admission of `p_ready` (steps of one tenant's run, just made ready) is worth
--- waiting for the admission lock: in one of their queues there is room for the tenant (a place
+-- Whether a direct admission in `p_queues` (of one tenant's steps: just made ready, or waiting
+-- where its report freed a slot) is worth waiting for the admission lock: in one of the queues
+-- there is room for the tenant (a place
 -- short of the fair reserve, or one in it while the tenant is below its fair share), and
 -- either no other tenant's step waits there or the fair policy would pick this tenant first.
 -- A hint read without the lock; the admission itself checks everything again holding it.
 CREATE OR REPLACE FUNCTION switchyard_admission_worth_waiting(
-    p_ready bigint[], p_tenant bigint, p_weight integer, p_lane text, p_adm jsonb)
+    p_queues text[], p_tenant bigint, p_weight integer, p_lane text, p_adm jsonb)
 RETURNS boolean LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_queue text;
@@ -403,7 +436,7 @@ DECLARE
     v_others boolean;
     p record;
 BEGIN
-    FOR v_queue IN SELECT DISTINCT queue FROM jobs_steprun WHERE id = ANY(p_ready) LOOP
+    FOREACH v_queue IN ARRAY p_queues LOOP
         v_max_queued := coalesce((p_adm->'queues'->v_queue->>'max_queued')::integer, 0);
         v_open := v_max_queued - coalesce((p_adm->'queues'->v_queue->>'reserve')::integer, 0);
         SELECT count(*) INTO v_queued FROM jobs_steprun
@@ -415,7 +448,8 @@ BEGIN
         END IF;
         CONTINUE WHEN v_others AND NOT coalesce((p_adm->>'fair')::boolean, false);
         SELECT * INTO p FROM switchyard_fair_position(v_queue, p_tenant, p_lane, p_adm);
-        CONTINUE WHEN v_others AND (p.lane_first OR p.min_other IS NULL
+        v_others := v_others AND p.min_other IS NOT NULL;  -- paused tenants' steps only
+        CONTINUE WHEN v_others AND (p.lane_first
                                     OR p.mine::double precision / greatest(1, p_weight)
                                        >= p.min_other);
         IF v_queued < v_open
@@ -442,6 +476,7 @@ $$;
 --   "run": {"status", "output"?, "error"?, "started": bool, "finished": bool} | null,
 --   "events": [{"type", "step_id"?, "map_index"?, "data"}],
 --   "admit": [[step_id, map_index], ...],          (steps made ready: direct admission)
+--   "freed": [queue] | absent,                     (a worker slot freed: the tenant's next)
 --   "admission": {"lock": int, "burst_s": float, "unheld_s": float, "fair": bool,
 --                 "lane_min_share": {lane: float},
 --                 "queues": {queue: {"max_queued": int, "reserve": int, "capacity": int}}}
@@ -492,6 +527,8 @@ DECLARE
     v_locked boolean := false;
     v_others_logged jsonb := '[]'::jsonb;
     v_started bigint[] := '{}';
+    v_freed jsonb := coalesce(p_plan->'freed', '[]'::jsonb);
+    v_queues text[];
 BEGIN
     SELECT * INTO r FROM jobs_run WHERE id = p_run;  -- locked by the caller's transaction
 
@@ -540,19 +577,29 @@ BEGIN
     v_logged := switchyard_log_append(p_run, r.public_id, v_events);
 
     -- Direct admission (see jobs/admission.py for the rules).
-    IF v_adm IS NOT NULL AND jsonb_typeof(v_adm) = 'object' AND jsonb_array_length(v_admit) > 0 THEN
+    IF v_adm IS NOT NULL AND jsonb_typeof(v_adm) = 'object'
+       AND (jsonb_array_length(v_admit) > 0 OR jsonb_array_length(v_freed) > 0) THEN
         SELECT array_agg(s.id ORDER BY s.id) INTO v_ready_ids
           FROM jobs_steprun s
           JOIN jsonb_array_elements(v_admit) k
             ON s.step_id = k->>0 AND s.map_index IS NOT DISTINCT FROM (k->>1)::integer
          WHERE s.run_id = p_run AND s.status = 'ready';
+        -- The queues to admit in: those of the steps made ready, and that of a slot this
+        -- transaction freed if the tenant has steps waiting there (its backlog takes the slot).
+        SELECT array_agg(DISTINCT q ORDER BY q) INTO v_queues FROM (
+            SELECT queue AS q FROM jobs_steprun WHERE id = ANY(coalesce(v_ready_ids, '{}'))
+            UNION
+            SELECT f FROM jsonb_array_elements_text(v_freed) f
+             WHERE EXISTS (SELECT 1 FROM jobs_steprun WHERE status = 'ready' AND queue = f
+                              AND tenant_id = r.tenant_id)) x;
+        v_ready_ids := coalesce(v_ready_ids, '{}');
         SELECT * INTO t FROM tenants_tenant WHERE id = r.tenant_id;
         -- The admission lock: waited for (briefly) only when this tenant's steps would be
         -- admitted first; otherwise a scheduler cycle holding it admits them next.
-        IF v_ready_ids IS NOT NULL AND t.is_active THEN
+        IF v_queues IS NOT NULL AND t.is_active THEN
             v_locked := pg_try_advisory_xact_lock((v_adm->>'lock')::bigint);
             IF NOT v_locked AND coalesce((v_adm->>'lock_wait_ms')::integer, 0) > 0
-               AND switchyard_admission_worth_waiting(v_ready_ids, r.tenant_id, t.weight,
+               AND switchyard_admission_worth_waiting(v_queues, r.tenant_id, t.weight,
                                                       r.lane, v_adm) THEN
                 v_locked := switchyard_admission_lock_wait((v_adm->>'lock')::bigint,
                                                            (v_adm->>'lock_wait_ms')::integer);
@@ -565,15 +612,15 @@ BEGIN
             SELECT count(*) INTO v_active FROM jobs_run
              WHERE tenant_id = r.tenant_id AND status IN ('running', 'waiting');
             <<queues>>
-            FOR v_queue IN SELECT DISTINCT queue FROM jobs_steprun
-                            WHERE id = ANY(v_ready_ids) ORDER BY queue LOOP
+            FOREACH v_queue IN ARRAY v_queues LOOP
                 v_max_queued := coalesce((v_adm->'queues'->v_queue->>'max_queued')::integer, 0);
                 -- The tenant's ready steps in the scheduler's order (its most urgent lane, then
                 -- the oldest), its older ones before these, within its active-runs quota.
                 SELECT ids, started INTO v_candidates, v_started
                   FROM switchyard_tenant_next_steps(r.tenant_id, v_queue,
                                                     greatest(v_max_queued, 1),
-                                                    t.max_active_runs - v_active, v_started);
+                                                    t.max_active_runs - v_active, v_started,
+                                                    v_adm->'lane_min_share');
                 CONTINUE queues WHEN coalesce(array_length(v_candidates, 1), 0) = 0;
                 SELECT count(*) INTO v_queued FROM jobs_steprun
                  WHERE status = 'queued' AND queue = v_queue;
@@ -595,8 +642,10 @@ BEGIN
                     -- and the reserve only to a tenant below its fair share (`fair_reserve`).
                     SELECT * INTO v_weights, v_mine, v_min_other, v_lane_first
                       FROM switchyard_fair_position(v_queue, r.tenant_id, r.lane, v_adm);
+                    -- Only paused tenants' steps wait: as if none did.
+                    v_others := v_others AND v_min_other IS NOT NULL;
                     IF v_others THEN
-                        IF v_lane_first OR v_min_other IS NULL
+                        IF v_lane_first
                            OR v_mine::double precision / greatest(1, t.weight) >= v_min_other THEN
                             CONTINUE queues;
                         END IF;
@@ -672,7 +721,7 @@ BEGIN
         IF EXISTS (SELECT 1 FROM unnest(v_ready_ids) x WHERE NOT x = ANY(v_admitted)) THEN
             v_wake := true;
         END IF;
-    ELSIF jsonb_array_length(v_admit) > 0 THEN
+    ELSIF jsonb_array_length(v_admit) > 0 OR jsonb_array_length(v_freed) > 0 THEN
         v_wake := true;
     END IF;
 
