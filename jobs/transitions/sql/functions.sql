@@ -721,8 +721,8 @@ BEGIN
         IF EXISTS (SELECT 1 FROM unnest(v_ready_ids) x WHERE NOT x = ANY(v_admitted)) THEN
             v_wake := true;
         END IF;
-    ELSIF jsonb_array_length(v_admit) > 0 OR jsonb_array_length(v_freed) > 0 THEN
-        v_wake := true;
+    ELSIF jsonb_array_length(v_admit) > 0 THEN
+        v_wake := true;  -- a freed slot alone wakes the scheduler only if steps wait (below)
     END IF;
 
     IF NOT v_wake AND p_plan->>'wake' = 'if_ready' THEN
