@@ -598,9 +598,15 @@ BEGIN
         -- admitted first; otherwise a scheduler cycle holding it admits them next.
         IF v_queues IS NOT NULL AND t.is_active THEN
             v_locked := pg_try_advisory_xact_lock((v_adm->>'lock')::bigint);
+            -- Waited for only for steps made ready here (a step someone waits on); a freed
+            -- slot's backlog only tries (the scheduler admits it otherwise), so that a flood's
+            -- reports do not queue for the lock ahead of an interactive step.
             IF NOT v_locked AND coalesce((v_adm->>'lock_wait_ms')::integer, 0) > 0
-               AND switchyard_admission_worth_waiting(v_queues, r.tenant_id, t.weight,
-                                                      r.lane, v_adm) THEN
+               AND cardinality(v_ready_ids) > 0
+               AND switchyard_admission_worth_waiting(
+                       ARRAY(SELECT DISTINCT queue FROM jobs_steprun
+                              WHERE id = ANY(v_ready_ids) ORDER BY queue),
+                       r.tenant_id, t.weight, r.lane, v_adm) THEN
                 v_locked := switchyard_admission_lock_wait((v_adm->>'lock')::bigint,
                                                            (v_adm->>'lock_wait_ms')::integer);
             END IF;
